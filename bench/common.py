@@ -1,0 +1,33 @@
+"""Shared set-up of the benchmarks: the default model, text and windows of the protocol in DESIGN.md."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from mixbits.data import eval_windows, load_text, tokenize
+from mixbits.models import load_model
+from mixbits.record import provenance
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def protocol(windows: int = 24, length: int = 512):
+    """(loaded model, evaluation windows, provenance record) under the benchmark protocol."""
+    loaded = load_model()
+    text = load_text()
+    batch, spec = eval_windows(tokenize(text, loaded.tokenizer), windows, length)
+    record = provenance(loaded.name, loaded.sha256, text.name, text.sha256)
+    record["windows"] = spec.as_dict()
+    return loaded, batch, record
+
+
+def write_results(name: str, record: dict, markdown: str) -> None:
+    """Write bench/results/NAME.json and NAME.md atomically."""
+    RESULTS.mkdir(exist_ok=True)
+    for suffix, content in ((".json", json.dumps(record, indent=1) + "\n"), (".md", markdown + "\n")):
+        target = RESULTS / f"{name}{suffix}"
+        tmp = target.with_suffix(suffix + ".tmp")
+        tmp.write_text(content)
+        os.replace(tmp, target)

@@ -1,0 +1,21 @@
+"""Errors a user can cause and fix.
+
+Every such error is a `MixbitsError` whose message is one line that says what
+to do. The CLI prints it without a traceback and exits with status 2.
+"""
+
+
+class MixbitsError(Exception):
+    """Base class of all user-facing errors."""
+
+
+class FormatError(MixbitsError):
+    """A format string or format parameter is invalid."""
+
+
+class ModelLoadError(MixbitsError):
+    """A model source cannot be found, read or understood."""
+
+
+class TextError(MixbitsError):
+    """Text is missing, unreadable, or too short for the requested windows."""

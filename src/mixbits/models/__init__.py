@@ -1,0 +1,6 @@
+"""Model sources and model structure."""
+
+from .loader import DEFAULT_MODEL_NAME, LoadedModel, load_model
+from .structure import quantizable_linears
+
+__all__ = ["DEFAULT_MODEL_NAME", "LoadedModel", "load_model", "quantizable_linears"]

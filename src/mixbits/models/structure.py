@@ -1,0 +1,64 @@
+"""Which modules of a model get quantized.
+
+The transformer blocks are the largest `nn.ModuleList` in the model; every
+`nn.Linear` inside them is quantizable. Embeddings and the output head stay
+outside unless asked for.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import MixbitsError
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The name and module of the model's repeated blocks."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and any(
+            isinstance(m, nn.Linear) for block in module for m in block.modules()
+        ):
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise MixbitsError("found no list of blocks containing nn.Linear layers in this model; nothing to quantize")
+    return best
+
+
+def quantizable_linears(model: nn.Module, include_head: bool = False) -> list[tuple[str, nn.Linear]]:
+    """(qualified name, module) of every Linear to quantize, in forward order of blocks."""
+    prefix, blocks = transformer_blocks(model)
+    found = [
+        (f"{prefix}.{name}", module)
+        for name, module in blocks.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    if include_head:
+        head = output_head(model)
+        if head is None:
+            raise MixbitsError("this model has no Linear output head to quantize; drop the head option")
+        found.append(head)
+    return found
+
+
+def output_head(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get else None
+    if not isinstance(head, nn.Linear):
+        return None
+    name = next(n for n, m in model.named_modules() if m is head)
+    return name, head
+
+
+def untie_head(model: nn.Module) -> None:
+    """Give the output head its own weight if it shares it with the input embedding."""
+    found = output_head(model)
+    if found is None:
+        return
+    _, head = found
+    embed = model.get_input_embeddings()
+    if embed is not None and head.weight is embed.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        if hasattr(model, "config"):
+            model.config.tie_word_embeddings = False

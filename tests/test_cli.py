@@ -1,0 +1,79 @@
+"""Error paths of the command line: one line on stderr, exit status 2, nothing written."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, env_cache=None, cwd=None):
+    env = None
+    if env_cache is not None:
+        import os
+
+        env = {**os.environ, "MIXBITS_CACHE": str(env_cache)}
+    return subprocess.run([sys.executable, "-m", "mixbits", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("fmt, fragment", [
+    ("int9:g64:asym", "2 to 8 bits"),
+    ("int4:g0:asym", "group size must be at least 1"),
+    ("float4", "did you mean"),
+])
+def test_bad_format(fmt, fragment):
+    assert_one_line_error(run("quantize", "--format", fmt), fragment)
+
+
+def test_missing_model_path(tmp_path):
+    assert_one_line_error(run("quantize", "--model", str(tmp_path / "missing")), "does not exist")
+    assert_one_line_error(run("eval", "--model", str(tmp_path / "missing")), "does not exist")
+
+
+def test_corrupt_gguf_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
+    cache = tmp_path / "cache"
+    assert_one_line_error(run("quantize", "--model", str(bad), env_cache=cache, cwd=tmp_path), "could not load GGUF")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"] or not any(cache.iterdir())
+
+
+def test_missing_and_empty_text(tmp_path):
+    assert_one_line_error(run("eval", "--text", str(tmp_path / "none.txt")), "does not exist")
+    (tmp_path / "empty.txt").write_text("")
+    assert_one_line_error(run("quantize", "--text", str(tmp_path / "empty.txt")), "empty")
+
+
+def test_bad_window_count():
+    assert_one_line_error(run("eval", "--windows", "0"), "at least 1 window")
+
+
+def test_usage_errors_are_one_line_too():
+    assert_one_line_error(run("quantize", "--windows", "many"), "invalid int value")
+    assert_one_line_error(run("frobnicate"), "invalid choice")
+
+
+def test_debug_shows_the_traceback():
+    result = run("quantize", "--format", "int9:g64:asym", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_help_everywhere():
+    for args in ([], ["quantize"], ["eval"]):
+        result = run(*args, "--help")
+        assert result.returncode == 0 and "usage: mixbits" in result.stdout
+
+
+def test_too_short_text_states_what_is_needed(tmp_path):
+    (tmp_path / "short.txt").write_text("Only a few words here.")
+    assert_one_line_error(run("eval", "--text", str(tmp_path / "short.txt"), "--windows", "2", "--window-len", "64"),
+                          "need 256", "give more text")
