@@ -26,7 +26,7 @@ def assert_one_line_error(result, *fragments):
 
 
 @pytest.mark.parametrize("fmt, fragment", [
-    ("int9:g64:asym", "2 to 8 bits"),
+    ("int9:g64:asym", "1 to 8 bits"),
     ("int4:g0:asym", "group size must be at least 1"),
     ("float4", "did you mean"),
 ])

@@ -5,7 +5,9 @@ import torch
 
 from mixbits.errors import FormatError
 from mixbits.formats import IntFormat, parse_format
-from mixbits.solvers import CLIP_GRID, round_to_nearest
+from mixbits.formats import CLIP_GRID
+from mixbits.solvers import round_to_nearest
+from mixbits.solvers.rtn import magnitude_importance
 
 
 @pytest.mark.parametrize("name", ["int4:g128:asym", "int3:g64:sym", "int8:ch:sym", "int2:tensor:asym",
@@ -15,13 +17,14 @@ def test_format_string_round_trips(name):
     assert parse_format(str(parse_format(name))) == parse_format(name)
 
 
-def test_default_scale_is_not_printed():
-    assert str(parse_format("int4:g64:asym:scale=fp16")) == "int4:g64:asym"
+def test_a_spelled_out_default_prints_back_and_equals_the_short_form():
+    assert str(parse_format("int4:g64:asym:scale=fp16")) == "int4:g64:asym:scale=fp16"
+    assert parse_format("int4:g64:asym:scale=fp16") == parse_format("int4:g64:asym")
 
 
 @pytest.mark.parametrize("name, message", [
-    ("int9:g64:asym", "2 to 8 bits"),
-    ("int1:g64:sym", "2 to 8 bits"),
+    ("int9:g64:asym", "1 to 8 bits"),
+    ("int0:g64:sym", "1 to 8 bits"),
     ("int4:g0:asym", "group size must be at least 1"),
     ("int4:g-3:asym", "group size must be at least 1"),
     ("int4:g64", "needs a granularity and sym|asym"),
@@ -109,11 +112,30 @@ def test_clip_search_never_hurts_and_helps_with_outliers():
     gen = torch.Generator().manual_seed(2)
     weight = torch.randn(64, 128, generator=gen)
     weight[:, ::16] *= 6  # one outlier per group of 16
+    ones = torch.ones_like(weight)
     for name in ("int3:g16:asym", "int3:g16:sym", "int4:ch:sym"):
         fmt = parse_format(name)
         plain = (round_to_nearest(weight, fmt, clip_search=False).dequantize() - weight).square().sum()
-        searched = (round_to_nearest(weight, fmt, clip_search=True).dequantize() - weight).square().sum()
+        searched = (round_to_nearest(weight, fmt, clip_search=True, importance=ones).dequantize() - weight).square().sum()
         assert searched < 0.95 * plain, name
+
+
+def test_default_search_minimises_magnitude_weighted_error():
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
+    importance = magnitude_importance(weight)
+    fmt = parse_format("int3:g16:sym")
+
+    def weighted(q):
+        return ((q.dequantize() - weight).square() * importance).sum()
+
+    default = round_to_nearest(weight, fmt)
+    assert torch.equal(default.codes, round_to_nearest(weight, fmt, importance=importance).codes)
+    assert weighted(default) < 0.97 * weighted(round_to_nearest(weight, fmt, clip_search=False))
+    # Weighting protects large weights: the largest weight of each row is kept better than by plain MSE.
+    plain_mse = round_to_nearest(weight, fmt, importance=torch.ones_like(weight))
+    top = weight.abs().argmax(dim=1, keepdim=True)
+    error_at_top = lambda q: (q.dequantize() - weight).gather(1, top).abs().mean()
+    assert error_at_top(default) < error_at_top(plain_mse)
 
 
 def test_clip_search_picks_the_best_ratio_per_group_on_real_values_only():
@@ -123,7 +145,7 @@ def test_clip_search_picks_the_best_ratio_per_group_on_real_values_only():
     weight = torch.randn(200, 6, generator=gen)
     weight[:, 5] *= 5
     fmt = parse_format("int2:g4:asym")
-    searched = (round_to_nearest(weight, fmt).dequantize() - weight).square()
+    searched = (round_to_nearest(weight, fmt, importance=torch.ones_like(weight)).dequantize() - weight).square()
     for start, stop in ((0, 4), (4, 6)):
         part = weight[:, start:stop]
         best = torch.stack([

@@ -57,6 +57,15 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="reference model (same sources as --model) for KL and agreement")
     _add_eval_args(e)
     e.set_defaults(run=_run_eval)
+
+    f = commands.add_parser("formats", help="list every number format with its exact bits per weight",
+                            description="Every format family, with exact bits per weight (codes, scales, zero points, "
+                                        "tables) on a matrix of the given shape.")
+    f.add_argument("--group", type=int, default=64, help="group size for formats that take one (default: %(default)s)")
+    f.add_argument("--shape", default="1536x576", help="ROWSxCOLS of the matrix to count bits on (default: %(default)s)")
+    f.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    f.add_argument("--debug", action="store_true", help="show tracebacks")
+    f.set_defaults(run=_run_formats)
     return parser
 
 
@@ -142,6 +151,33 @@ def _run_eval(args) -> int:
     if reference is not None:
         rows = [["reference", result.reference_perplexity, None, None], ["model", result.perplexity, result.kl, result.agreement]]
     print(format_table(["", "perplexity", "KL", "top-1 agree"], rows))
+    return 0
+
+
+def _run_formats(args) -> int:
+    from .errors import FormatError
+    from .formats import catalog
+    from .report import format_table
+
+    if args.group < 1:
+        raise FormatError(f"group size must be at least 1, got {args.group}")
+    try:
+        rows, cols = (int(n) for n in args.shape.lower().split("x"))
+        if rows < 1 or cols < 1:
+            raise ValueError
+    except ValueError:
+        raise FormatError(f"--shape must look like 1536x576 (rows x cols), got {args.shape!r}") from None
+    entries = [
+        {"format": str(fmt), "code_bits": fmt.code_bits, "bits": fmt.bits(rows, cols),
+         "bits_per_weight": fmt.bits_per_weight(rows, cols)}
+        for fmt in catalog(args.group)
+    ]
+    if args.json:
+        print(json.dumps({"shape": [rows, cols], "group": args.group, "formats": entries}, indent=1))
+        return 0
+    print(f"exact bits per weight on a {rows}x{cols} matrix (codes + scales + zero points + tables)")
+    print(format_table(["format", "code bits", "bits per weight"],
+                       [[e["format"], e["code_bits"], round(e["bits_per_weight"], 4)] for e in entries]))
     return 0
 
 

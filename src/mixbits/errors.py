@@ -19,3 +19,7 @@ class ModelLoadError(MixbitsError):
 
 class TextError(MixbitsError):
     """Text is missing, unreadable, or too short for the requested windows."""
+
+
+class TransformError(MixbitsError):
+    """A rotation or other transform was asked for with an invalid size or input."""

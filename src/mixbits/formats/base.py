@@ -3,12 +3,12 @@
 A format maps a weight matrix to integer codes plus per-group parameters and
 back. Solvers drive formats only through this interface:
 
-    params = fmt.fit(grouped, clip)      # per-group parameters for a clip ratio
-    codes  = fmt.encode(grouped, params) # nearest representable point
-    values = fmt.decode(codes, params)   # dequantized values, float32
+    params = fmt.fit(grouped, clip)      # per-group parameters for clip ratio(s)
+    codes  = fmt.encode(values, params)  # nearest representable point
+    approx = fmt.decode(codes, params)   # dequantized values, float32
 
 `bits(rows, cols)` is the one place where storage cost is counted: codes plus
-every stored parameter in its storage dtype.
+every stored parameter (scales, zero points, tables, second-level scales).
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from .granularity import Granularity, Grouped, to_groups, ungroup
+
+# Ratios tried by the clipping search: 1.00, 0.98, ..., 0.50.
+CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(26))
+
+Clip = float | torch.Tensor  # a scalar, or one ratio per group ([R, G, 1])
 
 
 @dataclass
@@ -36,10 +41,21 @@ class QuantizedTensor:
 
 class Format(ABC):
     granularity: Granularity
+    # Clip ratios the round-to-nearest search tries; (1.0,) means no search.
+    clip_grid: tuple[float, ...] = CLIP_GRID
+
+    @property
+    @abstractmethod
+    def code_bits(self) -> int:
+        """Width of one stored code."""
 
     @abstractmethod
-    def fit(self, grouped: Grouped, clip: float = 1.0) -> dict[str, torch.Tensor]:
-        """Per-group parameters; `clip` < 1 shrinks the covered range."""
+    def fit(self, grouped: Grouped, clip: Clip = 1.0, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-group parameters; `clip` < 1 shrinks the covered range.
+
+        `importance` (grouped like the values, or None) weighs each value's
+        error; formats that learn their grid from data use it.
+        """
 
     @abstractmethod
     def encode(self, values: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -55,12 +71,17 @@ class Format(ABC):
 
     @abstractmethod
     def __str__(self) -> str:
-        """The canonical format string; `parse(str(f)) == f`."""
+        """The format string it was parsed from; `parse_format(str(f)) == f`."""
 
     def bits_per_weight(self, rows: int, cols: int) -> float:
         return self.bits(rows, cols) / (rows * cols)
 
-    def quantize(self, matrix: torch.Tensor, clip: float = 1.0) -> QuantizedTensor:
-        grouped = to_groups(matrix.float(), self.granularity)
+    def param_rows(self, rows: int) -> int:
+        """Rows of the parameter tensors ([rows, groups_per_row, 1]; 1 for per-tensor)."""
+        return 1 if self.granularity.kind == "tensor" else rows
+
+    def quantize(self, matrix: torch.Tensor, clip: Clip = 1.0) -> QuantizedTensor:
+        """Plain rounding at one clip ratio (solvers add searches and error feedback)."""
+        grouped = to_groups(matrix.detach().float(), self.granularity)
         params = self.fit(grouped, clip)
         return QuantizedTensor(self, grouped.shape, self.encode(grouped.values, params), params)

@@ -1,8 +1,10 @@
-"""Uniform integer formats: k-bit codes times a per-group scale.
+"""Uniform integer formats: k-bit codes times a per-group scale, k = 1..8.
 
-Symmetric: codes in [-2^(k-1), 2^(k-1) - 1], value = code * scale. The scale is
-signed and chosen so that the group's largest-magnitude value maps exactly to
--2^(k-1) (llama.cpp's Q4_0 trick): this uses all 2^k levels instead of 2^k - 1.
+Symmetric: codes in [-2^(k-1), 2^(k-1) - 1], value = code * scale. With a
+signed scale dtype the scale takes the sign of the group's largest-magnitude
+value, which then maps exactly to -2^(k-1) (llama.cpp's Q4_0 trick): all 2^k
+levels are used. With an unsigned scale dtype (e8m0) the scale is positive
+and the largest magnitude maps to 2^(k-1) - 1.
 
 Asymmetric: codes in [0, 2^k - 1], value = (code - zero) * scale, with an
 integer zero point stored in k bits (as GPTQ does). The covered range always
@@ -12,17 +14,22 @@ includes 0 so the zero point is representable.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import FormatError
-from .base import Format
+from .base import Clip, Format
 from .granularity import Granularity, Grouped
-from .scales import SCALE_DTYPES, ScaleDtype, scale_dtype
+from .naming import granularity_field, scale_option, scale_suffix, split
+from .scales import DEFAULT_SCALE, ScaleCodec
 
-MIN_BITS, MAX_BITS = 2, 8
-DEFAULT_SCALE = SCALE_DTYPES["fp16"]
+MIN_BITS, MAX_BITS = 1, 8
+
+
+def signed_extreme(values: torch.Tensor) -> torch.Tensor:
+    """Per group, the value of largest magnitude with its sign: [R, G, 1]."""
+    return values.gather(-1, values.abs().argmax(dim=-1, keepdim=True))
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,11 @@ class IntFormat(Format):
     bits_per_code: int
     symmetric: bool
     granularity: Granularity
-    scale: ScaleDtype = DEFAULT_SCALE
+    scale: ScaleCodec = DEFAULT_SCALE
+    show_scale: bool = field(default=False, compare=False)
+    label: str = field(default="", compare=False)  # a preset's name, e.g. nvint4
+
+    PATTERN = re.compile(r"int(-?\d+)")
 
     def __post_init__(self):
         if not MIN_BITS <= self.bits_per_code <= MAX_BITS:
@@ -38,31 +49,30 @@ class IntFormat(Format):
                 f"integer formats take {MIN_BITS} to {MAX_BITS} bits, got {self.bits_per_code}; use e.g. int4:g128:asym"
             )
 
-    PATTERN = re.compile(r"int(-?\d+)")
-
     @classmethod
     def parse(cls, text: str) -> "IntFormat":
         """Parse `intK:GRAN:sym|asym[:scale=DTYPE]`, e.g. `int4:g128:asym`."""
-        head, *fields = text.split(":")
+        head, positional, options = split(text, ("scale",))
         match = cls.PATTERN.fullmatch(head)
         if not match:
             raise FormatError(f"not an integer format: {text!r}; write e.g. int4:g128:asym")
-        if len(fields) < 2:
+        if len(positional) != 2:
             raise FormatError(f"{text!r} needs a granularity and sym|asym; write e.g. {head}:g128:asym")
-        granularity = Granularity.parse(fields[0])
-        if fields[1] not in ("sym", "asym"):
-            raise FormatError(f"{text!r}: expected sym or asym after the granularity, got {fields[1]!r}")
-        scale = DEFAULT_SCALE
-        for extra in fields[2:]:
-            key, _, value = extra.partition("=")
-            if key != "scale" or not value:
-                raise FormatError(f"{text!r}: unknown option {extra!r}; the only option is scale=fp16|bf16|fp32")
-            scale = scale_dtype(value)
-        return cls(int(match.group(1)), fields[1] == "sym", granularity, scale)
+        granularity = granularity_field(text, positional, f"{head}:g128:asym")
+        if positional[1] not in ("sym", "asym"):
+            raise FormatError(f"{text!r}: expected sym or asym after the granularity, got {positional[1]!r}")
+        scale, explicit = scale_option(options)
+        return cls(int(match.group(1)), positional[1] == "sym", granularity, scale, explicit)
 
     def __str__(self) -> str:
-        text = f"int{self.bits_per_code}:{self.granularity}:{'sym' if self.symmetric else 'asym'}"
-        return text if self.scale == DEFAULT_SCALE else f"{text}:scale={self.scale.name}"
+        if self.label:
+            return self.label
+        kind = "sym" if self.symmetric else "asym"
+        return f"int{self.bits_per_code}:{self.granularity}:{kind}" + scale_suffix(self.scale, self.show_scale)
+
+    @property
+    def code_bits(self) -> int:
+        return self.bits_per_code
 
     @property
     def code_range(self) -> tuple[int, int]:
@@ -71,14 +81,14 @@ class IntFormat(Format):
             return -half, half - 1
         return 0, 2**self.bits_per_code - 1
 
-    def fit(self, grouped: Grouped, clip: float = 1.0) -> dict[str, torch.Tensor]:
-        values = grouped.values
+    def fit(self, grouped: Grouped, clip: Clip = 1.0, importance=None) -> dict[str, torch.Tensor]:
+        values = grouped.values  # padding repeats real values, so extremes need no mask
         low, high = self.code_range
         if self.symmetric:
-            # Padding repeats real values, so no mask is needed for extremes.
-            index = values.abs().argmax(dim=-1, keepdim=True)
-            extreme = values.gather(-1, index)
-            return {"scale": self.scale.round(extreme * (clip / low))}
+            if self.scale.signed:
+                return {"scale": self.scale.round(signed_extreme(values) * clip / low)}
+            top = max(high, 1)  # int1 has no positive level: scale by the magnitude
+            return {"scale": self.scale.round(values.abs().amax(dim=-1, keepdim=True) * clip / top)}
         vmin = values.amin(dim=-1, keepdim=True).clamp(max=0) * clip
         vmax = values.amax(dim=-1, keepdim=True).clamp(min=0) * clip
         scale = self.scale.round((vmax - vmin) / high)
@@ -98,5 +108,6 @@ class IntFormat(Format):
         return (codes.float() - params["zero"].float()) * params["scale"]
 
     def bits(self, rows: int, cols: int) -> int:
-        per_group = self.scale.bits + (0 if self.symmetric else self.bits_per_code)
-        return rows * cols * self.bits_per_code + self.granularity.group_count(rows, cols) * per_group
+        groups = self.granularity.groups_per_row(cols)
+        zero_bits = 0 if self.symmetric else self.granularity.group_count(rows, cols) * self.bits_per_code
+        return rows * cols * self.bits_per_code + self.scale.bits(self.param_rows(rows), groups) + zero_bits

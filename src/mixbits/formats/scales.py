@@ -1,47 +1,126 @@
-"""Storage dtypes of quantization scales.
+"""Storage of per-group scales: a scale codec rounds float32 scales to what is stored.
 
-A scale is computed in float32, then rounded to its storage dtype *before* the
-codes are chosen, so that dequantizing with the stored scale is exact.
+Scales are computed in float32 and rounded by the codec *before* codes are
+chosen, so dequantizing with the stored scales is exact. A codec also counts
+the bits of everything it stores, including a second-level scale:
+
+- fp32, fp16, bf16: a plain cast per group.
+- e8m0: a power of two per group (OCP MX's scale type; no sign, no zero).
+- e4m3: FP8 E4M3 per group times one float32 scale per tensor (NVFP4's scheme).
+- i8: a signed 8-bit integer per group times one fp16 scale per row
+  (like llama.cpp's k-quant super-blocks).
+
+Codecs without a sign bit (e8m0) report `signed = False`; formats then use
+positive scales.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import FormatError
+from .elements import E4M3
+
+
+class ScaleCodec(ABC):
+    name: str
+    signed: bool = True
+
+    @abstractmethod
+    def round(self, scale: torch.Tensor) -> torch.Tensor:
+        """Round float32 scales [R, G, 1] to stored values (returned as float32); never 0 or inf."""
+
+    @abstractmethod
+    def bits(self, rows: int, groups_per_row: int) -> int:
+        """Bits of all stored scales for a [rows, groups_per_row, 1] scale tensor."""
 
 
 @dataclass(frozen=True)
-class ScaleDtype:
+class CastScale(ScaleCodec):
     name: str
-    bits: int
-    torch_dtype: torch.dtype
+    width: int
+    dtype: torch.dtype
 
     def round(self, scale: torch.Tensor) -> torch.Tensor:
-        """Round float32 scales to this dtype (kept as float32), keeping the sign.
-
-        Magnitudes are clamped into the dtype's finite positive range so that no
-        scale becomes 0 or inf (a group of zeros still gets a usable scale).
-        """
-        info = torch.finfo(self.torch_dtype)
+        info = torch.finfo(self.dtype)
         # 16-bit scales may be subnormal (smallest = smallest_normal * eps); float32 ones stay normal.
         tiny = info.smallest_normal * (info.eps if info.bits == 16 else 1.0)
-        magnitude = scale.abs().clamp(min=tiny, max=info.max)
-        sign = torch.where(scale < 0, -1.0, 1.0)
-        return (sign * magnitude).to(self.torch_dtype).to(torch.float32)
+        return _clamp_magnitude(scale, tiny, info.max).to(self.dtype).to(torch.float32)
+
+    def bits(self, rows: int, groups_per_row: int) -> int:
+        return rows * groups_per_row * self.width
 
 
-SCALE_DTYPES = {
-    "fp32": ScaleDtype("fp32", 32, torch.float32),
-    "fp16": ScaleDtype("fp16", 16, torch.float16),
-    "bf16": ScaleDtype("bf16", 16, torch.bfloat16),
+@dataclass(frozen=True)
+class E8M0Scale(ScaleCodec):
+    """2^e for e in [-127, 127]; rounds to nearest in the linear domain, ties up (as ml_dtypes' float8_e8m0fnu)."""
+
+    name: str = "e8m0"
+    signed: bool = False
+
+    def round(self, scale: torch.Tensor) -> torch.Tensor:
+        mantissa, exponent = torch.frexp(scale.abs().clamp(min=2.0**-127))  # scale = m * 2^e, m in [0.5, 1)
+        exponent = torch.where(mantissa >= 0.75, exponent, exponent - 1).clamp(-127, 127)
+        return torch.ldexp(torch.ones_like(scale), exponent)
+
+    def bits(self, rows: int, groups_per_row: int) -> int:
+        return rows * groups_per_row * 8
+
+
+@dataclass(frozen=True)
+class E4M3Scale(ScaleCodec):
+    """FP8 E4M3 group scales under one float32 tensor scale that maps the largest to 448."""
+
+    name: str = "e4m3"
+
+    def round(self, scale: torch.Tensor) -> torch.Tensor:
+        top = scale.abs().amax().clamp(min=torch.finfo(torch.float32).smallest_normal)
+        tensor_scale = top / 448.0
+        # E4M3's smallest subnormal is 2^-9; below it a group would get scale 0.
+        grouped = _clamp_magnitude(scale / tensor_scale, 2.0**-9, 448.0)
+        return E4M3.decode(E4M3.encode(grouped)) * tensor_scale
+
+    def bits(self, rows: int, groups_per_row: int) -> int:
+        return rows * groups_per_row * 8 + 32
+
+
+@dataclass(frozen=True)
+class Int8Scale(ScaleCodec):
+    """Signed 8-bit group scales in [-127, 127] times one fp16 scale per row."""
+
+    name: str = "i8"
+
+    def round(self, scale: torch.Tensor) -> torch.Tensor:
+        row_top = scale.abs().amax(dim=(1, 2), keepdim=True)
+        row_scale = CAST["fp16"].round(row_top / 127.0)
+        steps = torch.round(scale / row_scale).clamp(-127, 127)
+        # A group whose scale rounds to 0 would lose all its weights: keep one step.
+        steps = torch.where(steps == 0, torch.where(scale < 0, -1.0, 1.0), steps)
+        return steps * row_scale
+
+    def bits(self, rows: int, groups_per_row: int) -> int:
+        return rows * groups_per_row * 8 + rows * 16
+
+
+def _clamp_magnitude(scale: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    sign = torch.where(scale < 0, -1.0, 1.0)
+    return sign * scale.abs().clamp(min=low, max=high)
+
+
+CAST = {
+    "fp32": CastScale("fp32", 32, torch.float32),
+    "fp16": CastScale("fp16", 16, torch.float16),
+    "bf16": CastScale("bf16", 16, torch.bfloat16),
 }
+SCALE_CODECS: dict[str, ScaleCodec] = {**CAST, "e8m0": E8M0Scale(), "e4m3": E4M3Scale(), "i8": Int8Scale()}
+DEFAULT_SCALE = CAST["fp16"]
 
 
-def scale_dtype(name: str) -> ScaleDtype:
+def scale_codec(name: str) -> ScaleCodec:
     try:
-        return SCALE_DTYPES[name]
+        return SCALE_CODECS[name]
     except KeyError:
-        raise FormatError(f"unknown scale dtype {name!r}; use one of {', '.join(SCALE_DTYPES)}") from None
+        raise FormatError(f"unknown scale dtype {name!r}; use one of {', '.join(SCALE_CODECS)}") from None
