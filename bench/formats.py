@@ -58,44 +58,39 @@ def model_level(loaded, windows, record) -> str:
     return format_table(["format", "class", "bpw", "perplexity", "Δ ppl", "KL", "top-1 agree", "quantize s"], rows)
 
 
-def tensor_level(loaded, record) -> str:
-    linears = quantizable_linears(loaded.model)
-    signal = sum(m.weight.double().square().sum().item() for _, m in linears)
-    rotations = {}
-    for _, m in linears:
-        cols = m.weight.shape[1]
-        if cols not in rotations:
-            rotations[cols] = rotation_matrix(cols)
-    kinds = {cols: kind for cols, (_, kind) in rotations.items()}
+def tensor_level(weights: list[torch.Tensor]) -> tuple[str, dict]:
+    """SQNR of each integer/float pair over `weights`, without and with rotation: (Markdown, record)."""
+    signal = sum(w.double().square().sum().item() for w in weights)
+    rotations = {cols: rotation_matrix(cols) for cols in sorted({w.shape[1] for w in weights})}
     noise: dict[tuple[str, bool], float] = {}
-    wins: dict[tuple[str, bool], list[float]] = {}
+    per_layer: dict[tuple[str, bool], list[float]] = {}
     for name in [n for pair in SQNR_PAIRS for n in pair]:
         fmt = parse_format(name)
         for rotate in (False, True):
-            total, per_layer = 0.0, []
-            for _, m in linears:
-                weight = m.weight.detach().float()
+            total, layers = 0.0, []
+            for weight in weights:
+                weight = weight.detach().float()
                 if rotate:
                     weight = weight @ rotations[weight.shape[1]][0]
                 error = (fmt.quantize(weight).dequantize() - weight).double().square().sum().item()
                 total += error
-                per_layer.append(10 * math.log10(weight.double().square().sum().item() / error))
+                layers.append(10 * math.log10(weight.double().square().sum().item() / error))
             noise[(name, rotate)] = total
-            wins[(name, rotate)] = per_layer
+            per_layer[(name, rotate)] = layers
     rows, results = [], []
     for integer, floating in SQNR_PAIRS:
         for rotate in (False, True):
             sqnr_int = 10 * math.log10(signal / noise[(integer, rotate)])
             sqnr_fp = 10 * math.log10(signal / noise[(floating, rotate)])
-            int_wins = sum(a > b for a, b in zip(wins[(integer, rotate)], wins[(floating, rotate)]))
+            int_wins = sum(a > b for a, b in zip(per_layer[(integer, rotate)], per_layer[(floating, rotate)]))
             rows.append([f"{integer} vs {floating}", "yes" if rotate else "no", sqnr_int, sqnr_fp,
-                         f"{sqnr_int - sqnr_fp:+.2f}", f"{int_wins}/{len(linears)}"])
+                         f"{sqnr_int - sqnr_fp:+.2f}", f"{int_wins}/{len(weights)}"])
             results.append({"integer": integer, "float": floating, "rotated": rotate, "sqnr_int_db": sqnr_int,
-                            "sqnr_float_db": sqnr_fp, "layers_int_wins": int_wins, "layers": len(linears)})
-    record["tensor_level"] = {"rotations": {str(c): k for c, k in kinds.items()}, "results": results}
+                            "sqnr_float_db": sqnr_fp, "layers_int_wins": int_wins, "layers": len(weights)})
+    kinds = {str(cols): kind for cols, (_, kind) in rotations.items()}
     note = ", ".join(f"{c} columns: {k}" for c, k in kinds.items())
     table = format_table(["pair", "rotated", "SQNR int dB", "SQNR float dB", "int − float dB", "layers int wins"], rows)
-    return f"Rotation used: {note}.\n\n{table}"
+    return f"Rotation used: {note}.\n\n{table}", {"rotations": kinds, "results": results}
 
 
 def main() -> None:
@@ -105,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     loaded, windows, record = protocol(args.windows)
-    sqnr = tensor_level(loaded, record)
+    sqnr, record["tensor_level"] = tensor_level([m.weight for _, m in quantizable_linears(loaded.model)])
     print(sqnr, flush=True)
     sections = [f"Formats on {record['model']['name']} (sha256 {record['model']['sha256'][:12]}).\n\nCommand: `{record['command']}`"]
     if not args.sqnr_only:

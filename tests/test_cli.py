@@ -77,3 +77,18 @@ def test_too_short_text_states_what_is_needed(tmp_path):
     (tmp_path / "short.txt").write_text("Only a few words here.")
     assert_one_line_error(run("eval", "--text", str(tmp_path / "short.txt"), "--windows", "2", "--window-len", "64"),
                           "need 256", "give more text")
+
+
+def test_formats_lists_exact_bits_as_json():
+    import json
+
+    result = run("formats", "--group", "32", "--shape", "1536x576", "--json")
+    assert result.returncode == 0, result.stderr
+    listing = {entry["format"]: entry for entry in json.loads(result.stdout)["formats"]}
+    assert listing["mxfp4"]["bits"] == 1536 * 576 * 4 + 1536 * 18 * 8
+    assert listing["int4:g32:asym"]["bits_per_weight"] == 4 + 20 / 32
+    assert {"nvfp4", "nf4:g32", "lut4:g32", "ternary:g32", "fp8_e5m2:g32", "mxint8"} <= set(listing)
+
+
+def test_formats_rejects_a_bad_shape():
+    assert_one_line_error(run("formats", "--shape", "wide"), "--shape must look like")

@@ -43,6 +43,19 @@ def test_quantize_touches_only_block_linears_and_counts_their_bits(tiny_llama_di
     assert max(len(torch.unique(g)) for g in new_up.reshape(-1, 16)) <= 8
 
 
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "nf4:g16", "lut3:g16", "ternary:g16", "fp8_e4m3:ch"])
+def test_every_format_family_quantizes_a_model(tiny_llama_dir, name):
+    model = load_model(tiny_llama_dir).model
+    before = {n: m.weight.clone() for n, m in quantizable_linears(model)}
+    report = mixbits.quantize(model, name, progress=False)
+    fmt = parse_format(name)
+    assert report.format == name
+    assert report.bits == sum(fmt.bits(*w.shape) for w in before.values())
+    for n, m in quantizable_linears(model):
+        relative = ((m.weight - before[n]).norm() / before[n].norm()).item()
+        assert 0 < relative < 0.7, (n, relative)
+
+
 def test_quantizing_the_head_unties_it_from_the_embedding(tiny_llama_dir):
     model = load_model(tiny_llama_dir).model
     embed = model.model.embed_tokens.weight.clone()

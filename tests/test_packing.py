@@ -91,7 +91,8 @@ def test_packed_size_is_ceil_of_bits_over_8(width):
         assert pack(torch.zeros(count, dtype=torch.uint8), width).numel() == packed_size(count, width)
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                                   torch.uint16, torch.uint32, torch.uint64])
 def test_any_integer_dtype_and_shape_is_accepted(dtype):
     codes = random_codes(60, 6, seed=1).view(3, 4, 5)
     data = pack(codes.to(dtype), 6)

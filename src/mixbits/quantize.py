@@ -69,9 +69,11 @@ def quantize(
     """Round every Linear inside the transformer blocks to `format`, in place.
 
     Weights are replaced by their dequantized values (simulated quantization),
-    so the model runs as before. With `include_head`, the output head is
-    quantized too (untied from the input embedding first, which stays float).
-    Returns the exact bit count of everything quantized.
+    so the model runs as before. `clip_search` searches a clip ratio per
+    group under a magnitude-weighted error (see `solvers.rtn`). With
+    `include_head`, the output head is quantized too (untied from the input
+    embedding first, which stays float). Returns the exact bit count of
+    everything quantized.
     """
     fmt = parse_format(format)
     module = model.model if isinstance(model, LoadedModel) else model
