@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import Text, WindowSpec, eval_windows, load_text, tokenize
-from ..models.loader import LoadedModel, load_model
+from ..models.loader import LoadedModel
 
 
 @dataclass
@@ -74,12 +74,13 @@ def evaluate(
     or a `Text`. With a `reference` (model or `ReferenceScores`), KL divergence
     and top-1 agreement against it are reported too.
     """
-    loaded = load_model(model, tokenizer=tokenizer) if isinstance(model, nn.Module) else model
+    # A bare module is used as is: wrapping it in load_model would hash its weights for nothing.
+    module, own_tokenizer = (model.model, model.tokenizer) if isinstance(model, LoadedModel) else (model, None)
     text = text if isinstance(text, Text) else load_text(text)
-    tokens = tokenize(text, tokenizer or loaded.tokenizer)
+    tokens = tokenize(text, tokenizer or own_tokenizer)
     batch, spec = eval_windows(tokens, windows, window_len)
     ref = reference.model if isinstance(reference, LoadedModel) else reference
-    result = score_windows(loaded.model, batch, ref, progress=progress)
+    result = score_windows(module, batch, ref, progress=progress)
     result.windows, result.text_name, result.text_sha256 = spec, text.name, text.sha256
     return result
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .granularity import Granularity, Grouped, to_groups, ungroup
+from .scales import ScaleCodec
 
 # Ratios tried by the clipping search: 1.00, 0.98, ..., 0.50.
 CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(26))
@@ -66,12 +67,20 @@ class Format(ABC):
         """Float32 values of `codes` under `params`."""
 
     @abstractmethod
-    def bits(self, rows: int, cols: int) -> int:
-        """Exact storage bits of a [rows, cols] matrix: codes and all parameters."""
+    def parameter_bits(self, rows: int, cols: int) -> int:
+        """Storage bits of everything but the codes: scales, zero points, tables, second-level scales."""
 
     @abstractmethod
     def __str__(self) -> str:
         """The format string it was parsed from; `parse_format(str(f)) == f`."""
+
+    def bits(self, rows: int, cols: int) -> int:
+        """Exact storage bits of a [rows, cols] matrix: codes and all parameters."""
+        return rows * cols * self.code_bits + self.parameter_bits(rows, cols)
+
+    def per_group_bits(self, codec: ScaleCodec, rows: int, cols: int, per_group: int = 1) -> int:
+        """Bits of `per_group` values per group stored with `codec` (scales, or table entries)."""
+        return codec.bits(self.param_rows(rows), self.granularity.groups_per_row(cols) * per_group)
 
     def bits_per_weight(self, rows: int, cols: int) -> float:
         return self.bits(rows, cols) / (rows * cols)

@@ -107,7 +107,6 @@ class IntFormat(Format):
             return codes.float() * params["scale"]
         return (codes.float() - params["zero"].float()) * params["scale"]
 
-    def bits(self, rows: int, cols: int) -> int:
-        groups = self.granularity.groups_per_row(cols)
+    def parameter_bits(self, rows: int, cols: int) -> int:
         zero_bits = 0 if self.symmetric else self.granularity.group_count(rows, cols) * self.bits_per_code
-        return rows * cols * self.bits_per_code + self.scale.bits(self.param_rows(rows), groups) + zero_bits
+        return self.per_group_bits(self.scale, rows, cols) + zero_bits

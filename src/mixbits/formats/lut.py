@@ -110,9 +110,8 @@ class TableFormat(Format):
     def decode(self, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.levels[codes.long()] * params["scale"]
 
-    def bits(self, rows: int, cols: int) -> int:
-        groups = self.granularity.groups_per_row(cols)
-        return rows * cols * self.bits_per_code + self.scale.bits(self.param_rows(rows), groups)
+    def parameter_bits(self, rows: int, cols: int) -> int:
+        return self.per_group_bits(self.scale, rows, cols)
 
 
 @dataclass(frozen=True)
@@ -169,6 +168,5 @@ class LearnedTableFormat(Format):
     def decode(self, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         return params["table"].gather(-1, codes.long())
 
-    def bits(self, rows: int, cols: int) -> int:
-        entries = self.granularity.groups_per_row(cols) * 2**self.bits_per_code
-        return rows * cols * self.bits_per_code + self.table.bits(self.param_rows(rows), entries)
+    def parameter_bits(self, rows: int, cols: int) -> int:
+        return self.per_group_bits(self.table, rows, cols, per_group=2**self.bits_per_code)

@@ -75,6 +75,5 @@ class MinifloatFormat(Format):
     def decode(self, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.element.decode(codes) * params["scale"]
 
-    def bits(self, rows: int, cols: int) -> int:
-        groups = self.granularity.groups_per_row(cols)
-        return rows * cols * self.element.width + self.scale.bits(self.param_rows(rows), groups)
+    def parameter_bits(self, rows: int, cols: int) -> int:
+        return self.per_group_bits(self.scale, rows, cols)

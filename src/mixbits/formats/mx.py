@@ -20,6 +20,9 @@ from ..errors import FormatError
 from .base import Clip, Format
 from .elements import E2M1, E2M3, E3M2, E4M3, E5M2, Minifloat
 from .granularity import Granularity, Grouped
+from .scales import E8M0Scale
+
+E8M0 = E8M0Scale()  # the shared scale's storage; its value follows the spec rule in `fit`
 
 BLOCK = 32
 ELEMENTS: dict[str, Minifloat | None] = {
@@ -76,5 +79,5 @@ class MXFormat(Format):
             return codes.float() / 64 * params["scale"]
         return self.element.decode(codes) * params["scale"]
 
-    def bits(self, rows: int, cols: int) -> int:
-        return rows * cols * self.code_bits + rows * self.granularity.groups_per_row(cols) * 8
+    def parameter_bits(self, rows: int, cols: int) -> int:
+        return self.per_group_bits(E8M0, rows, cols)

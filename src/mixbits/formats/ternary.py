@@ -74,6 +74,5 @@ class SignFormat(Format):
         offset = 2.0 * codes.float() - 1 if self.family == "binary" else codes.float() - 1
         return offset * params["scale"]
 
-    def bits(self, rows: int, cols: int) -> int:
-        groups = self.granularity.groups_per_row(cols)
-        return rows * cols * self.code_bits + self.scale.bits(self.param_rows(rows), groups)
+    def parameter_bits(self, rows: int, cols: int) -> int:
+        return self.per_group_bits(self.scale, rows, cols)
