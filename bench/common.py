@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from mixbits import defaults
 from mixbits.data import eval_windows, load_text, tokenize
 from mixbits.models import load_model
 from mixbits.record import provenance
@@ -13,7 +14,7 @@ from mixbits.record import provenance
 RESULTS = Path(__file__).parent / "results"
 
 
-def protocol(windows: int = 24, length: int = 512):
+def protocol(windows: int = defaults.EVAL_WINDOWS, length: int = defaults.WINDOW_LEN):
     """(loaded model, evaluation windows, provenance record) under the benchmark protocol."""
     loaded = load_model()
     text = load_text()

@@ -92,3 +92,13 @@ def test_formats_lists_exact_bits_as_json():
 
 def test_formats_rejects_a_bad_shape():
     assert_one_line_error(run("formats", "--shape", "wide"), "--shape must look like")
+
+
+def test_calibration_errors_state_what_is_needed(tmp_path):
+    (tmp_path / "short.txt").write_text("Only a few words here.")
+    assert_one_line_error(run("quantize", "--solver", "gptq", "--calib-text", str(tmp_path / "short.txt"),
+                              "--calib-windows", "2", "--calib-window-len", "64", "--no-eval"),
+                          "calibration windows", "need at least 256")
+    assert_one_line_error(run("quantize", "--solver", "gptq", "--calib-windows", "0", "--no-eval"), "at least 1 window")
+    assert_one_line_error(run("quantize", "--online-hadamard", "--no-eval"), "add rotate")
+    assert_one_line_error(run("quantize", "--solver", "awq"), "invalid choice")

@@ -11,6 +11,7 @@ import json
 import sys
 
 from .errors import MixbitsError
+from . import defaults
 
 EXIT_USAGE = 2
 
@@ -47,6 +48,16 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-clip-search", dest="clip_search", action="store_false",
                    help="round with the full range instead of searching the clipping ratio per group")
     q.add_argument("--head", action="store_true", help="quantize the output head too (untied from the embedding)")
+    q.add_argument("--solver", choices=("rtn", "gptq"), default="rtn",
+                   help="rtn: round to nearest, no data; gptq: error compensation from calibration data (default: %(default)s)")
+    q.add_argument("--awq", action="store_true", help="activation-aware scaling searched on calibration data")
+    q.add_argument("--rotate", action="store_true", help="Hadamard rotation of the residual stream (LLaMA-style models)")
+    q.add_argument("--online-hadamard", action="store_true", help="with --rotate, also rotate every down_proj input at run time")
+    q.add_argument("--calib-text", help="calibration text file or folder; windows come from its start (default: --text)")
+    q.add_argument("--calib-windows", type=int, default=defaults.CALIBRATION_WINDOWS,
+                   help="calibration windows for gptq/awq (default: %(default)s)")
+    q.add_argument("--calib-window-len", type=int, default=defaults.CALIBRATION_LEN,
+                   help="tokens per calibration window (default: %(default)s)")
     q.add_argument("--no-eval", dest="evaluate", action="store_false", help="only quantize and report bits")
     _add_eval_args(q)
     q.set_defaults(run=_run_quantize)
@@ -76,8 +87,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", help="text file or folder (default: CPython's pydoc topics)")
-    parser.add_argument("--windows", type=int, default=24, help="evaluation windows (default: %(default)s)")
-    parser.add_argument("--window-len", type=int, default=512, help="tokens per window (default: %(default)s)")
+    parser.add_argument("--windows", type=int, default=defaults.EVAL_WINDOWS, help="evaluation windows (default: %(default)s)")
+    parser.add_argument("--window-len", type=int, default=defaults.WINDOW_LEN, help="tokens per window (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
 
 
@@ -100,7 +111,14 @@ def _run_quantize(args) -> int:
     if text is not None:
         windows, spec = eval_windows(tokenize(text, loaded.tokenizer), args.windows, args.window_len)
         original = copy.deepcopy(loaded.model)
-    report = quantize(loaded, fmt, clip_search=args.clip_search, include_head=args.head)
+    calibrated = args.solver == "gptq" or args.awq
+    if calibrated:
+        check_window_counts(args.calib_windows, args.calib_window_len)
+    report = quantize(
+        loaded, fmt, solver=args.solver, awq=args.awq, rotate=args.rotate, online_hadamard=args.online_hadamard,
+        calibration=args.calib_text or args.text, calibration_windows=args.calib_windows,
+        calibration_len=args.calib_window_len, clip_search=args.clip_search, include_head=args.head,
+    )
     record = provenance(loaded.name, loaded.sha256, text and text.name, text and text.sha256)
     record["quantization"] = report.as_dict()
     if text is not None:
@@ -111,8 +129,13 @@ def _run_quantize(args) -> int:
         print(json.dumps(record, indent=1))
         return 0
     print(f"model: {loaded.name} (sha256 {loaded.sha256[:12]})")
-    print(f"quantized: {len(report.layers)} linear layers, {report.weights:,} weights, "
-          f"{report.bits_per_weight:.4f} bits per weight, {report.seconds:.1f} s")
+    print(f"quantized with {report.method}: {len(report.layers)} linear layers, {report.weights:,} weights, "
+          f"{report.bits_per_weight:.4f} bits per weight, {report.seconds:.1f} s, peak memory {report.peak_memory_bytes / 2**20:.0f} MiB")
+    if report.calibration:
+        c = report.calibration
+        print(f"calibration: {c['text']}, {c['windows']} windows x {c['length']} tokens from token {c.get('start', 0)}")
+    if report.rotation:
+        print(f"rotation: residual {report.rotation['residual']}, down_proj input {report.rotation['down_proj'] or 'none'}")
     if text is None:
         return 0
     print(f"text: {text.name} (sha256 {text.sha256[:12]}), {spec.count} windows x {spec.length} tokens from token {spec.start}")
@@ -120,7 +143,7 @@ def _run_quantize(args) -> int:
     print(format_table(
         ["model", "bpw", "perplexity", "Δ ppl", "KL", "top-1 agree"],
         [["fp32", 32.0, result.reference_perplexity, None, None, None],
-         [report.format, report.bits_per_weight, result.perplexity, f"{delta:+.2%}", result.kl, result.agreement]],
+         [f"{report.format} {report.method}", report.bits_per_weight, result.perplexity, f"{delta:+.2%}", result.kl, result.agreement]],
     ))
     return 0
 

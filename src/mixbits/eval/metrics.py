@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .. import defaults
 from ..data import Text, WindowSpec, eval_windows, load_text, tokenize
 from ..models.loader import LoadedModel
 
@@ -63,8 +64,8 @@ def evaluate(
     text: str | Text | None = None,
     *,
     reference: nn.Module | LoadedModel | ReferenceScores | None = None,
-    windows: int = 24,
-    window_len: int = 512,
+    windows: int = defaults.EVAL_WINDOWS,
+    window_len: int = defaults.WINDOW_LEN,
     tokenizer=None,
     progress: bool = True,
 ) -> Evaluation:

@@ -14,7 +14,7 @@ every stored parameter (scales, zero points, tables, second-level scales).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -88,6 +88,21 @@ class Format(ABC):
     def param_rows(self, rows: int) -> int:
         """Rows of the parameter tensors ([rows, groups_per_row, 1]; 1 for per-tensor)."""
         return 1 if self.granularity.kind == "tensor" else rows
+
+    def pinned(self, params: dict[str, torch.Tensor]) -> "Format":
+        """This format with every second-level scale fixed to the one `params` were stored under.
+
+        Fitting a subset of groups with the pinned format gives parameters
+        consistent with `params` (see `ScaleCodec.pinned`).
+        """
+        changes = {}
+        for spec in fields(self):
+            codec = getattr(self, spec.name)
+            if isinstance(codec, ScaleCodec) and spec.name in params:
+                pinned = codec.pinned(params[spec.name])
+                if pinned is not codec:
+                    changes[spec.name] = pinned
+        return replace(self, **changes) if changes else self
 
     def quantize(self, matrix: torch.Tensor, clip: Clip = 1.0) -> QuantizedTensor:
         """Plain rounding at one clip ratio (solvers add searches and error feedback)."""

@@ -17,7 +17,7 @@ positive scales.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -36,6 +36,15 @@ class ScaleCodec(ABC):
     @abstractmethod
     def bits(self, rows: int, groups_per_row: int) -> int:
         """Bits of all stored scales for a [rows, groups_per_row, 1] scale tensor."""
+
+    def pinned(self, stored: torch.Tensor) -> "ScaleCodec":
+        """This codec with its second-level scale fixed to the one behind `stored` (scales it rounded).
+
+        Solvers that fit groups one at a time (GPTQ) round every group under
+        the same second level, so the stored tensor stays one consistent
+        encoding. Codecs without a second level return themselves.
+        """
+        return self
 
 
 @dataclass(frozen=True)
@@ -75,10 +84,12 @@ class E4M3Scale(ScaleCodec):
     """FP8 E4M3 group scales under one float32 tensor scale that maps the largest to 448."""
 
     name: str = "e4m3"
+    tensor_scale: torch.Tensor | None = field(default=None, compare=False)  # set when pinned
 
     def round(self, scale: torch.Tensor) -> torch.Tensor:
-        top = scale.abs().amax().clamp(min=torch.finfo(torch.float32).smallest_normal)
-        tensor_scale = top / 448.0
+        tensor_scale = self.tensor_scale
+        if tensor_scale is None:
+            tensor_scale = scale.abs().amax().clamp(min=torch.finfo(torch.float32).smallest_normal) / 448.0
         # E4M3's smallest subnormal is 2^-9; below it a group would get scale 0.
         grouped = _clamp_magnitude(scale / tensor_scale, 2.0**-9, 448.0)
         return E4M3.decode(E4M3.encode(grouped)) * tensor_scale
@@ -86,16 +97,22 @@ class E4M3Scale(ScaleCodec):
     def bits(self, rows: int, groups_per_row: int) -> int:
         return rows * groups_per_row * 8 + 32
 
+    def pinned(self, stored: torch.Tensor) -> "E4M3Scale":
+        # The largest stored scale is exactly 448 tensor scales.
+        return replace(self, tensor_scale=stored.abs().amax() / 448.0)
+
 
 @dataclass(frozen=True)
 class Int8Scale(ScaleCodec):
     """Signed 8-bit group scales in [-127, 127] times one fp16 scale per row."""
 
     name: str = "i8"
+    row_scale: torch.Tensor | None = field(default=None, compare=False)  # [R, 1, 1], set when pinned
 
     def round(self, scale: torch.Tensor) -> torch.Tensor:
-        row_top = scale.abs().amax(dim=(1, 2), keepdim=True)
-        row_scale = CAST["fp16"].round(row_top / 127.0)
+        row_scale = self.row_scale
+        if row_scale is None:
+            row_scale = CAST["fp16"].round(scale.abs().amax(dim=(1, 2), keepdim=True) / 127.0)
         steps = torch.round(scale / row_scale).clamp(-127, 127)
         # A group whose scale rounds to 0 would lose all its weights: keep one step.
         steps = torch.where(steps == 0, torch.where(scale < 0, -1.0, 1.0), steps)
@@ -103,6 +120,10 @@ class Int8Scale(ScaleCodec):
 
     def bits(self, rows: int, groups_per_row: int) -> int:
         return rows * groups_per_row * 8 + rows * 16
+
+    def pinned(self, stored: torch.Tensor) -> "Int8Scale":
+        # Each row's largest stored scale is exactly 127 row scales.
+        return replace(self, row_scale=CAST["fp16"].round(stored.abs().amax(dim=(1, 2), keepdim=True) / 127.0))
 
 
 def _clamp_magnitude(scale: torch.Tensor, low: float, high: float) -> torch.Tensor:

@@ -1,0 +1,216 @@
+"""Block-sequential calibration: input statistics of every Linear, one block at a time.
+
+The calibration windows run through the embedding once; from then on only one
+block's inputs ([windows, tokens, hidden]) and outputs live in memory. For a
+block, `BlockCalibration` finds its *stages*: the Linears that read the same
+input tensor (q/k/v, then o, then gate/up, then down in a LLaMA block), in
+forward order. Statistics of a stage are gathered by running the block up to
+that stage's last Linear, so a solver can quantize stage by stage and every
+later stage sees the already-quantized earlier ones (GPTQ's "true sequential"
+order). `outputs()` runs the finished block to give the next block's inputs.
+
+Statistics per stage input X (all tokens of all windows, as rows):
+    hessian  = X^T X / tokens   (accumulated in float64, stored float32)
+    abs_mean = mean |X| per input channel
+    abs_max  = max |X| per input channel
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .models.structure import transformer_blocks
+
+BATCH = 8  # windows per block forward
+
+
+@dataclass
+class InputStats:
+    hessian: torch.Tensor  # [C, C] float32, X^T X / tokens
+    abs_mean: torch.Tensor  # [C]
+    abs_max: torch.Tensor  # [C]
+    tokens: int
+
+
+class _Accumulator:
+    def __init__(self):
+        self.gram = None
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.gram is None:
+            channels = rows.shape[1]
+            self.gram = torch.zeros(channels, channels, dtype=torch.float64)
+            self.abs_sum = torch.zeros(channels, dtype=torch.float64)
+            self.abs_max = torch.zeros(channels)
+            self.tokens = 0
+        self.gram += (rows.T @ rows).double()
+        magnitude = rows.abs()
+        self.abs_sum += magnitude.sum(0).double()
+        self.abs_max = torch.maximum(self.abs_max, magnitude.amax(0))
+        self.tokens += rows.shape[0]
+
+    def stats(self) -> InputStats:
+        return InputStats((self.gram / self.tokens).float(), (self.abs_sum / self.tokens).float(), self.abs_max, self.tokens)
+
+
+class _StopBlock(Exception):
+    """Raised by a hook once the Linears of interest have run: the rest of the block is skipped."""
+
+
+@dataclass
+class Stage:
+    names: list[str]  # qualified names of Linears reading one input, forward order
+    linears: list[nn.Linear]
+
+
+def block_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Inputs of the first block for every window ([N, T, hidden]) and the keyword arguments blocks get.
+
+    The keyword arguments (position embeddings, masks) come from a one-window
+    call and broadcast over batches of windows of the same length.
+    """
+    _, blocks = transformer_blocks(model)
+    captured: list[torch.Tensor] = []
+    call: dict[str, Any] = {}
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(hidden.detach())
+        call.setdefault("kwargs", {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopBlock
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for window in windows:
+                try:
+                    model(window[None], use_cache=False)
+                except _StopBlock:
+                    pass
+    finally:
+        handle.remove()
+    return torch.cat(captured), call["kwargs"]
+
+
+def _run(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) -> Iterator[torch.Tensor | None]:
+    """Block outputs batch by batch (None for a batch a hook stopped early)."""
+    with torch.no_grad():
+        for start in range(0, len(inputs), BATCH):
+            try:
+                out = block(inputs[start:start + BATCH], **kwargs)
+            except _StopBlock:
+                yield None
+                continue
+            yield out[0] if isinstance(out, tuple) else out
+
+
+class BlockCalibration:
+    """Statistics and outputs of one block for a fixed set of inputs."""
+
+    def __init__(self, block: nn.Module, prefix: str, inputs: torch.Tensor, kwargs: dict[str, Any]):
+        self.block, self.prefix, self.inputs, self.kwargs = block, prefix, inputs, kwargs
+
+    def stages(self) -> list[Stage]:
+        """Linears grouped by the input tensor they read, in forward order (from one window)."""
+        names = {module: f"{self.prefix}.{name}" for name, module in self.block.named_modules() if isinstance(module, nn.Linear)}
+        seen: list[tuple[nn.Linear, torch.Tensor]] = []
+        handles = [m.register_forward_pre_hook(lambda m, args: seen.append((m, args[0]))) for m in names]
+        try:
+            next(_run(self.block, self.inputs[:1], self.kwargs))
+        finally:
+            for handle in handles:
+                handle.remove()
+        stages: list[Stage] = []
+        last_input = None
+        for module, x in seen:
+            if any(module in stage.linears for stage in stages):
+                continue  # a Linear called twice keeps its first stage
+            if x is last_input:
+                stages[-1].names.append(names[module])
+                stages[-1].linears.append(module)
+            else:
+                stages.append(Stage([names[module]], [module]))
+            last_input = x
+        return stages
+
+    def stats(self, linears: list[nn.Linear]) -> dict[nn.Linear, InputStats]:
+        """Input statistics of `linears` under the block's current weights.
+
+        Each Linear's input is accumulated once even when several share it;
+        the block stops after the last of them has run.
+        """
+        accumulators: dict[nn.Linear, _Accumulator] = {}
+        remaining: set[nn.Linear] = set()
+        batch_inputs: list[tuple[torch.Tensor, _Accumulator]] = []
+
+        def record(module, args):
+            x = args[0]
+            shared = next((acc for seen, acc in batch_inputs if seen is x), None)
+            if shared is None:
+                shared = accumulators.setdefault(module, _Accumulator())
+                shared.add(x)
+                batch_inputs.append((x, shared))
+            accumulators.setdefault(module, shared)
+            remaining.discard(module)
+            if not remaining:
+                raise _StopBlock
+
+        handles = [linear.register_forward_pre_hook(record) for linear in linears]
+        try:
+            for start in range(0, len(self.inputs), BATCH):
+                remaining.update(linears)
+                batch_inputs.clear()
+                for _ in _run(self.block, self.inputs[start:start + BATCH], self.kwargs):
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {linear: accumulators[linear].stats() for linear in linears}
+
+    def outputs(self) -> torch.Tensor:
+        return torch.cat(list(_run(self.block, self.inputs, self.kwargs)))
+
+
+class SequentialCalibration:
+    """Calibration of each block in order, as an iterable of `BlockCalibration`.
+
+    The next block's inputs are the outputs of the previous block as it is
+    when the caller resumes the iteration (quantized, if the caller quantized
+    it); after the last block, `outputs` holds the last block's outputs.
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor):
+        self.model, self.windows = model, windows
+        self.outputs: torch.Tensor | None = None
+
+    def __iter__(self) -> Iterator[BlockCalibration]:
+        prefix, blocks = transformer_blocks(self.model)
+        inputs, kwargs = block_inputs(self.model, self.windows)
+        for index, block in enumerate(blocks):
+            calibration = BlockCalibration(block, f"{prefix}.{index}", inputs, kwargs)
+            yield calibration
+            inputs = calibration.outputs()
+        self.outputs = inputs
+
+
+def input_stats(inputs: torch.Tensor) -> InputStats:
+    """Statistics of a tensor of inputs [..., C] taken directly (e.g. the output head's)."""
+    accumulator = _Accumulator()
+    for start in range(0, len(inputs), BATCH):
+        accumulator.add(inputs[start:start + BATCH])
+    return accumulator.stats()
+
+
+def calibration_stats(model: nn.Module, windows: torch.Tensor) -> dict[str, InputStats]:
+    """Input statistics of every Linear in the blocks of the unmodified model, by qualified name."""
+    found: dict[str, InputStats] = {}
+    for calibration in SequentialCalibration(model, windows):
+        for stage in calibration.stages():
+            stats = calibration.stats(stage.linears)
+            found.update({name: stats[linear] for name, linear in zip(stage.names, stage.linears)})
+    return found

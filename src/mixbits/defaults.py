@@ -1,0 +1,8 @@
+"""Defaults of the benchmark protocol (DESIGN.md), kept free of heavy imports for the CLI."""
+
+EVAL_WINDOWS = 24
+WINDOW_LEN = 512
+# 32 x 512 = 16k tokens: H = X^T X of a 1536-wide input is well determined, and a GPTQ pass
+# over the default model takes about 4 minutes on 2 cores (bench/results/calibrated.md).
+CALIBRATION_WINDOWS = 32
+CALIBRATION_LEN = 512

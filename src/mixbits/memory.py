@@ -1,0 +1,36 @@
+"""Peak resident memory of this process over a stretch of work (Linux).
+
+The kernel keeps the high-water mark of resident memory (VmHWM); writing 5
+to /proc/self/clear_refs resets it to the current resident size, so a peak
+can be measured for one step of a longer run. Where that is unavailable the
+process's lifetime peak (getrusage) is reported instead, which can only be
+larger.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak() -> bool:
+    """Start a new peak measurement; False if only the lifetime peak is available."""
+    try:
+        CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_bytes() -> int:
+    """Peak resident memory since the last `reset_peak` (or since the process started)."""
+    try:
+        for line in STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

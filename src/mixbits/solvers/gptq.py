@@ -1,0 +1,131 @@
+"""GPTQ: round one column at a time and push its error onto the columns not yet rounded.
+
+For a layer with input Hessian H = X^T X / tokens, rounding column j with
+error e_j changes the output by X e_j; GPTQ compensates by updating every
+later column with -e_j / [H^-1]_jj * [H^-1]_j,later, which is the optimal
+correction under the quadratic output error (Frantar et al., 2022). The
+inverse comes from Cholesky factors, updates are applied lazily in blocks of
+columns, H is damped by a fraction of its mean diagonal (more, with a
+warning, until it factors), and with `act_order` columns are visited in
+order of decreasing H_jj.
+
+Works for every format: the rounding step is the format's own projection
+(`encode` then `decode`) under the parameters of the column's group.
+A group's parameters are fitted (with the clip search) when its first column
+is reached, from the group's current, error-updated weights; groups stay the
+contiguous column ranges the format stores, so reordering needs no index.
+Per-tensor and per-channel parameters are fitted once, from the original
+weights. Second-level scales (NVFP4's tensor scale, i8 row scales) are pinned
+from a first fit of the whole matrix, so groups fitted one at a time remain
+one consistent encoding.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..formats import Format, QuantizedTensor
+from ..formats.granularity import to_groups
+from .rtn import error_weights, fit_params, hessian_importance, output_error
+
+log = logging.getLogger(__name__)
+
+MAX_DAMPING_TRIES = 8
+
+
+def gptq(
+    matrix: torch.Tensor,
+    hessian: torch.Tensor,
+    fmt: Format,
+    *,
+    clip_search: bool = True,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> QuantizedTensor:
+    """Quantize a [rows, cols] matrix whose input has Hessian `hessian` [cols, cols]."""
+    weight = matrix.detach().float().clone()
+    rows, cols = weight.shape
+    hessian = hessian.detach().double().clone()
+    dead = hessian.diagonal() == 0  # inputs that are always zero: their weights do not matter
+    hessian[dead, dead] = 1.0
+    weight[:, dead] = 0.0
+    importance = hessian_importance(hessian, rows)
+
+    whole = to_groups(weight, fmt.granularity)
+    initial = fit_params(whole, fmt, error_weights(whole, importance, fmt), clip_search, output_error(hessian, whole, fmt))
+    per_group = fmt.granularity.kind == "group"
+    size = fmt.granularity.size if per_group else cols
+    group_fmt = fmt.pinned(initial)
+    group_params: list[dict[str, torch.Tensor] | None] = [None] * fmt.granularity.groups_per_row(cols)
+
+    order = torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(cols)
+    weight = weight[:, order]
+    inverse = upper_inverse_cholesky(hessian[order][:, order], damp).float()
+    rounded = torch.zeros_like(weight)
+
+    for start in range(0, cols, block_size):
+        stop = min(start + block_size, cols)
+        block = weight[:, start:stop].clone()
+        errors = torch.zeros(rows, stop - start)
+        block_inverse = inverse[start:stop, start:stop]
+        for i in range(stop - start):
+            column = int(order[start + i])
+            group = column // size
+            if not per_group:
+                params = initial
+            elif group_params[group] is None:
+                # Current values of the group's columns: those in this block as updated so far,
+                # later ones with the updates still pending from this block's rounded columns.
+                members = torch.arange(group * size, min(group * size + size, cols))
+                where = position[members]
+                current = weight[:, where].clone()
+                inside = where < stop
+                current[:, inside] = block[:, where[inside] - start]
+                later = where[~inside]
+                if i > 0 and len(later):
+                    current[:, ~inside] -= errors[:, :i] @ inverse[start:start + i][:, later]
+                grouped = to_groups(current, fmt.granularity)
+                members_hessian = hessian[members][:, members]
+                group_params[group] = params = fit_params(
+                    grouped, group_fmt, error_weights(grouped, importance[:, members], fmt),
+                    clip_search, output_error(members_hessian, grouped, fmt),
+                )
+            else:
+                params = group_params[group]
+            values = block[:, i]
+            shaped = values.reshape(len(next(iter(params.values()))), 1, -1)
+            approx = fmt.decode(fmt.encode(shaped, params), params).reshape(rows)
+            rounded[:, start + i] = approx
+            error = (values - approx) / block_inverse[i, i]
+            block[:, i:] -= error[:, None] * block_inverse[i, i:][None, :]
+            errors[:, i] = error
+        weight[:, stop:] -= errors @ inverse[start:stop, stop:]
+
+    result = rounded[:, position]
+    if per_group:
+        params = {key: torch.cat([p[key] for p in group_params], dim=1) for key in initial}
+    else:
+        params = initial
+    grouped = to_groups(result, fmt.granularity)
+    return QuantizedTensor(fmt, (rows, cols), fmt.encode(grouped.values, params), params)
+
+
+def upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising the damping until H factors."""
+    mean_diagonal = hessian.diagonal().mean()
+    eye = torch.eye(len(hessian), dtype=hessian.dtype)
+    for _ in range(MAX_DAMPING_TRIES):
+        factor, info = torch.linalg.cholesky_ex(hessian + damp * mean_diagonal * eye)
+        if info == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper
+        log.warning("Hessian is not positive definite at damping %g; retrying with %g", damp, damp * 10)
+        damp *= 10
+    raise ValueError(f"Hessian did not factor even at damping {damp / 10:g}; it is not a Gram matrix")

@@ -1,0 +1,103 @@
+"""QuaRot-style rotation of the residual stream, folded into the weights.
+
+With every RMSNorm's weight folded into the Linears it feeds (norm weights
+then 1), RMSNorm commutes with an orthogonal Q: ||Q^T h|| = ||h||. Storing the
+residual stream as Q^T h then only rewrites weights:
+
+    embedding rows      E -> E Q
+    Linears reading h   W -> W Q       (q, k, v, gate, up, head)
+    Linears writing h   W -> Q^T W     (o, down; a bias b -> Q^T b)
+
+and the model computes the same function while its weights and activations
+have their outliers spread over all channels. Q is a Hadamard matrix with
+seeded random signs (`rotation_matrix` says when no Hadamard of that order
+exists and a random orthogonal matrix is used). Optionally an online Hadamard
+rotates the input of every down_proj (its weight absorbs the inverse), which
+flattens the MLP's activation outliers too; that one runs at inference time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.llama import Decoder, decoder_parts
+from ..models.structure import untie_head
+from .hadamard import hadamard_transform, rotation_matrix
+
+
+class RotatedInput(nn.Module):
+    """A Linear whose input is rotated on the fly: linear(x @ R), R a (Hadamard) rotation."""
+
+    def __init__(self, linear: nn.Linear, seed: int = 0):
+        super().__init__()
+        self.linear = linear
+        self.seed = seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(hadamard_transform(x, seed=self.seed))
+
+
+@dataclass
+class Rotation:
+    residual: str  # "hadamard" or "random-orthogonal"
+    down_proj: str | None  # kind of the online rotation, None without one
+
+    def as_dict(self) -> dict:
+        return {"residual": self.residual, "down_proj": self.down_proj}
+
+
+@torch.no_grad()
+def rotate(model: nn.Module, online_down: bool = False, seed: int = 0) -> Rotation:
+    """Rotate `model` in place (LLaMA-style decoders only); its outputs stay equal up to rounding."""
+    decoder = decoder_parts(model, "rotation")
+    untie_head(model)
+    _fold_norms(decoder)
+    hidden = decoder.embed.weight.shape[1]
+    basis, kind = rotation_matrix(hidden, seed)
+    signs = torch.where(torch.rand(hidden, generator=torch.Generator().manual_seed(seed)) < 0.5, -1.0, 1.0)
+    q = (signs[:, None] * basis).double()  # diag(signs) H is orthogonal too: QuaRot's randomized Hadamard
+
+    _right(decoder.embed, q)
+    _right(decoder.head, q)
+    for layer in decoder.layers:
+        for linear in (layer.q, layer.k, layer.v, layer.gate, layer.up):
+            _right(linear, q)
+        for linear in (layer.o, layer.down):
+            _left(linear, q)
+    down_kind = None
+    if online_down:
+        for layer in decoder.layers:
+            if isinstance(layer.mlp.down_proj, RotatedInput):
+                continue
+            width = layer.down.weight.shape[1]
+            rotation, down_kind = rotation_matrix(width, seed)
+            _right(layer.down, rotation.double())  # W x = (W R)(R^T x), and x @ R is R^T x per token
+            layer.mlp.down_proj = RotatedInput(layer.down, seed)
+    return Rotation(kind, down_kind)
+
+
+def _fold_norms(decoder: Decoder) -> None:
+    """Fold each RMSNorm's weight into the Linears it feeds; the norm's weight becomes 1."""
+    pairs = [(decoder.final_norm, [decoder.head])]
+    for layer in decoder.layers:
+        pairs += [(layer.input_norm, [layer.q, layer.k, layer.v]), (layer.post_norm, [layer.gate, layer.up])]
+    for norm, linears in pairs:
+        gamma = norm.weight.double()
+        for linear in linears:
+            linear.weight.copy_((linear.weight.double() * gamma[None, :]).to(linear.weight.dtype))
+        norm.weight.fill_(1.0)
+
+
+def _right(module: nn.Module, q: torch.Tensor) -> None:
+    """weight -> weight @ q (Linears reading the rotated stream, and embedding rows)."""
+    module.weight.copy_((module.weight.double() @ q).to(module.weight.dtype))
+
+
+def _left(linear: nn.Linear, q: torch.Tensor) -> None:
+    """weight -> q^T @ weight, bias -> q^T @ bias (Linears writing the rotated stream)."""
+    linear.weight.copy_((q.T @ linear.weight.double()).to(linear.weight.dtype))
+    if linear.bias is not None:
+        linear.bias.copy_((q.T @ linear.bias.double()).to(linear.bias.dtype))
