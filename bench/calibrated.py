@@ -80,8 +80,9 @@ def main() -> None:
             before = resident_bytes()
             report = mixbits.quantize(model, name, calibration=calibration, **options)
             result = score_windows(model, windows, reference)
-            row = {**report.as_dict(), **result.as_dict(), "rss_before_bytes": before,
-                   "delta_perplexity": result.perplexity / reference.perplexity - 1}
+            row = {**report.as_dict(), "rss_before_bytes": before, "perplexity": result.perplexity,
+                   "delta_perplexity": result.perplexity / reference.perplexity - 1, "kl": result.kl,
+                   "agreement": result.agreement, "eval_seconds": result.seconds}
             row.pop("awq_scales")
             done[(name, method)] = row
             print(f"{name} {method}: bpw {row['bits_per_weight']:.3f} ppl {row['perplexity']:.3f} "

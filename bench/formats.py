@@ -51,7 +51,7 @@ def model_level(loaded, windows, record) -> str:
             delta = result.perplexity / reference.perplexity - 1
             rows.append([name, label, report.bits_per_weight, result.perplexity, f"{delta:+.1%}", result.kl,
                          result.agreement, round(report.seconds, 1)])
-            results.append({"class": label, **report.as_dict(), **result.as_dict(), "delta_perplexity": delta})
+            results.append({"class": label, **report.as_dict(), "evaluation": result.as_dict(), "delta_perplexity": delta})
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
             del model
     record["model_level"] = {"fp32_perplexity": reference.perplexity, "results": results}

@@ -62,7 +62,7 @@ def main() -> None:
         delta = result.perplexity / reference.perplexity - 1
         rows.append([fmt, search, report.bits_per_weight, result.perplexity,
                      f"{delta:+.1%}", result.kl, result.agreement, round(report.seconds, 1)])
-        record["results"].append({**report.as_dict(), "clip_search": search, **result.as_dict(), "delta_perplexity": delta})
+        record["results"].append({**report.as_dict(), "clip_search": search, "evaluation": result.as_dict(), "delta_perplexity": delta})
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
         del model
     table = format_table(["format", "clip search", "bpw", "perplexity", "Δ ppl", "KL", "top-1 agree", "quantize s"], rows)

@@ -89,12 +89,27 @@ class Minifloat:
     def encode(self, values: torch.Tensor) -> torch.Tensor:
         """Bit patterns (uint8) of the nearest values; ties to even; saturating."""
         magnitude = values.abs().clamp(max=self.max)
+        index = self._encode_arithmetic(magnitude) if self.mantissa_bits else self._encode_search(magnitude)
+        sign = (values < 0).to(torch.uint8) << (self.width - 1)
+        return index | sign
+
+    def _encode_arithmetic(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """Round in the value's own binade: steps of 2^(e - M), e = max(floor(log2 x), 1 - bias).
+
+        The pattern of a rounded value r is (e + bias - 1) * 2^M + r / 2^(e - M), for normals and
+        subnormals alike; its parity is that of r / 2^(e - M), so torch.round's ties-to-even on
+        that count is ties-to-even on the pattern (M >= 1).
+        """
+        exponent = torch.frexp(magnitude)[1] - 1  # frexp(0) has exponent 0: zero needs the clamp below too
+        exponent = torch.where(magnitude > 0, exponent, 1 - self.bias).clamp(min=1 - self.bias)
+        steps = torch.round(torch.ldexp(magnitude, self.mantissa_bits - exponent))
+        return ((exponent + self.bias - 1) * (1 << self.mantissa_bits) + steps.to(torch.int32)).to(torch.uint8)
+
+    def _encode_search(self, magnitude: torch.Tensor) -> torch.Tensor:
         index = torch.searchsorted(self.midpoints, magnitude.contiguous())
         # searchsorted puts an exact midpoint on the lower side; move odd ones up to the even pattern.
         at_tie = (index < len(self.midpoints)) & (magnitude == self.midpoints[index.clamp(max=len(self.midpoints) - 1)])
-        index = index + (at_tie & (index % 2 == 1)).long()
-        sign = (values < 0).long() << (self.width - 1)
-        return (index | sign).to(torch.uint8)
+        return (index + (at_tie & (index % 2 == 1)).long()).to(torch.uint8)
 
     def decode(self, patterns: torch.Tensor) -> torch.Tensor:
         return self.table[patterns.long()]
