@@ -55,7 +55,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=defaults.EVAL_WINDOWS)
     parser.add_argument("--only", default="", help="run only formats containing this text")
+    parser.add_argument("--report", action="store_true", help="only rewrite the Markdown from the committed JSON")
     args = parser.parse_args()
+    if args.report:
+        record = json.loads((RESULTS / f"{NAME}.json").read_text())
+        write_results(NAME, record, _markdown(record))
+        return
 
     loaded, windows, record = protocol(args.windows)
     calibration, spec = calibration_windows(tokenize(load_text(), loaded.tokenizer),
@@ -78,11 +83,13 @@ def main() -> None:
                 continue
             model = copy.deepcopy(loaded.model)
             before = resident_bytes()
+            cpu = time.process_time()
             report = mixbits.quantize(model, name, calibration=calibration, **options)
+            cpu = time.process_time() - cpu
             result = score_windows(model, windows, reference)
             row = {**report.as_dict(), "rss_before_bytes": before, "perplexity": result.perplexity,
                    "delta_perplexity": result.perplexity / reference.perplexity - 1, "kl": result.kl,
-                   "agreement": result.agreement, "eval_seconds": result.seconds}
+                   "agreement": result.agreement, "eval_seconds": result.seconds, "cpu_seconds": cpu}
             row.pop("awq_scales")
             done[(name, method)] = row
             print(f"{name} {method}: bpw {row['bits_per_weight']:.3f} ppl {row['perplexity']:.3f} "
@@ -104,9 +111,12 @@ def _markdown(record: dict) -> str:
                      r["kl"], r["agreement"], round(r["seconds"]), round(r["peak_memory_bytes"] / 2**20),
                      round((r["peak_memory_bytes"] - r["rss_before_bytes"]) / 2**20)])
     w, c = record["windows"], record["calibration"]
+    rotations = {json.dumps(r["rotation"]) for r in record["results"] if r["rotation"]}
     header = (f"# Calibrated solvers\n\n`python bench/calibrated.py` — {w['count']} windows x {w['length']} tokens from "
               f"token {w['start']}; calibration {c['count']} x {c['length']} tokens from token {c['start']}; "
-              f"{time.strftime('%Y-%m-%d')}\n")
+              f"{time.strftime('%Y-%m-%d')}\n\nRotation used: {', '.join(sorted(rotations)) or 'none yet'}. "
+              "quantize s is wall time; peak MiB is the process's peak resident memory while quantizing "
+              "(model, reference scores and all); +MiB its rise above the resident size just before.\n")
     return header + "\n" + format_table(
         ["format", "method", "bpw", "perplexity", "Δ ppl", "KL", "top-1 agree", "quantize s", "peak MiB", "+MiB"], rows)
 

@@ -126,3 +126,8 @@ def test_too_little_calibration_text_states_the_minimum(tmp_path):
     with pytest.raises(mixbits.MixbitsError, match="need at least 256"):
         mixbits.quantize(loaded, "int4:g16:asym", solver="gptq", calibration=tmp_path / "short.txt",
                          calibration_windows=2, calibration_len=64)
+
+
+def test_calibration_without_tokenizer_says_what_to_pass():
+    with pytest.raises(mixbits.MixbitsError, match="pass calibration= a \\[windows, tokens\\] tensor"):
+        mixbits.quantize(tiny_llama(), "int4:g16:asym", solver="gptq")

@@ -10,8 +10,8 @@ import copy
 import json
 import sys
 
-from .errors import MixbitsError
 from . import defaults
+from .errors import MixbitsError
 
 EXIT_USAGE = 2
 

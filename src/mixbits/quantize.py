@@ -166,6 +166,9 @@ def _calibration(model, source, count: int, length: int) -> tuple[torch.Tensor, 
             raise MixbitsError("calibration token windows must be a [windows, tokens] int64 tensor")
         return source, {"text": "token ids given", "windows": source.shape[0], "length": source.shape[1]}
     tokenizer = model.tokenizer if isinstance(model, LoadedModel) else None
+    if tokenizer is None:
+        raise MixbitsError("gptq and awq need calibration data: load the model with its tokenizer, "
+                           "or pass calibration= a [windows, tokens] tensor of token ids")
     text = load_text(source)
     windows, spec = calibration_windows(tokenize(text, tokenizer), count, length)
     return windows, {"text": text.name, "text_sha256": text.sha256, **spec.as_dict()}

@@ -98,7 +98,7 @@ class E4M3Scale(ScaleCodec):
         return rows * groups_per_row * 8 + 32
 
     def pinned(self, stored: torch.Tensor) -> "E4M3Scale":
-        # The largest stored scale is exactly 448 tensor scales.
+        # The largest stored scale is 448 tensor scales (448 is an E4M3 value), up to float32 rounding.
         return replace(self, tensor_scale=stored.abs().amax() / 448.0)
 
 
@@ -122,7 +122,7 @@ class Int8Scale(ScaleCodec):
         return rows * groups_per_row * 8 + rows * 16
 
     def pinned(self, stored: torch.Tensor) -> "Int8Scale":
-        # Each row's largest stored scale is exactly 127 row scales.
+        # Each row's largest stored scale is 127 row scales; re-rounding to fp16 recovers the row scale.
         return replace(self, row_scale=CAST["fp16"].round(stored.abs().amax(dim=(1, 2), keepdim=True) / 127.0))
 
 

@@ -67,6 +67,8 @@ def gptq(
     weight = weight[:, order]
     inverse = upper_inverse_cholesky(hessian[order][:, order], damp).float()
     rounded = torch.zeros_like(weight)
+    visit = order.tolist()
+    param_rows = fmt.param_rows(rows)  # a column is [param_rows, 1, rows / param_rows] in the grouped layout
 
     for start in range(0, cols, block_size):
         stop = min(start + block_size, cols)
@@ -74,8 +76,7 @@ def gptq(
         errors = torch.zeros(rows, stop - start)
         block_inverse = inverse[start:stop, start:stop]
         for i in range(stop - start):
-            column = int(order[start + i])
-            group = column // size
+            group = visit[start + i] // size
             if not per_group:
                 params = initial
             elif group_params[group] is None:
@@ -98,11 +99,10 @@ def gptq(
             else:
                 params = group_params[group]
             values = block[:, i]
-            shaped = values.reshape(len(next(iter(params.values()))), 1, -1)
-            approx = fmt.decode(fmt.encode(shaped, params), params).reshape(rows)
+            approx = fmt.decode(fmt.encode(values.reshape(param_rows, 1, -1), params), params).reshape(rows)
             rounded[:, start + i] = approx
             error = (values - approx) / block_inverse[i, i]
-            block[:, i:] -= error[:, None] * block_inverse[i, i:][None, :]
+            block[:, i:].addr_(error, block_inverse[i, i:], alpha=-1)
             errors[:, i] = error
         weight[:, stop:] -= errors @ inverse[start:stop, stop:]
 

@@ -1,0 +1,153 @@
+"""A quantization plan: which option each layer gets, as readable, hand-editable JSON.
+
+The plan is the contract between deciding (measure, allocate) and doing
+(quantize). Per layer it names the option (a format string, or "fp16" to keep
+the layer in 16-bit), the solver, the layer's shape, its tie group (layers of
+one group must share an option, e.g. q/k/v that will be fused) and the damage
+the allocator predicted. Bits are never trusted from the file: they are
+recomputed from the option and shape by the one bit-counting function, so an
+edited plan reports its true size.
+
+    {"mixbits_plan": 1, "model": {...}, "budget": {...}, "damage": "proxy",
+     "layers": [{"name": "model.layers.0.self_attn.q_proj", "group": "model.layers.0.qkv",
+                 "option": "int3:g64:asym", "solver": "gptq", "shape": [576, 576], "damage": 0.0012}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MixbitsError
+from .formats import parse_format
+
+PLAN_VERSION = 1
+KEEP = "fp16"  # keep the layer unquantized, stored in 16 bits
+SOLVERS = ("rtn", "gptq")
+
+
+class PlanError(MixbitsError):
+    """A plan file is missing, malformed, or inconsistent."""
+
+
+def option_bits(option: str, rows: int, cols: int) -> int:
+    """Exact storage bits of a [rows, cols] layer under `option`."""
+    if option == KEEP:
+        return 16 * rows * cols
+    return parse_format(option).bits(rows, cols)
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    group: str
+    option: str
+    solver: str
+    shape: tuple[int, int]
+    damage: float | None = None
+
+    @property
+    def bits(self) -> int:
+        return option_bits(self.option, *self.shape)
+
+    @property
+    def weights(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "group": self.group, "option": self.option, "solver": self.solver,
+                "shape": list(self.shape), "bits": self.bits, "damage": self.damage}
+
+
+@dataclass
+class Plan:
+    layers: list[LayerPlan]
+    model: dict = field(default_factory=dict)  # name and sha256 of the model it was made for
+    budget: dict = field(default_factory=dict)  # what was asked, e.g. {"bits_per_weight": 3.0, "bits": ...}
+    damage: str = "proxy"  # which damage the allocator minimised
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def bits(self) -> int:
+        return sum(layer.bits for layer in self.layers)
+
+    @property
+    def weights(self) -> int:
+        return sum(layer.weights for layer in self.layers)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / self.weights
+
+    def validate(self) -> None:
+        if not self.layers:
+            raise PlanError("the plan has no layers; make one with `mixbits plan`")
+        names = set()
+        options: dict[str, tuple[str, str, str]] = {}
+        for layer in self.layers:
+            if layer.name in names:
+                raise PlanError(f"the plan lists layer {layer.name} twice; keep one entry per layer")
+            names.add(layer.name)
+            if layer.solver not in SOLVERS:
+                raise PlanError(f"layer {layer.name}: unknown solver {layer.solver!r}; use one of {', '.join(SOLVERS)}")
+            if layer.option != KEEP:
+                try:
+                    parse_format(layer.option)
+                except MixbitsError as error:
+                    raise PlanError(f"layer {layer.name}: {error}") from None
+            chosen = (layer.option, layer.solver)
+            first = options.setdefault(layer.group, (*chosen, layer.name))
+            if first[:2] != chosen:
+                raise PlanError(
+                    f"layers {first[2]} and {layer.name} are tied in group {layer.group} but have different options "
+                    f"({'/'.join(first[:2])} vs {'/'.join(chosen)}); give every layer of a group the same option"
+                )
+
+    def as_dict(self) -> dict:
+        return {
+            "mixbits_plan": PLAN_VERSION,
+            "model": self.model,
+            "budget": self.budget,
+            "damage": self.damage,
+            "totals": {"bits": self.bits, "weights": self.weights, "bits_per_weight": self.bits_per_weight,
+                       "damage": sum(layer.damage or 0.0 for layer in self.layers)},
+            "layers": [layer.as_dict() for layer in self.layers],
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as JSON, atomically (temporary file, then rename)."""
+        path = Path(path)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(self.as_dict(), indent=1) + "\n")
+        os.replace(temporary, path)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        if not isinstance(data, dict) or "mixbits_plan" not in data:
+            raise PlanError("not a mixbits plan (no \"mixbits_plan\" version field); make one with `mixbits plan`")
+        if data["mixbits_plan"] != PLAN_VERSION:
+            raise PlanError(f"plan version {data['mixbits_plan']!r} is not supported (this mixbits reads {PLAN_VERSION})")
+        layers = []
+        for index, entry in enumerate(data.get("layers") or []):
+            try:
+                rows, cols = (int(n) for n in entry["shape"])
+                layers.append(LayerPlan(str(entry["name"]), str(entry.get("group", entry["name"])), str(entry["option"]),
+                                        str(entry.get("solver", "rtn")), (rows, cols), entry.get("damage")))
+            except (KeyError, TypeError, ValueError):
+                raise PlanError(f"plan layer {index} needs name, option and shape [rows, cols]") from None
+        return cls(layers, data.get("model") or {}, data.get("budget") or {}, data.get("damage", "proxy"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"plan file {path} does not exist; make one with `mixbits plan`") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise PlanError(f"cannot read plan {path}: {error}") from None
+        return cls.from_dict(data)
