@@ -116,7 +116,8 @@ def _markdown(record: dict) -> str:
               f"token {w['start']}; calibration {c['count']} x {c['length']} tokens from token {c['start']}; "
               f"{time.strftime('%Y-%m-%d')}\n\nRotation used: {', '.join(sorted(rotations)) or 'none yet'}. "
               "quantize s is wall time; peak MiB is the process's peak resident memory while quantizing "
-              "(model, reference scores and all); +MiB its rise above the resident size just before.\n")
+              "(model, 2.4 GB of reference scores and all); +MiB its rise above the resident size just before, a lower "
+              "bound, since memory freed by earlier rows is reused.\n")
     return header + "\n" + format_table(
         ["format", "method", "bpw", "perplexity", "Δ ppl", "KL", "top-1 agree", "quantize s", "peak MiB", "+MiB"], rows)
 
