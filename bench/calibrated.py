@@ -29,6 +29,7 @@ import mixbits
 from mixbits import defaults
 from mixbits.data import calibration_windows, load_text, tokenize
 from mixbits.eval import ReferenceScores, score_windows
+from mixbits.memory import resident_bytes
 from mixbits.report import format_table
 
 from common import RESULTS, protocol, write_results
@@ -42,13 +43,6 @@ METHODS = {
     "gptq+rotate": {"solver": "gptq", "rotate": True, "online_hadamard": True},
 }
 NAME = "calibrated"
-
-
-def resident_bytes() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-clip-search", dest="clip_search", action="store_false",
                    help="round with the full range instead of searching the clipping ratio per group")
     q.add_argument("--head", action="store_true", help="quantize the output head too (untied from the embedding)")
-    q.add_argument("--solver", choices=("rtn", "gptq"), default="rtn",
+    q.add_argument("--solver", choices=defaults.SOLVERS, default="rtn",
                    help="rtn: round to nearest, no data; gptq: error compensation from calibration data (default: %(default)s)")
     q.add_argument("--awq", action="store_true", help="activation-aware scaling searched on calibration data")
     q.add_argument("--rotate", action="store_true", help="Hadamard rotation of the residual stream (LLaMA-style models)")

@@ -1,4 +1,6 @@
-"""Defaults of the benchmark protocol (DESIGN.md), kept free of heavy imports for the CLI."""
+"""Defaults of the benchmark protocol (DESIGN.md) and names the CLI offers, kept free of heavy imports."""
+
+SOLVERS = ("rtn", "gptq")
 
 EVAL_WINDOWS = 24
 WINDOW_LEN = 512

@@ -27,10 +27,20 @@ def reset_peak() -> bool:
 
 def peak_bytes() -> int:
     """Peak resident memory since the last `reset_peak` (or since the process started)."""
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resident_bytes() -> int:
+    """Resident memory now (0 where /proc is unavailable)."""
+    return _status_bytes("VmRSS") or 0
+
+
+def _status_bytes(key: str) -> int | None:
     try:
         for line in STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None

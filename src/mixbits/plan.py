@@ -20,12 +20,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .defaults import SOLVERS
 from .errors import MixbitsError
 from .formats import parse_format
 
 PLAN_VERSION = 1
 KEEP = "fp16"  # keep the layer unquantized, stored in 16 bits
-SOLVERS = ("rtn", "gptq")
 
 
 class PlanError(MixbitsError):
@@ -37,6 +37,22 @@ def option_bits(option: str, rows: int, cols: int) -> int:
     if option == KEEP:
         return 16 * rows * cols
     return parse_format(option).bits(rows, cols)
+
+
+class LayerTotals:
+    """Exact totals over `self.layers` (anything with `bits` and `weights`): reports and plans alike."""
+
+    @property
+    def bits(self) -> int:
+        return sum(layer.bits for layer in self.layers)
+
+    @property
+    def weights(self) -> int:
+        return sum(layer.weights for layer in self.layers)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / self.weights
 
 
 @dataclass
@@ -62,7 +78,7 @@ class LayerPlan:
 
 
 @dataclass
-class Plan:
+class Plan(LayerTotals):
     layers: list[LayerPlan]
     model: dict = field(default_factory=dict)  # name and sha256 of the model it was made for
     budget: dict = field(default_factory=dict)  # what was asked, e.g. {"bits_per_weight": 3.0, "bits": ...}
@@ -70,18 +86,6 @@ class Plan:
 
     def __post_init__(self):
         self.validate()
-
-    @property
-    def bits(self) -> int:
-        return sum(layer.bits for layer in self.layers)
-
-    @property
-    def weights(self) -> int:
-        return sum(layer.weights for layer in self.layers)
-
-    @property
-    def bits_per_weight(self) -> float:
-        return self.bits / self.weights
 
     def validate(self) -> None:
         if not self.layers:

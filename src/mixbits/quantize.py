@@ -31,11 +31,10 @@ from .memory import peak_bytes, reset_peak
 from .models.llama import decoder_parts
 from .models.loader import LoadedModel
 from .models.structure import output_head, quantizable_linears, untie_head
+from .plan import LayerTotals
 from .solvers import gptq, round_to_nearest
 from .transforms.rotation import rotate as rotate_model
 from .transforms.scaling import ScaledGroup, scale_layer
-
-SOLVERS = ("rtn", "gptq")
 
 
 @dataclass
@@ -50,7 +49,7 @@ class LayerReport:
 
 
 @dataclass
-class QuantizationReport:
+class QuantizationReport(LayerTotals):
     format: str
     clip_search: bool
     solver: str = "rtn"
@@ -61,18 +60,6 @@ class QuantizationReport:
     scaled: list[ScaledGroup] = field(default_factory=list)
     seconds: float = 0.0
     peak_memory_bytes: int = 0
-
-    @property
-    def weights(self) -> int:
-        return sum(layer.weights for layer in self.layers)
-
-    @property
-    def bits(self) -> int:
-        return sum(layer.bits for layer in self.layers)
-
-    @property
-    def bits_per_weight(self) -> float:
-        return self.bits / self.weights
 
     @property
     def method(self) -> str:
@@ -128,8 +115,8 @@ def quantize(
     which stays float). Returns the exact bit count of everything quantized.
     """
     fmt = parse_format(format)
-    if solver not in SOLVERS:
-        raise MixbitsError(f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
+    if solver not in defaults.SOLVERS:
+        raise MixbitsError(f"unknown solver {solver!r}; use one of {', '.join(defaults.SOLVERS)}")
     if online_hadamard and not rotate:
         raise MixbitsError("the online Hadamard before down_proj is part of the rotation; add rotate=True (--rotate)")
     module = model.model if isinstance(model, LoadedModel) else model

@@ -95,14 +95,21 @@ class Format(ABC):
         Fitting a subset of groups with the pinned format gives parameters
         consistent with `params` (see `ScaleCodec.pinned`).
         """
-        changes = {}
+        changes = {
+            name: codec.pinned(params[name]) for name, codec in self._second_level_codecs() if name in params
+        }
+        return replace(self, **changes) if changes else self
+
+    @property
+    def has_second_level(self) -> bool:
+        """Whether some stored scale is shared across groups, so groups cannot be fitted independently."""
+        return any(True for _ in self._second_level_codecs())
+
+    def _second_level_codecs(self):
         for spec in fields(self):
             codec = getattr(self, spec.name)
-            if isinstance(codec, ScaleCodec) and spec.name in params:
-                pinned = codec.pinned(params[spec.name])
-                if pinned is not codec:
-                    changes[spec.name] = pinned
-        return replace(self, **changes) if changes else self
+            if isinstance(codec, ScaleCodec) and codec.second_level:
+                yield spec.name, codec
 
     def quantize(self, matrix: torch.Tensor, clip: Clip = 1.0) -> QuantizedTensor:
         """Plain rounding at one clip ratio (solvers add searches and error feedback)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 
@@ -28,6 +29,7 @@ from .elements import E4M3
 class ScaleCodec(ABC):
     name: str
     signed: bool = True
+    second_level: ClassVar[bool] = False  # stores a scale shared across groups (see `pinned`)
 
     @abstractmethod
     def round(self, scale: torch.Tensor) -> torch.Tensor:
@@ -84,6 +86,7 @@ class E4M3Scale(ScaleCodec):
     """FP8 E4M3 group scales under one float32 tensor scale that maps the largest to 448."""
 
     name: str = "e4m3"
+    second_level: ClassVar[bool] = True
     tensor_scale: torch.Tensor | None = field(default=None, compare=False)  # set when pinned
 
     def round(self, scale: torch.Tensor) -> torch.Tensor:
@@ -107,6 +110,7 @@ class Int8Scale(ScaleCodec):
     """Signed 8-bit group scales in [-127, 127] times one fp16 scale per row."""
 
     name: str = "i8"
+    second_level: ClassVar[bool] = True
     row_scale: torch.Tensor | None = field(default=None, compare=False)  # [R, 1, 1], set when pinned
 
     def round(self, scale: torch.Tensor) -> torch.Tensor:

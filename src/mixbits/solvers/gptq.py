@@ -54,11 +54,14 @@ def gptq(
     weight[:, dead] = 0.0
     importance = hessian_importance(hessian, rows)
 
-    whole = to_groups(weight, fmt.granularity)
-    initial = fit_params(whole, fmt, error_weights(whole, importance, fmt), clip_search, output_error(hessian, whole, fmt))
     per_group = fmt.granularity.kind == "group"
     size = fmt.granularity.size if per_group else cols
-    group_fmt = fmt.pinned(initial)
+    initial = None  # whole-matrix parameters: the only ones without groups, the pinned second level with them
+    group_fmt = fmt
+    if not per_group or fmt.has_second_level:
+        whole = to_groups(weight, fmt.granularity)
+        initial = fit_params(whole, fmt, error_weights(whole, importance, fmt), clip_search, output_error(hessian, whole, fmt))
+        group_fmt = fmt.pinned(initial)
     group_params: list[dict[str, torch.Tensor] | None] = [None] * fmt.granularity.groups_per_row(cols)
 
     order = torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols)
@@ -108,7 +111,7 @@ def gptq(
 
     result = rounded[:, position]
     if per_group:
-        params = {key: torch.cat([p[key] for p in group_params], dim=1) for key in initial}
+        params = {key: torch.cat([p[key] for p in group_params], dim=1) for key in group_params[0]}
     else:
         params = initial
     grouped = to_groups(result, fmt.granularity)
