@@ -102,3 +102,46 @@ def test_calibration_errors_state_what_is_needed(tmp_path):
     assert_one_line_error(run("quantize", "--solver", "gptq", "--calib-windows", "0", "--no-eval"), "at least 1 window")
     assert_one_line_error(run("quantize", "--online-hadamard", "--no-eval"), "add rotate")
     assert_one_line_error(run("quantize", "--solver", "awq"), "invalid choice")
+
+
+def test_plan_arguments_are_checked_before_loading(tmp_path):
+    assert_one_line_error(run("plan", "--out", str(tmp_path / "p.json")), "one of the arguments --bpw --size is required")
+    assert_one_line_error(run("plan", "--bpw", "3", "--options", "int9:g64:asym", "--out", str(tmp_path / "p.json")), "1 to 8 bits")
+    assert_one_line_error(run("plan", "--size", "sixty", "--out", str(tmp_path / "p.json")), "write it like 60MB")
+    assert_one_line_error(run("plan", "--bpw", "3", "--pin", "*.v_proj", "--out", str(tmp_path / "p.json")), "PATTERN=OPTION")
+    assert_one_line_error(run("quantize", "--plan", str(tmp_path / "none.json")), "does not exist", "mixbits plan")
+    assert_one_line_error(run("quantize", "--plan", str(tmp_path / "none.json"), "--bpw", "3"), "either --plan or a budget")
+    assert_one_line_error(run("sweep", "--bpw", "4:2:0.5", "--out", str(tmp_path / "s")), "START:STOP:STEP")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.model
+def test_an_infeasible_budget_names_what_is_achievable(tmp_path):
+    assert_one_line_error(run("plan", "--bpw", "2.0", "--options", "int2:g64:asym,int4:g64:asym", "--out", str(tmp_path / "p.json")),
+                          "below the smallest achievable (2.2812 bits per weight", "largest useful is 4.3125")
+    assert_one_line_error(run("plan", "--bpw", "3", "--pin", "*.vproj=fp16", "--out", str(tmp_path / "p.json")),
+                          "matches no layer")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.model
+def test_quantize_to_a_budget_writes_the_plan_it_applied(tmp_path):
+    import json
+
+    from mixbits.plan import Plan
+
+    plan_path = tmp_path / "plan.json"
+    result = run("quantize", "--bpw", "3.0", "--options", "int2:g64:asym@rtn,int4:g64:asym@rtn",
+                 "--pin", "model.layers.0.mlp.down_proj=int4:g64:asym@rtn",
+                 "--kl-windows", "1", "--kl-window-len", "64", "--calib-windows", "4", "--calib-window-len", "128",
+                 "--fisher-windows", "1", "--windows", "2", "--window-len", "128", "--json",
+                 "--save-plan", str(plan_path), "--sensitivity", str(tmp_path / "sensitivity.json"))
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    plan = Plan.load(plan_path)
+    quantization = record["quantization"]
+    assert quantization["bits"] == plan.bits <= int(3.0 * plan.weights)
+    assert 2.9 < quantization["bits_per_weight"] <= 3.0
+    assert set(quantization["options"]) == {"int2:g64:asym@rtn", "int4:g64:asym@rtn"}
+    assert next(l for l in plan.layers if l.name == "model.layers.0.mlp.down_proj").option == "int4:g64:asym"
+    assert record["plan"]["totals"]["bits"] == plan.bits

@@ -11,9 +11,9 @@ from mixbits.plan import KEEP, LayerPlan, Plan, PlanError
 def sample_plan():
     layers = [
         LayerPlan("l0.q", "l0.qkv", "int3:g64:asym", "gptq", (576, 576), 0.5),
-        LayerPlan("l0.k", "l0.qkv", "int3:g64:asym", "gptq", (192, 576), 0.25),
+        LayerPlan("l0.k", "l0.qkv", "int3:g64:asym", "gptq", (192, 576), 0.5),
         LayerPlan("l0.down", "l0.down", "nvfp4", "rtn", (576, 1536), 0.125),
-        LayerPlan("l0.up", "l0.up", KEEP, "rtn", (1536, 576)),
+        LayerPlan("l0.up", "l0.up", KEEP, "rtn", (1536, 576), 0.25),
     ]
     return Plan(layers, {"name": "m", "sha256": "ab"}, {"bits_per_weight": 4.0}, "proxy")
 
@@ -26,7 +26,7 @@ def test_round_trip_and_exact_bits(tmp_path):
     expected = (parse_format("int3:g64:asym").bits(576, 576) + parse_format("int3:g64:asym").bits(192, 576)
                 + parse_format("nvfp4").bits(576, 1536) + 16 * 1536 * 576)
     assert data["totals"]["bits"] == expected == plan.bits
-    assert data["totals"]["damage"] == 0.875
+    assert data["totals"]["damage"] == 0.875  # the q/k/v group's damage counted once
     loaded = Plan.load(path)
     assert loaded.as_dict() == plan.as_dict()
     assert not list(tmp_path.glob("*.tmp"))

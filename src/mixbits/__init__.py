@@ -5,25 +5,45 @@
     report = mixbits.quantize(loaded, "int4:g64:asym")
     print(report.bits_per_weight)
     print(mixbits.evaluate(loaded).perplexity)
+
+Mixed precision to a budget:
+
+    sensitivity = mixbits.measure(loaded)             # damage of every option on every layer group
+    plan = mixbits.allocated_plan(sensitivity, mixbits.Budget(3.0))
+    plan.save("plan.json")
+    mixbits.quantize(loaded, plan=plan)
 """
 
+from .allocate import Budget
 from .errors import MixbitsError
 from .eval import Evaluation, ReferenceScores, evaluate
 from .formats import parse_format
 from .models import LoadedModel, load_model
+from .measure import Sensitivity, measure
+from .menu import parse_menu
+from .mixes import allocated_plan, heuristic_plan, uniform_plan
+from .plan import Plan
 from .quantize import QuantizationReport, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
     "Evaluation",
     "LoadedModel",
     "MixbitsError",
+    "Plan",
     "QuantizationReport",
     "ReferenceScores",
+    "Sensitivity",
     "__version__",
+    "allocated_plan",
     "evaluate",
+    "heuristic_plan",
     "load_model",
+    "measure",
     "parse_format",
+    "parse_menu",
     "quantize",
+    "uniform_plan",
 ]

@@ -11,6 +11,8 @@ the budget lowered by the overshoot.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +53,8 @@ def allocate(groups: dict[str, list[Option]], budget_bits: int) -> dict[str, Opt
     flat = [(g, o) for g in names for o in groups[g]]
     bits = np.array([o.bits for _, o in flat], dtype=np.float64)
     damage = np.array([o.damage for _, o in flat], dtype=np.float64)
+    # HiGHS's tolerances are absolute: scale the objective so the largest damage is 1.
+    damage = damage / max(np.abs(damage).max(), 1e-300)
     one_each = lil_matrix((len(names), len(flat)))
     column = 0
     for row, g in enumerate(names):
@@ -75,3 +79,53 @@ def allocate(groups: dict[str, list[Option]], budget_bits: int) -> dict[str, Opt
             return picked
         limit -= max(total - budget_bits, 1)
     raise BudgetError(f"could not meet the budget of {budget_bits:,} bits exactly; loosen it slightly")
+
+
+# Parameters outside the quantized layers (embedding, norms, biases) are counted at 16 bits in
+# whole-model budgets: they are stored as float16.
+OTHER_PARAMETER_BITS = 16
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A bit budget: bits per weight of the quantized layers or of the whole model, or a model size in bytes."""
+
+    bits_per_weight: float | None = None
+    bytes: int | None = None
+    scope: str = "layers"  # for bits_per_weight: "layers" (the quantized ones) or "model" (every parameter)
+
+    def __post_init__(self):
+        if (self.bits_per_weight is None) == (self.bytes is None):
+            raise BudgetError("give the budget either as bits per weight or as a size in bytes")
+        if self.scope not in ("layers", "model"):
+            raise BudgetError(f"budget scope {self.scope!r} is not 'layers' or 'model'")
+        if (self.bits_per_weight or 0) < 0 or (self.bytes or 0) < 0:
+            raise BudgetError("a budget cannot be negative")
+
+    def layer_bits(self, weights: int, other_parameters: int) -> int:
+        """Bits the quantized layers (holding `weights` weights) may use."""
+        fixed = OTHER_PARAMETER_BITS * other_parameters
+        if self.bytes is not None:
+            return 8 * self.bytes - fixed
+        if self.scope == "model":
+            return math.floor(self.bits_per_weight * (weights + other_parameters)) - fixed
+        return math.floor(self.bits_per_weight * weights)
+
+    def __str__(self) -> str:
+        if self.bytes is not None:
+            return f"{self.bytes:,} bytes"
+        return f"{self.bits_per_weight:g} bits per weight of the {'quantized layers' if self.scope == 'layers' else 'whole model'}"
+
+    def as_dict(self) -> dict:
+        return {"bits_per_weight": self.bits_per_weight, "bytes": self.bytes, "scope": self.scope}
+
+
+def parse_size(text: str) -> int:
+    """'60MB', '57.2 MiB', '1e6' -> bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmg]i?b|b)?\s*", text.lower())
+    try:
+        value = float(match.group(1)) * _UNITS[match.group(2) or "b"]
+    except (AttributeError, ValueError):
+        raise BudgetError(f"size {text!r} is not a size; write it like 60MB, 57.5MiB or 60000000") from None
+    return int(value)

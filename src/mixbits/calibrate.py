@@ -23,6 +23,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .data import calibration_windows, load_text, tokenize
+from .errors import MixbitsError
+from .models.loader import LoadedModel
 from .models.structure import transformer_blocks
 
 BATCH = 8  # windows per block forward
@@ -214,3 +217,22 @@ def calibration_stats(model: nn.Module, windows: torch.Tensor) -> dict[str, Inpu
             stats = calibration.stats(stage.linears)
             found.update({name: stats[linear] for name, linear in zip(stage.names, stage.linears)})
     return found
+
+
+def calibration_data(model, source, count: int, length: int) -> tuple[torch.Tensor, dict]:
+    """Calibration token windows [count, length] from the start of `source` and a record of what they are.
+
+    `source` is a text file or folder, None for the default text, or the
+    windows themselves as a [windows, tokens] int64 tensor.
+    """
+    if isinstance(source, torch.Tensor):
+        if source.dim() != 2 or source.dtype != torch.long:
+            raise MixbitsError("calibration token windows must be a [windows, tokens] int64 tensor")
+        return source, {"text": "token ids given", "windows": source.shape[0], "length": source.shape[1]}
+    tokenizer = model.tokenizer if isinstance(model, LoadedModel) else None
+    if tokenizer is None:
+        raise MixbitsError("gptq, awq and plans need calibration text: load the model with its tokenizer, "
+                           "or pass calibration= a [windows, tokens] tensor of token ids")
+    text = load_text(source)
+    windows, spec = calibration_windows(tokenize(text, tokenizer), count, length)
+    return windows, {"text": text.name, "text_sha256": text.sha256, **spec.as_dict()}

@@ -48,19 +48,46 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-clip-search", dest="clip_search", action="store_false",
                    help="round with the full range instead of searching the clipping ratio per group")
     q.add_argument("--head", action="store_true", help="quantize the output head too (untied from the embedding)")
-    q.add_argument("--solver", choices=defaults.SOLVERS, default="rtn",
-                   help="rtn: round to nearest, no data; gptq: error compensation from calibration data (default: %(default)s)")
+    q.add_argument("--solver", choices=defaults.SOLVERS,
+                   help="rtn: round to nearest, no data; gptq: error compensation from calibration data "
+                        "(default: rtn for one --format, gptq for the options of a plan)")
     q.add_argument("--awq", action="store_true", help="activation-aware scaling searched on calibration data")
     q.add_argument("--rotate", action="store_true", help="Hadamard rotation of the residual stream (LLaMA-style models)")
     q.add_argument("--online-hadamard", action="store_true", help="with --rotate, also rotate every down_proj input at run time")
-    q.add_argument("--calib-text", help="calibration text file or folder; windows come from its start (default: --text)")
-    q.add_argument("--calib-windows", type=int, default=defaults.CALIBRATION_WINDOWS,
-                   help="calibration windows for gptq/awq (default: %(default)s)")
-    q.add_argument("--calib-window-len", type=int, default=defaults.CALIBRATION_LEN,
-                   help="tokens per calibration window (default: %(default)s)")
+    _add_calibration_args(q)
+    mixed = q.add_argument_group("mixed precision (instead of --format)")
+    mixed.add_argument("--plan", help="apply a plan written by `mixbits plan`")
+    _add_budget_args(mixed, required=False)
+    _add_plan_args(mixed)
+    mixed.add_argument("--save-plan", help="with --bpw/--size, also write the plan to this file")
     q.add_argument("--no-eval", dest="evaluate", action="store_false", help="only quantize and report bits")
     _add_eval_args(q)
     q.set_defaults(run=_run_quantize)
+
+    p = commands.add_parser("plan", help="measure every layer under every option and allocate bits to a budget",
+                            description="Measure the damage of each option on each group of tied layers, then choose "
+                                        "one option per group with an exact integer program to meet the budget.")
+    _add_model_args(p)
+    _add_budget_args(p, required=True)
+    _add_plan_args(p)
+    p.add_argument("--solver", choices=defaults.SOLVERS, default="gptq", help="solver of options without @SOLVER (default: %(default)s)")
+    _add_calibration_args(p)
+    p.add_argument("--out", "-o", required=True, help="where to write the plan (JSON)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(run=_run_plan, text=None)
+
+    s = commands.add_parser("sweep", help="quantize at a range of budgets and plot perplexity against size",
+                            description="For each budget, quantize with the allocated plan and with a llama.cpp-style "
+                                        "heuristic mix; also every uniform option in range. Writes a table, a PNG and an HTML page.")
+    _add_model_args(s)
+    s.add_argument("--bpw", required=True, help="budgets in bits per weight: START:STOP:STEP or a list, e.g. 2.25:4.5:0.25")
+    s.add_argument("--series", default="allocated,heuristic,uniform", help="which series to run (default: %(default)s)")
+    s.add_argument("--out", "-o", required=True, help="folder for sweep.json, sweep.md, sweep.png, sweep.html")
+    _add_plan_args(s)
+    s.add_argument("--solver", choices=defaults.SOLVERS, default="gptq", help="solver of options without @SOLVER (default: %(default)s)")
+    _add_calibration_args(s)
+    _add_eval_args(s)
+    s.set_defaults(run=_run_sweep)
 
     e = commands.add_parser("eval", help="evaluate a model's perplexity (and KL/agreement against a reference)",
                             description="Perplexity on windows from the middle of the text; with --reference, also KL and top-1 agreement.")
@@ -85,6 +112,40 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _add_calibration_args(parser) -> None:
+    parser.add_argument("--calib-text", help="calibration text file or folder; windows come from its start (default: --text)")
+    parser.add_argument("--calib-windows", type=int, default=defaults.CALIBRATION_WINDOWS,
+                        help="calibration windows (default: %(default)s)")
+    parser.add_argument("--calib-window-len", type=int, default=defaults.CALIBRATION_LEN,
+                        help="tokens per calibration window (default: %(default)s)")
+
+
+def _add_budget_args(parser, required: bool) -> None:
+    budget = parser.add_mutually_exclusive_group(required=required)
+    budget.add_argument("--bpw", type=float, help="budget in bits per weight (of the quantized layers; see --scope)")
+    budget.add_argument("--size", help="budget as a model size, e.g. 60MB or 57.5MiB (other parameters at 16 bits)")
+    parser.add_argument("--scope", choices=("layers", "model"), default="layers",
+                        help="--bpw counts the quantized layers, or the whole model with other parameters at 16 bits (default: %(default)s)")
+
+
+def _add_plan_args(parser) -> None:
+    from .menu import DEFAULT_OPTIONS
+
+    parser.add_argument("--options", help="comma-separated options, FORMAT[@SOLVER] or fp16 (default: " + ",".join(DEFAULT_OPTIONS) + ")")
+    parser.add_argument("--pin", action="append", default=[], metavar="PATTERN=OPTION",
+                        help="fix the option of layers matching a pattern, e.g. '*.down_proj=int4:g64:asym' (repeatable)")
+    parser.add_argument("--damage", choices=("kl", "proxy"), default="kl",
+                        help="what the allocator minimises: measured KL, or the Fisher-weighted proxy alone (faster) (default: %(default)s)")
+    parser.add_argument("--no-ties", dest="ties", action="store_false",
+                        help="let layers that read the same input (q/k/v, gate/up) take different options")
+    parser.add_argument("--sensitivity", help="reuse the measurements in this file if it exists, else write them there")
+    parser.add_argument("--kl-windows", type=int, default=defaults.KL_WINDOWS,
+                        help="calibration windows the KL is measured on (default: %(default)s)")
+    parser.add_argument("--kl-window-len", type=int, default=defaults.KL_LEN, help="tokens of each KL window (default: %(default)s)")
+    parser.add_argument("--fisher-windows", type=int, default=defaults.FISHER_WINDOWS,
+                        help="calibration windows of the Fisher pass (default: %(default)s)")
+
+
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", help="text file or folder (default: CPython's pydoc topics)")
     parser.add_argument("--windows", type=int, default=defaults.EVAL_WINDOWS, help="evaluation windows (default: %(default)s)")
@@ -92,17 +153,116 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
 
 
+def _plan_inputs(args, solver: str):
+    """Menu and pins from the arguments, checked before any slow work."""
+    from .menu import parse_menu, parse_pin
+
+    for value, name in ((args.kl_windows, "--kl-windows"), (args.fisher_windows, "--fisher-windows")):
+        if value < 1:
+            raise MixbitsError(f"{name} must be at least 1, got {value}")
+    if args.kl_window_len < 2:
+        raise MixbitsError(f"--kl-window-len must be at least 2 tokens, got {args.kl_window_len}")
+    return parse_menu(args.options, solver), [parse_pin(text, solver) for text in args.pin]
+
+
+def _budget(args):
+    from .allocate import Budget, parse_size
+
+    return Budget(bits_per_weight=args.bpw, bytes=parse_size(args.size) if args.size else None, scope=args.scope)
+
+
+def _sensitivity(args, loaded, menu, pins):
+    """Measurements from --sensitivity if the file exists, else measured now (and saved there if named)."""
+    from pathlib import Path
+
+    from .measure import Sensitivity, measure
+
+    if args.sensitivity and Path(args.sensitivity).exists():
+        found = Sensitivity.load(args.sensitivity)
+        found.check(loaded, menu)
+        if args.damage not in found.damages:
+            from .measure import SensitivityError
+            raise SensitivityError(f"{args.sensitivity} holds no {args.damage} damage; use --damage proxy or measure again")
+        print(f"sensitivity: reusing {args.sensitivity}", file=sys.stderr)
+        return found
+    found = measure(
+        loaded, menu, calibration=args.calib_text or args.text, calibration_windows=args.calib_windows,
+        calibration_len=args.calib_window_len, pins=pins, ties=args.ties, kl=args.damage == "kl",
+        kl_windows=args.kl_windows, kl_len=args.kl_window_len, fisher_windows=args.fisher_windows,
+    )
+    if args.sensitivity:
+        found.save(args.sensitivity)
+    return found
+
+
+def _print_plan(plan, sensitivity) -> None:
+    from collections import Counter
+
+    from .report import format_table
+
+    counts = Counter((layer.option, layer.solver) for layer in plan.layers)
+    weights = Counter()
+    for layer in plan.layers:
+        weights[(layer.option, layer.solver)] += layer.weights
+    print(format_table(["option", "solver", "layers", "share of weights"],
+                       [[o, s, n, f"{weights[(o, s)] / plan.weights:.1%}"] for (o, s), n in sorted(counts.items())]))
+    print(f"plan: {plan.bits:,} bits = {plan.bits_per_weight:.4f} bits per weight over {plan.weights:,} weights; "
+          f"predicted damage {plan.damage_total:.4g} ({plan.damage})")
+    seconds = sensitivity.seconds
+    if seconds:
+        print(f"measured in {sum(seconds.values()):.0f} s (statistics {seconds['statistics']:.0f} s, "
+              f"quantizing options {seconds['quantize']:.0f} s, KL {seconds['kl']:.0f} s)")
+
+
+def _run_plan(args) -> int:
+    from .mixes import allocated_plan, check_budget
+    from .models import load_model
+
+    menu, pins = _plan_inputs(args, args.solver)
+    budget = _budget(args)
+    _check_calibration(args)
+    loaded = load_model(args.model)
+    check_budget(loaded.model, menu, pins, budget)
+    sensitivity = _sensitivity(args, loaded, menu, pins)
+    plan = allocated_plan(sensitivity, budget, args.damage, pins)
+    plan.save(args.out)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=1))
+        return 0
+    _print_plan(plan, sensitivity)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _check_calibration(args) -> None:
+    from .data import check_window_counts
+
+    check_window_counts(args.calib_windows, args.calib_window_len)
+
+
 def _run_quantize(args) -> int:
     from .data import check_window_counts, eval_windows, load_text, tokenize
     from .eval import score_windows
     from .formats import parse_format
     from .models import load_model
+    from .plan import Plan
     from .quantize import quantize
     from .record import provenance
     from .report import format_table
 
     # Fail on bad arguments before any slow work.
+    planning = args.bpw is not None or args.size is not None
+    if args.plan and planning:
+        raise MixbitsError("give either --plan or a budget (--bpw/--size), not both")
+    if args.save_plan and not planning:
+        raise MixbitsError("--save-plan writes the plan made for a budget; add --bpw or --size")
+    plan = Plan.load(args.plan) if args.plan else None
     fmt = parse_format(args.format)
+    menu = pins = budget = None
+    if planning:
+        menu, pins = _plan_inputs(args, args.solver or "gptq")
+        budget = _budget(args)
+    solver = args.solver or "rtn"
     text = None
     if args.evaluate:
         check_window_counts(args.windows, args.window_len)
@@ -111,16 +271,28 @@ def _run_quantize(args) -> int:
     if text is not None:
         windows, spec = eval_windows(tokenize(text, loaded.tokenizer), args.windows, args.window_len)
         original = copy.deepcopy(loaded.model)
-    calibrated = args.solver == "gptq" or args.awq
+    calibrated = solver == "gptq" or args.awq or plan is not None or planning
     if calibrated:
-        check_window_counts(args.calib_windows, args.calib_window_len)
+        _check_calibration(args)
+    if planning:
+        from .mixes import allocated_plan, check_budget
+
+        check_budget(loaded.model, menu, pins, budget)
+        sensitivity = _sensitivity(args, loaded, menu, pins)
+        plan = allocated_plan(sensitivity, budget, args.damage, pins)
+        if args.save_plan:
+            plan.save(args.save_plan)
+        if not args.json:
+            _print_plan(plan, sensitivity)
     report = quantize(
-        loaded, fmt, solver=args.solver, awq=args.awq, rotate=args.rotate, online_hadamard=args.online_hadamard,
+        loaded, fmt, solver=solver, awq=args.awq, rotate=args.rotate, online_hadamard=args.online_hadamard,
         calibration=args.calib_text or args.text, calibration_windows=args.calib_windows,
-        calibration_len=args.calib_window_len, clip_search=args.clip_search, include_head=args.head,
+        calibration_len=args.calib_window_len, clip_search=args.clip_search, include_head=args.head, plan=plan,
     )
     record = provenance(loaded.name, loaded.sha256, text and text.name, text and text.sha256)
     record["quantization"] = report.as_dict()
+    if plan is not None:
+        record["plan"] = plan.as_dict()
     if text is not None:
         result = score_windows(loaded.model, windows, reference=original)
         result.windows = spec
@@ -145,6 +317,53 @@ def _run_quantize(args) -> int:
         [["fp32", 32.0, result.reference_perplexity, None, None, None],
          [f"{report.format} {report.method}", report.bits_per_weight, result.perplexity, f"{delta:+.2%}", result.kl, result.agreement]],
     ))
+    return 0
+
+
+def _run_sweep(args) -> int:
+    from .data import calibration_windows, check_window_counts, eval_windows, load_text, tokenize
+    from .allocate import Budget
+    from .eval import ReferenceScores
+    from .mixes import check_budget
+    from .models import load_model
+    from .record import provenance
+    from .report.sweep import table, write
+    from .sweep import SERIES, parse_budgets, sweep
+
+    budgets = parse_budgets(args.bpw)
+    series = tuple(s.strip() for s in args.series.split(",") if s.strip())
+    if not series or set(series) - set(SERIES):
+        raise MixbitsError(f"--series {args.series!r}: choose from {', '.join(SERIES)}")
+    menu, pins = _plan_inputs(args, args.solver)
+    check_window_counts(args.windows, args.window_len)
+    _check_calibration(args)
+    text = load_text(args.text)
+    calibration_text = load_text(args.calib_text) if args.calib_text else text
+    loaded = load_model(args.model)
+    windows, spec = eval_windows(tokenize(text, loaded.tokenizer), args.windows, args.window_len)
+    calibration, calibration_spec = calibration_windows(tokenize(calibration_text, loaded.tokenizer), args.calib_windows, args.calib_window_len)
+    if set(series) - {"uniform"}:
+        for budget in budgets:
+            check_budget(loaded.model, menu, pins, Budget(budget))
+    sensitivity = _sensitivity(args, loaded, menu, pins)
+    record = provenance(loaded.name, loaded.sha256, text.name, text.sha256)
+    record.update(windows=spec.as_dict(), calibration={"text": calibration_text.name, **calibration_spec.as_dict()},
+                  budgets=budgets, damage=args.damage, options=[str(c) for c in menu], pins=args.pin,
+                  sensitivity_seconds=sensitivity.seconds, rank_correlation=sensitivity.rank_correlation(), points=[])
+    reference = ReferenceScores(loaded.model, windows)
+    record["fp32_perplexity"] = reference.perplexity
+    title = f"{loaded.name}: perplexity against bits per weight"
+
+    def done(point):
+        record["points"].append(point.as_dict())
+        write(record, args.out, title)  # after every point, so an interrupted sweep keeps what it measured
+        print(f"{point.series:9} {point.label:24} {point.bits_per_weight:.4f} bpw  ppl {point.perplexity:.3f} "
+              f"({point.delta_perplexity:+.1%})", file=sys.stderr)
+
+    sweep(loaded, sensitivity, menu, budgets, windows, series=series, damage=args.damage, pins=pins,
+          calibration=calibration, reference=reference, on_point=done)
+    print(table(record["points"]))
+    print(f"wrote {args.out}/sweep.{{json,md,png,html}}")
     return 0
 
 

@@ -8,3 +8,9 @@ WINDOW_LEN = 512
 # over the default model takes about 4 minutes on 2 cores (bench/results/calibrated.md).
 CALIBRATION_WINDOWS = 32
 CALIBRATION_LEN = 512
+
+# Sensitivity measurement (`mixbits plan`): the Fisher's backward pass on the first windows of the
+# calibration, and the measured KL on short windows (each (group, option) reruns the blocks after it).
+FISHER_WINDOWS = 8
+KL_WINDOWS = 2
+KL_LEN = 128

@@ -4,7 +4,8 @@ The plan is the contract between deciding (measure, allocate) and doing
 (quantize). Per layer it names the option (a format string, or "fp16" to keep
 the layer in 16-bit), the solver, the layer's shape, its tie group (layers of
 one group must share an option, e.g. q/k/v that will be fused) and the damage
-the allocator predicted. Bits are never trusted from the file: they are
+the allocator predicted for the layer's group (the same on every layer of a
+group: damage is measured per group, so the plan's total counts each group once). Bits are never trusted from the file: they are
 recomputed from the option and shape by the one bit-counting function, so an
 edited plan reports its true size.
 
@@ -111,6 +112,15 @@ class Plan(LayerTotals):
                     f"({'/'.join(first[:2])} vs {'/'.join(chosen)}); give every layer of a group the same option"
                 )
 
+    @property
+    def damage_total(self) -> float | None:
+        """Predicted damage of the whole plan: each group's once (None if some group has none)."""
+        per_group: dict[str, float | None] = {}
+        for layer in self.layers:
+            per_group.setdefault(layer.group, layer.damage)
+        values = list(per_group.values())
+        return None if any(v is None for v in values) else sum(values)
+
     def as_dict(self) -> dict:
         return {
             "mixbits_plan": PLAN_VERSION,
@@ -118,7 +128,7 @@ class Plan(LayerTotals):
             "budget": self.budget,
             "damage": self.damage,
             "totals": {"bits": self.bits, "weights": self.weights, "bits_per_weight": self.bits_per_weight,
-                       "damage": sum(layer.damage or 0.0 for layer in self.layers)},
+                       "damage": self.damage_total},
             "layers": [layer.as_dict() for layer in self.layers],
         }
 

@@ -10,11 +10,13 @@ Two paths:
   stages already quantized; the quantized block's outputs feed the next.
 
 A rotation (`rotate=True`) is applied to the float model before either path.
+With a `plan`, each layer gets its own option and solver (`plan.Plan`).
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,16 +25,15 @@ from torch import nn
 from tqdm import tqdm
 
 from . import defaults
-from .calibrate import InputStats, SequentialCalibration, input_stats
-from .data import calibration_windows, load_text, tokenize
+from .calibrate import SequentialCalibration, calibration_data, input_stats
 from .errors import MixbitsError
 from .formats import Format, parse_format
 from .memory import peak_bytes, reset_peak
 from .models.llama import decoder_parts
 from .models.loader import LoadedModel
 from .models.structure import output_head, quantizable_linears, untie_head
-from .plan import LayerTotals
-from .solvers import gptq, round_to_nearest
+from .plan import KEEP, LayerTotals, Plan, PlanError, option_bits
+from .solvers import solve_many
 from .transforms.rotation import rotate as rotate_model
 from .transforms.scaling import ScaledGroup, scale_layer
 
@@ -42,6 +43,8 @@ class LayerReport:
     name: str
     shape: tuple[int, int]
     bits: int
+    option: str
+    solver: str
 
     @property
     def weights(self) -> int:
@@ -77,6 +80,7 @@ class QuantizationReport(LayerTotals):
             "clip_search": self.clip_search,
             "calibration": self.calibration,
             "layers": len(self.layers),
+            "options": dict(Counter(f"{layer.option}@{layer.solver}" for layer in self.layers)),
             "weights": self.weights,
             "bits": self.bits,
             "bits_per_weight": self.bits_per_weight,
@@ -100,6 +104,7 @@ def quantize(
     calibration_len: int = defaults.CALIBRATION_LEN,
     clip_search: bool = True,
     include_head: bool = False,
+    plan: Plan | None = None,
     progress: bool = True,
 ) -> QuantizationReport:
     """Quantize every Linear inside the transformer blocks to `format`, in place.
@@ -112,25 +117,37 @@ def quantize(
     folder, the default text if None, or a [windows, tokens] tensor of token
     ids). `clip_search` searches a clip ratio per group. With `include_head`
     the output head is quantized too (untied from the input embedding first,
-    which stays float). Returns the exact bit count of everything quantized.
+    which stays float). A `plan` gives every layer its own option and solver
+    instead of `format` and `solver`. Returns the exact bit count of
+    everything quantized.
     """
-    fmt = parse_format(format)
     if solver not in defaults.SOLVERS:
         raise MixbitsError(f"unknown solver {solver!r}; use one of {', '.join(defaults.SOLVERS)}")
     if online_hadamard and not rotate:
         raise MixbitsError("the online Hadamard before down_proj is part of the rotation; add rotate=True (--rotate)")
+    if plan is not None and (awq or rotate):
+        raise MixbitsError("plans are measured on the model as it is: --awq and --rotate do not combine with a plan yet")
     module = model.model if isinstance(model, LoadedModel) else model
+    if plan is not None:
+        choices = _plan_choices(plan, module, [name for name, _ in quantizable_linears(module, include_head)])
+    else:  # every layer alike, whatever its name becomes after a rotation
+        uniform = (str(parse_format(format)), solver)
+        choices = defaultdict(lambda: uniform, {})
     # Refuse unsupported architectures and short texts before changing anything.
     if rotate:
         decoder_parts(module, "rotation")
     if awq:
         decoder_parts(module, "activation-aware scaling")
-    calibrated = solver == "gptq" or awq
+    solvers = {s for o, s in choices.values() if o != KEEP} or {"rtn"} if plan is not None else {solver}
+    # A plan's damage was measured with calibration statistics (RTN's clip search on the output error too),
+    # so plans always run calibrated.
+    calibrated = "gptq" in solvers or awq or plan is not None
     windows = spec = None
     if calibrated:
-        windows, spec = _calibration(model, calibration, calibration_windows, calibration_len)
+        windows, spec = calibration_data(model, calibration, calibration_windows, calibration_len)
 
-    report = QuantizationReport(str(fmt), clip_search, solver, awq, calibration=spec)
+    label = "plan" if plan is not None else uniform[0]
+    report = QuantizationReport(label, clip_search, solvers.pop() if len(solvers) == 1 else "mixed", awq, calibration=spec)
     reset_peak()
     start = time.perf_counter()
     if rotate:
@@ -138,30 +155,35 @@ def quantize(
     if include_head:
         untie_head(module)
     if calibrated:
-        _quantize_calibrated(module, fmt, windows, report, include_head, progress)
+        _quantize_calibrated(module, choices, windows, report, include_head, progress)
     else:
         for name, linear in tqdm(quantizable_linears(module, include_head), desc="quantize", disable=not progress, leave=False):
-            _replace(linear, round_to_nearest(linear.weight, fmt, clip_search).dequantize(), name, fmt, report)
+            _solve([name], [linear], None, choices, report)
     report.seconds = time.perf_counter() - start
     report.peak_memory_bytes = peak_bytes()
     return report
 
 
-def _calibration(model, source, count: int, length: int) -> tuple[torch.Tensor, dict]:
-    if isinstance(source, torch.Tensor):
-        if source.dim() != 2 or source.dtype != torch.long:
-            raise MixbitsError("calibration token windows must be a [windows, tokens] int64 tensor")
-        return source, {"text": "token ids given", "windows": source.shape[0], "length": source.shape[1]}
-    tokenizer = model.tokenizer if isinstance(model, LoadedModel) else None
-    if tokenizer is None:
-        raise MixbitsError("gptq and awq need calibration data: load the model with its tokenizer, "
-                           "or pass calibration= a [windows, tokens] tensor of token ids")
-    text = load_text(source)
-    windows, spec = calibration_windows(tokenize(text, tokenizer), count, length)
-    return windows, {"text": text.name, "text_sha256": text.sha256, **spec.as_dict()}
+def _plan_choices(plan: Plan, module: nn.Module, names: list[str]) -> dict[str, tuple[str, str]]:
+    """(option, solver) per layer from `plan`, which must cover exactly the model's quantizable layers."""
+    planned = {layer.name: layer for layer in plan.layers}
+    missing = [name for name in names if name not in planned]
+    extra = [name for name in planned if name not in set(names)]
+    if missing or extra:
+        which = f"has no entry for {missing[0]}" if missing else f"names {extra[0]}, which this model does not quantize"
+        raise PlanError(f"the plan {which} ({len(missing)} missing, {len(extra)} unknown); make the plan for this model")
+    modules = dict(module.named_modules())
+    for name in names:
+        shape = tuple(modules[name].weight.shape)
+        if shape != tuple(planned[name].shape):
+            raise PlanError(f"layer {name} is {shape[0]}x{shape[1]} but the plan says "
+                            f"{planned[name].shape[0]}x{planned[name].shape[1]}; make the plan for this model")
+    return {name: (planned[name].option, planned[name].solver) for name in names}
 
 
-def _quantize_calibrated(module: nn.Module, fmt: Format, windows, report: QuantizationReport, include_head: bool, progress: bool) -> None:
+def _quantize_calibrated(module: nn.Module, choices: dict[str, tuple[str, str]], windows, report: QuantizationReport,
+                         include_head: bool, progress: bool) -> None:
+    fmt = parse_format(report.format) if report.awq else None  # AWQ runs without a plan: one format
     decoder = decoder_parts(module, "activation-aware scaling") if report.awq else None
     sequence = SequentialCalibration(module, windows)
     for index, block in enumerate(tqdm(sequence, desc=f"{report.method} blocks", disable=not progress, leave=False)):
@@ -172,26 +194,25 @@ def _quantize_calibrated(module: nn.Module, fmt: Format, windows, report: Quanti
             report.scaled += scale_layer(decoder.layers[index], block.stats(linears), fmt, names)
         for stage in stages:
             stats = block.stats(stage.linears)
-            for name, linear in zip(stage.names, stage.linears):
-                _solve(linear, stats[linear], name, fmt, report)
+            _solve(stage.names, stage.linears, stats[stage.linears[0]].hessian, choices, report)
     if include_head:
         name, head = output_head(module)
         norm = _final_norm(module)
-        _solve(head, input_stats(norm(sequence.outputs)), name, fmt, report)
+        _solve([name], [head], input_stats(norm(sequence.outputs)).hessian, choices, report)
 
 
-def _solve(linear: nn.Linear, stats: InputStats, name: str, fmt: Format, report: QuantizationReport) -> None:
-    if report.solver == "gptq":
-        quantized = gptq(linear.weight, stats.hessian, fmt, clip_search=report.clip_search)
-    else:
-        quantized = round_to_nearest(linear.weight, fmt, report.clip_search, hessian=stats.hessian)
-    _replace(linear, quantized.dequantize(), name, fmt, report)
-
-
-def _replace(linear: nn.Linear, weight: torch.Tensor, name: str, fmt: Format, report: QuantizationReport) -> None:
-    linear.weight.copy_(weight.to(linear.weight.dtype))
-    rows, cols = weight.shape
-    report.layers.append(LayerReport(name, (rows, cols), fmt.bits(rows, cols)))
+def _solve(names: list[str], linears: list[nn.Linear], hessian: torch.Tensor | None, choices, report: QuantizationReport) -> None:
+    """Quantize Linears that read one input (so share `hessian`), those with the same option in one call."""
+    alike: dict[tuple[str, str], list[int]] = {}
+    for index, name in enumerate(names):
+        alike.setdefault(choices[name], []).append(index)
+    for (option, solver), indices in alike.items():
+        fmt = None if option == KEEP else parse_format(option)
+        weights = solve_many([linears[i].weight for i in indices], fmt, solver, hessian, report.clip_search)
+        for i, weight in zip(indices, weights):
+            linears[i].weight.copy_(weight.to(linears[i].weight.dtype))
+            rows, cols = weight.shape
+            report.layers.append(LayerReport(names[i], (rows, cols), option_bits(option, rows, cols), option, solver))
 
 
 def _final_norm(module: nn.Module) -> nn.Module:

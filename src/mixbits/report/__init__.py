@@ -1,4 +1,4 @@
-"""Human-readable output: tables now, plots and HTML later."""
+"""Human-readable output: tables, and a sweep's plot and HTML page (`report.sweep`)."""
 
 from .table import format_table
 

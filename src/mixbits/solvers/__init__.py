@@ -1,6 +1,46 @@
 """Solvers choose the codes of a weight matrix under a format."""
 
+import torch
+
+from ..formats import Format
 from .gptq import gptq
 from .rtn import round_to_nearest
 
-__all__ = ["gptq", "round_to_nearest"]
+
+def solve(matrix: torch.Tensor, fmt: Format | None, solver: str, hessian: torch.Tensor | None = None,
+          clip_search: bool = True) -> torch.Tensor:
+    """Dequantized weights of `matrix` quantized to `fmt` by `solver` ("rtn" or "gptq").
+
+    `fmt` None keeps the layer in 16 bits: the weights rounded to float16.
+    With a `hessian`, RTN's clip search minimises the output error; GPTQ needs one.
+    """
+    if fmt is None:
+        return matrix.detach().half().float()
+    if solver == "gptq":
+        if hessian is None:
+            raise ValueError("gptq needs the input Hessian of the layer")
+        return gptq(matrix, hessian, fmt, clip_search=clip_search).dequantize()
+    return round_to_nearest(matrix, fmt, clip_search, hessian=hessian).dequantize()
+
+
+def stackable(fmt: Format | None) -> bool:
+    """Whether rows of several matrices can be solved as one: nothing is shared across rows.
+
+    GPTQ and RTN treat each row on its own given the input Hessian, so layers
+    reading the same input (q/k/v, gate/up) can be solved in one call, which
+    pays the per-column overhead once. Formats with a per-tensor scale or
+    a second-level scale shared across rows cannot.
+    """
+    return fmt is None or (fmt.granularity.kind != "tensor" and not fmt.has_second_level)
+
+
+def solve_many(matrices: list[torch.Tensor], fmt: Format | None, solver: str, hessian: torch.Tensor | None = None,
+               clip_search: bool = True) -> list[torch.Tensor]:
+    """`solve` for matrices that share one input (and so one Hessian): stacked into one call where possible."""
+    if len(matrices) == 1 or not stackable(fmt):
+        return [solve(m, fmt, solver, hessian, clip_search) for m in matrices]
+    stacked = solve(torch.cat([m.detach() for m in matrices]), fmt, solver, hessian, clip_search)
+    return list(stacked.split([m.shape[0] for m in matrices]))
+
+
+__all__ = ["gptq", "round_to_nearest", "solve", "solve_many", "stackable"]

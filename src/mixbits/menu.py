@@ -1,0 +1,113 @@
+"""The options a mixed-precision plan chooses from, and the layers users pin.
+
+An option is a format from the registry with the solver that quantizes it,
+written `int3:g64:asym` (the default solver) or `int3:g64:asym@rtn`, or
+`fp16`: keep the layer unquantized, stored in 16 bits. A pin fixes the
+option of every layer whose name matches a shell-style pattern:
+`*.down_proj=int4:g64:asym`, `model.layers.0.*=fp16`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from .defaults import SOLVERS
+from .errors import MixbitsError
+from .formats import parse_format
+from .plan import KEEP
+
+# From 2.15 to 5.3 bits per weight in steps of about half a bit, so the allocator can
+# land near any budget in between, and fp16 for a layer that needs it. Each option
+# costs about a minute of measuring on the default model.
+DEFAULT_OPTIONS = (
+    "int2:g128:asym", "int2:g64:asym", "int3:g128:asym", "int3:g64:asym", "int4:g64:asym", "int5:g64:asym", KEEP,
+)
+DEFAULT_SOLVER = "gptq"
+
+
+class MenuError(MixbitsError):
+    """An option or pin is malformed."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One way to store a layer: a canonical format string (or fp16) and its solver."""
+
+    option: str
+    solver: str
+
+    def __str__(self) -> str:
+        return self.option if self.option == KEEP else f"{self.option}@{self.solver}"
+
+    @property
+    def format(self):
+        return None if self.option == KEEP else parse_format(self.option)
+
+
+def parse_choice(text: str, solver: str = DEFAULT_SOLVER) -> Choice:
+    """`int3:g64:asym`, `int3:g64:asym@rtn` or `fp16` as a `Choice` (the format string made canonical)."""
+    text = text.strip()
+    option, _, named = text.partition("@")
+    if named:
+        solver = named
+    if solver not in SOLVERS:
+        raise MenuError(f"option {text!r}: unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
+    if option == KEEP:
+        return Choice(KEEP, "rtn")  # nothing to solve; one spelling so ties compare equal
+    if not option:
+        raise MenuError("empty option; give format strings such as int3:g64:asym separated by commas")
+    return Choice(str(parse_format(option)), solver)
+
+
+def parse_menu(text: str | list[str] | tuple[str, ...] | None = None, solver: str = DEFAULT_SOLVER) -> list[Choice]:
+    """The options a comma-separated list (or a sequence) names; the default menu for None."""
+    items = DEFAULT_OPTIONS if text is None else text.split(",") if isinstance(text, str) else text
+    choices: list[Choice] = []
+    for item in items:
+        choice = parse_choice(item, solver)
+        if choice not in choices:
+            choices.append(choice)
+    if not choices:
+        raise MenuError("the option list is empty; give at least one format, e.g. --options int3:g64:asym,int4:g64:asym")
+    return choices
+
+
+@dataclass(frozen=True)
+class Pin:
+    pattern: str
+    choice: Choice
+
+    def matches(self, layer: str) -> bool:
+        return fnmatch.fnmatchcase(layer, self.pattern)
+
+
+def parse_pin(text: str, solver: str = DEFAULT_SOLVER) -> Pin:
+    pattern, sep, option = text.partition("=")
+    if not sep or not pattern.strip() or not option.strip():
+        raise MenuError(f"pin {text!r} must look like PATTERN=OPTION, e.g. '*.down_proj=int4:g64:asym' or 'model.layers.0.*=fp16'")
+    return Pin(pattern.strip(), parse_choice(option, solver))
+
+
+def pinned_choice(layers: list[str], pins: list[Pin]) -> Choice | None:
+    """The option pins give a group of tied layers (None if no pin matches); conflicting pins are an error."""
+    found: dict[Choice, str] = {}
+    for layer in layers:
+        for pin in pins:
+            if pin.matches(layer):
+                found.setdefault(pin.choice, f"{pin.pattern} (matching {layer})")
+                break  # the first matching pin wins for a layer
+    if len(found) > 1:
+        first, second = list(found.items())[:2]
+        raise MenuError(
+            f"tied layers {', '.join(layers)} are pinned to different options: {first[0]} by {first[1]} and "
+            f"{second[0]} by {second[1]}; pin them alike"
+        )
+    return next(iter(found), None)
+
+
+def check_pins_match(pins: list[Pin], layers: list[str]) -> None:
+    """A pin that matches no layer is a typo: say so rather than ignore it."""
+    for pin in pins:
+        if not any(pin.matches(layer) for layer in layers):
+            raise MenuError(f"pin pattern {pin.pattern!r} matches no layer (layers look like {layers[0]}); fix the pattern")

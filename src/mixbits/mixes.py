@@ -1,0 +1,128 @@
+"""Plans built from a sensitivity table: the allocated mix, uniform plans, and a fixed heuristic mix.
+
+- `allocated_plan`: the exact multiple-choice knapsack (`allocate`) over the
+  measured damage of every (group, option), at the budget.
+- `uniform_plan`: one option everywhere.
+- `heuristic_plan`: what llama.cpp's quant mixes do, as the baseline a
+  measured allocation must beat. Groups holding v_proj or down_proj get one
+  step more on the ladder of options (sorted by size), and so do groups in the
+  first and last eighth of the blocks; the base step is the largest whose
+  mix fits the budget, and the remaining bits raise groups one step each in
+  that priority order.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .allocate import Budget, BudgetError, Option, allocate
+from .measure import GroupSensitivity, Sensitivity, SensitivityError, other_parameters
+from .menu import Choice, Pin, check_pins_match, pinned_choice
+from .models.structure import quantizable_linears
+from .plan import KEEP, LayerPlan, Plan, option_bits
+
+BUMPED_LAYERS = ("v_proj", "down_proj")
+
+
+def allocated_plan(sensitivity: Sensitivity, budget: Budget, damage: str = "kl", pins: list[Pin] = ()) -> Plan:
+    """The least-damage plan within `budget`, by `damage` ("kl" or "proxy")."""
+    if damage not in sensitivity.damages:
+        raise SensitivityError(f"this sensitivity has no {damage!r} damage (it has {', '.join(sensitivity.damages)}); "
+                               "measure it, or allocate by proxy")
+    groups: dict[str, list[Option]] = {}
+    for group in sensitivity.groups:
+        measured = group.options
+        pinned = pinned_choice(group.layers, list(pins))
+        if pinned is not None:
+            measured = [o for o in measured if o.choice == pinned]
+            if not measured:
+                raise SensitivityError(f"group {group.name} is pinned to {pinned}, which the sensitivity file did not "
+                                       "measure; measure again with the pin")
+        groups[group.name] = [Option(str(o.choice), o.bits, getattr(o, damage)) for o in measured]
+    chosen = allocate(groups, _budget_bits(sensitivity, budget))
+    by_name = {str(o.choice): o.choice for g in sensitivity.groups for o in g.options}
+    return _plan(sensitivity, {name: by_name[option.name] for name, option in chosen.items()}, damage, budget)
+
+
+def uniform_plan(sensitivity: Sensitivity, choice: Choice, damage: str = "proxy") -> Plan:
+    return _plan(sensitivity, {g.name: choice for g in sensitivity.groups}, damage, None)
+
+
+def heuristic_plan(sensitivity: Sensitivity, menu: list[Choice], budget: Budget, damage: str = "proxy") -> Plan:
+    """llama.cpp-style fixed mix at `budget` (see the module docstring)."""
+    groups = sensitivity.groups
+    ladder = sorted((c for c in menu if c.option != KEEP), key=lambda c: sum(g.bits(c) for g in groups))
+    if not ladder:
+        raise BudgetError("the heuristic mix needs at least one quantized option")
+    limit = _budget_bits(sensitivity, budget)
+    blocks = max(g.block for g in groups) + 1
+    edge = max(1, blocks // 8)
+    extra = {g.name: int(any(layer.endswith(BUMPED_LAYERS) for layer in g.layers))
+             + int(g.block < edge or g.block >= blocks - edge) for g in groups}
+    top = len(ladder) - 1
+
+    def levels(base: int, bumps: bool) -> dict[str, int]:
+        return {g.name: min(base + (extra[g.name] if bumps else 0), top) for g in groups}
+
+    def size(level: dict[str, int]) -> int:
+        return sum(g.bits(ladder[level[g.name]]) for g in groups)
+
+    level = next((levels(b, True) for b in reversed(range(len(ladder))) if size(levels(b, True)) <= limit), None)
+    if level is None:
+        level = levels(0, False)
+        if size(level) > limit:
+            raise BudgetError(f"{budget} is below the smallest option everywhere ({size(level):,} bits); raise it")
+    used = size(level)
+    for group in sorted(groups, key=lambda g: -extra[g.name]):  # stable: block order within a priority
+        step = level[group.name]
+        if step < top:
+            more = group.bits(ladder[step + 1]) - group.bits(ladder[step])
+            if used + more <= limit:
+                level[group.name], used = step + 1, used + more
+    return _plan(sensitivity, {name: ladder[step] for name, step in level.items()}, damage, budget)
+
+
+def check_budget(model: nn.Module, menu: list[Choice], pins: list[Pin], budget: Budget) -> None:
+    """Refuse, before any measuring, a budget that no choice of options can meet.
+
+    Ties are ignored here (each layer takes its own smallest option), so this
+    catches every budget below the true minimum but not those just above it;
+    the allocator's exact check catches the rest.
+    """
+    linears = quantizable_linears(model)
+    check_pins_match(list(pins), [name for name, _ in linears])
+    smallest = largest = 0
+    for name, linear in linears:
+        rows, cols = linear.weight.shape
+        pinned = pinned_choice([name], list(pins))
+        sizes = [option_bits(c.option, rows, cols) for c in ([pinned] if pinned else menu)]
+        smallest, largest = smallest + min(sizes), largest + max(sizes)
+    weights = sum(linear.weight.numel() for _, linear in linears)
+    limit = budget.layer_bits(weights, other_parameters(model, linears))
+    if limit < smallest:
+        raise BudgetError(f"{budget} is below the smallest achievable ({smallest / weights:.4f} bits per weight of the "
+                          f"quantized layers, {smallest:,} bits; the largest useful is {largest / weights:.4f}); "
+                          "raise the budget or add smaller options")
+
+
+def _budget_bits(sensitivity: Sensitivity, budget: Budget) -> int:
+    bits = budget.layer_bits(sensitivity.weights, sensitivity.other_parameters)
+    if bits <= 0:
+        raise BudgetError(f"{budget} leaves no bits for the quantized layers after the other "
+                          f"{sensitivity.other_parameters:,} parameters at 16 bits; raise it")
+    return bits
+
+
+def _damage(group: GroupSensitivity, choice: Choice, damage: str) -> float | None:
+    found = group.find(choice)
+    return getattr(found, damage) if found is not None and damage in ("kl", "proxy") else None
+
+
+def _plan(sensitivity: Sensitivity, chosen: dict[str, Choice], damage: str, budget: Budget | None) -> Plan:
+    layers = [
+        LayerPlan(name, group.name, chosen[group.name].option, chosen[group.name].solver, shape,
+                  _damage(group, chosen[group.name], damage))
+        for group in sensitivity.groups
+        for name, shape in zip(group.layers, group.shapes)
+    ]
+    return Plan(layers, dict(sensitivity.model), budget.as_dict() if budget else {}, damage)

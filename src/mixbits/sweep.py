@@ -1,0 +1,114 @@
+"""Quantize at a series of budgets and measure each result: the Pareto front of a model.
+
+For every budget the allocated plan and the heuristic mix are quantized from
+a fresh copy of the float model (block-sequentially, as `mixbits quantize
+--plan` does) and scored on the evaluation windows; every uniform option of
+the menu whose size falls in the swept range (with a margin) is scored once.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .allocate import Budget
+from .errors import MixbitsError
+from .eval import ReferenceScores, score_windows
+from .measure import Sensitivity
+from .menu import Choice, Pin
+from .mixes import allocated_plan, heuristic_plan, uniform_plan
+from .models.loader import LoadedModel
+from .plan import KEEP, Plan
+from .quantize import quantize
+
+SERIES = ("allocated", "heuristic", "uniform")
+UNIFORM_MARGIN = 1.0  # uniform options up to this many bits per weight outside the swept range are scored
+
+
+@dataclass
+class SweepPoint:
+    series: str
+    label: str
+    budget: float | None  # bits per weight asked for (None for uniform options)
+    bits_per_weight: float
+    bits: int
+    predicted_damage: float | None
+    perplexity: float
+    delta_perplexity: float
+    kl: float
+    agreement: float
+    quantize_seconds: float
+    options: dict = field(default_factory=dict)  # option -> number of layers
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_budgets(text: str) -> list[float]:
+    """'2.25:4.5:0.25' (start:stop:step, stop included) or '2.5,3,3.5' -> bits per weight."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            values = [round(start + i * step, 6) for i in range(count) if start + i * step <= stop + 1e-9]
+        else:
+            values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise MixbitsError(f"budgets {text!r} must be START:STOP:STEP (e.g. 2.25:4.5:0.25) or a list like 2.5,3,3.5") from None
+    if not values or any(v <= 0 for v in values):
+        raise MixbitsError(f"budgets {text!r} must be positive bits per weight")
+    return values
+
+
+def sweep(
+    model: LoadedModel,
+    sensitivity: Sensitivity,
+    menu: list[Choice],
+    budgets: list[float],
+    eval_windows: torch.Tensor,
+    *,
+    series: tuple[str, ...] = SERIES,
+    damage: str = "kl",
+    pins: list[Pin] = (),
+    calibration: torch.Tensor,
+    reference: ReferenceScores | None = None,
+    progress: bool = True,
+    on_point=None,
+) -> list[SweepPoint]:
+    """Score the plans of each series; `on_point(point)` is called as each one is done."""
+    unknown = set(series) - set(SERIES)
+    if unknown:
+        raise MixbitsError(f"unknown series {', '.join(sorted(unknown))}; choose from {', '.join(SERIES)}")
+    reference = reference or ReferenceScores(model.model, eval_windows, progress)
+    jobs: list[tuple[str, str, float | None, Plan]] = []
+    for budget in budgets:
+        if "allocated" in series:
+            jobs.append(("allocated", f"{budget:g} bpw", budget, allocated_plan(sensitivity, Budget(budget), damage, pins)))
+        if "heuristic" in series:
+            jobs.append(("heuristic", f"{budget:g} bpw", budget, heuristic_plan(sensitivity, menu, Budget(budget), damage)))
+    if "uniform" in series:
+        for choice in menu:
+            if choice.option == KEEP:
+                continue
+            plan = uniform_plan(sensitivity, choice, damage)
+            if min(budgets) - UNIFORM_MARGIN <= plan.bits_per_weight <= max(budgets) + UNIFORM_MARGIN:
+                jobs.append(("uniform", str(choice), None, plan))
+    points = []
+    for kind, label, budget, plan in jobs:
+        quantized = copy.deepcopy(model.model)
+        report = quantize(quantized, plan=plan, calibration=calibration, progress=progress)
+        result = score_windows(quantized, eval_windows, reference, progress=progress)
+        del quantized
+        gc.collect()
+        point = SweepPoint(kind, label, budget, plan.bits_per_weight, plan.bits, plan.damage_total, result.perplexity,
+                           result.perplexity / reference.perplexity - 1, result.kl, result.agreement, report.seconds,
+                           report.as_dict()["options"])
+        points.append(point)
+        if on_point is not None:
+            on_point(point)
+    return points

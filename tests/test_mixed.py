@@ -1,0 +1,232 @@
+"""Mixed precision on a tiny LLaMA: statistics, measured damage, plans from it, and applying a plan."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import mixbits
+from mixbits.allocate import Budget, BudgetError
+from mixbits.calibrate import calibration_stats
+from mixbits.errors import MixbitsError
+from mixbits.formats import parse_format
+from mixbits.measure import GroupSensitivity, KLMeter, LayerStats, OptionDamage, Sensitivity, layer_statistics, measure, proxy_damage
+from mixbits.menu import Choice, parse_menu, parse_pin
+from mixbits.mixes import allocated_plan, check_budget, heuristic_plan, uniform_plan
+from mixbits.plan import KEEP, PlanError
+from mixbits.solvers import solve, solve_many
+
+MENU = "int2:g16:asym@rtn,int4:g16:asym@rtn,int8:ch:sym@gptq"
+
+
+def tiny_llama(layers=2):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def windows(count=4, length=24):
+    return torch.randint(0, 64, (count, length), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def measured():
+    model = tiny_llama()
+    return model, measure(model, parse_menu(MENU), calibration=windows(), kl_windows=2, kl_len=16, fisher_windows=2,
+                          pins=[parse_pin("*.0.mlp.down_proj=fp16")], progress=False)
+
+
+def test_statistics_equal_a_direct_computation():
+    model, x = tiny_llama(), windows()
+    stats, groups = layer_statistics(model, x, fisher_windows=2, progress=False)
+    attn, mlp = "model.layers.1.self_attn.", "model.layers.1.mlp."
+    assert [attn + n for n in ("q_proj", "k_proj", "v_proj")] in groups
+    assert [mlp + "gate_proj", mlp + "up_proj"] in groups and [mlp + "down_proj"] in groups
+    assert len(groups) == 8
+    direct = calibration_stats(model, x)
+    for name in (attn + "k_proj", mlp + "down_proj"):
+        assert torch.allclose(stats[name].hessian, direct[name].hessian, rtol=1e-5, atol=1e-7)
+    # Fisher: mean squared gradient of the summed next-token loss w.r.t. each output channel, first 2 windows.
+    layer = model.model.layers[1].mlp.down_proj
+    grads = []
+    def keep_gradient(module, args, out):
+        out.register_hook(grads.append)  # returns nothing: a returned value would replace the output
+
+    handle = layer.register_forward_hook(keep_gradient)
+    try:
+        for window in x[:2]:
+            with torch.enable_grad():
+                embeds = model.get_input_embeddings()(window[None]).detach().requires_grad_(True)
+                logits = model(inputs_embeds=embeds).logits[0, :-1]
+                torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").backward()
+    finally:
+        handle.remove()
+    model.zero_grad()
+    expected = sum(g.square().reshape(-1, g.shape[-1]).sum(0) for g in grads) / x[:2].numel()
+    assert torch.allclose(stats[mlp + "down_proj"].fisher, expected, rtol=1e-4, atol=1e-10)
+    assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_proxy_is_the_fisher_weighted_output_error():
+    torch.manual_seed(1)
+    weight, approx = torch.randn(5, 7), torch.randn(5, 7)
+    x = torch.randn(100, 7)
+    stats = LayerStats(x.T @ x / 100, torch.rand(5), 100)
+    delta_y = x @ (weight - approx).T  # [tokens, rows]
+    proxy, error = proxy_damage(weight, approx, stats)
+    assert proxy == pytest.approx(0.5 * float((delta_y.square().mean(0) * stats.fisher).sum()), rel=1e-4)
+    assert error == pytest.approx(float(delta_y.square().mean(0).sum()), rel=1e-4)
+
+
+def test_kl_meter_equals_a_full_forward():
+    model, x = tiny_llama(), windows()[:2, :16]
+    with torch.no_grad():
+        reference = torch.log_softmax(model(x).logits, -1)
+        meter = KLMeter(model, x)
+        layer = model.model.layers[1].self_attn.o_proj
+        layer.weight.mul_(1.5)
+        changed = torch.log_softmax(model(x).logits, -1)
+    expected = float((reference.exp() * (reference - changed)).sum(-1).mean())
+    assert expected > 1e-4
+    assert meter.measure(1) == pytest.approx(expected, rel=1e-4)
+
+
+def test_measured_damage_falls_with_bits_and_bits_are_exact(measured):
+    model, sensitivity = measured
+    assert len(sensitivity.groups) == 8
+    modules = dict(model.named_modules())
+    int2, int4, int8 = parse_menu(MENU)
+    for group in sensitivity.groups:
+        expected_options = 4 if group.name == "model.layers.0.mlp.down_proj" else 3  # the pinned fp16 is measured too
+        assert len(group.options) == expected_options
+        for option in group.options:
+            fmt = option.choice.format
+            assert option.bits == sum(16 * w.numel() if fmt is None else fmt.bits(*w.shape)
+                                      for w in (modules[name].weight for name in group.layers))
+        kl = {o.choice: o.kl for o in group.options}
+        assert kl[int8] < kl[int4] < kl[int2], group.name
+    correlation = sensitivity.rank_correlation()
+    assert correlation["proxy_within_groups"] > 0.9
+    # The model was put back as it was.
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, tiny_llama().model.layers[0].mlp.down_proj.weight)
+
+
+def test_sensitivity_round_trip(measured, tmp_path):
+    _, sensitivity = measured
+    sensitivity.save(tmp_path / "s.json")
+    again = Sensitivity.load(tmp_path / "s.json")
+    assert again.as_dict() == sensitivity.as_dict()
+    again.check(None, parse_menu(MENU))
+    with pytest.raises(MixbitsError, match="no measurement of int3:g16:asym@rtn"):
+        again.check(None, parse_menu("int3:g16:asym@rtn"))
+
+
+def test_allocated_plan_is_the_brute_force_optimum(measured):
+    _, sensitivity = measured
+    for bpw in (3.2, 4.0, 5.5, 7.5):  # int2:g16:asym alone is 3.125 bits per weight
+        budget = Budget(bpw)
+        limit = budget.layer_bits(sensitivity.weights, sensitivity.other_parameters)
+        plan = allocated_plan(sensitivity, budget, "kl")
+        best = min(
+            (sum(o.kl for o in combo), combo)
+            for combo in itertools.product(*(g.options for g in sensitivity.groups))
+            if sum(o.bits for o in combo) <= limit
+        )
+        assert plan.bits <= limit
+        largest = max(o.kl for g in sensitivity.groups for o in g.options)
+        assert plan.damage_total == pytest.approx(best[0], abs=1e-9 * largest)  # HiGHS's tolerance, scaled
+        for group in sensitivity.groups:  # ties: one option per group
+            assert len({(l.option, l.solver) for l in plan.layers if l.group == group.name}) == 1
+
+
+def test_pins_and_infeasible_budgets(measured):
+    model, sensitivity = measured
+    pins = [parse_pin("*.0.mlp.down_proj=fp16")]
+    plan = allocated_plan(sensitivity, Budget(5.0), "proxy", pins)
+    assert next(l for l in plan.layers if l.name == "model.layers.0.mlp.down_proj").option == KEEP
+    with pytest.raises(MixbitsError, match="did not measure"):
+        allocated_plan(sensitivity, Budget(5.0), "kl", [parse_pin("*.o_proj=int3:g16:asym")])
+    with pytest.raises(BudgetError, match="below the smallest achievable"):
+        allocated_plan(sensitivity, Budget(3.1), "kl")
+    with pytest.raises(BudgetError, match=r"below the smallest achievable \(3.1250 bits per weight"):
+        check_budget(model, parse_menu(MENU), [], Budget(3.1))
+    check_budget(model, parse_menu(MENU), [], Budget(3.125))
+
+
+def synthetic_sensitivity(blocks=16):
+    """Groups of a LLaMA-like model with options of 2, 3, 4 and 8 bits (damage irrelevant to the heuristic)."""
+    shapes = {"self_attn.q_proj+k_proj+v_proj": [(64, 64), (16, 64), (16, 64)], "self_attn.o_proj": [(64, 64)],
+              "mlp.gate_proj+up_proj": [(128, 64), (128, 64)], "mlp.down_proj": [(64, 128)]}
+    layer_names = {"self_attn.q_proj+k_proj+v_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                   "self_attn.o_proj": ["self_attn.o_proj"], "mlp.gate_proj+up_proj": ["mlp.gate_proj", "mlp.up_proj"],
+                   "mlp.down_proj": ["mlp.down_proj"]}
+    menu = parse_menu("int2:g64:asym,int3:g64:asym,int4:g64:asym,int8:ch:sym")
+    groups = []
+    for block in range(blocks):
+        for key, group_shapes in shapes.items():
+            group = GroupSensitivity(f"b.{block}.{key}", [f"b.{block}.{n}" for n in layer_names[key]], group_shapes, block, [])
+            group.options = [OptionDamage(c.option, c.solver, group.bits(c), 1.0, 1.0, None, 0.0) for c in menu]
+            groups.append(group)
+    return Sensitivity(groups), menu
+
+
+def test_heuristic_mix_bumps_v_down_and_edge_blocks_within_budget():
+    sensitivity, menu = synthetic_sensitivity()
+    for bpw in (2.5, 3.0, 3.5, 4.5):
+        plan = heuristic_plan(sensitivity, menu, Budget(bpw))
+        assert plan.bits <= Budget(bpw).layer_bits(sensitivity.weights, 0)
+        assert plan.bits_per_weight > bpw - 0.5  # it uses the budget
+        bits = {l.name: parse_format(l.option).code_bits for l in plan.layers}
+        middle = 8
+        assert bits[f"b.{middle}.mlp.down_proj"] >= bits[f"b.{middle}.mlp.gate_proj"]
+        assert bits[f"b.{middle}.self_attn.v_proj"] >= bits[f"b.{middle}.self_attn.o_proj"]
+        assert bits["b.0.mlp.gate_proj"] >= bits[f"b.{middle}.mlp.gate_proj"]
+        assert bits["b.15.self_attn.o_proj"] >= bits[f"b.{middle}.self_attn.o_proj"]
+    plan = heuristic_plan(sensitivity, menu, Budget(3.0))
+    bits = {l.name: parse_format(l.option).code_bits for l in plan.layers}
+    assert bits["b.8.mlp.down_proj"] > bits["b.8.mlp.gate_proj"]  # the bump is real at a middle budget
+    with pytest.raises(BudgetError):
+        heuristic_plan(sensitivity, menu, Budget(2.0))
+
+
+def test_quantize_applies_a_plan_layer_by_layer(measured):
+    float_model, sensitivity = measured
+    plan = allocated_plan(sensitivity, Budget(5.0), "kl", [parse_pin("*.0.mlp.down_proj=fp16")])
+    assert len({l.option for l in plan.layers}) >= 3  # a real mix
+    model = copy.deepcopy(float_model)
+    report = mixbits.quantize(model, plan=plan, calibration=windows(), progress=False)
+    assert report.bits == plan.bits and report.format == "plan"
+    keep = model.model.layers[0].mlp.down_proj.weight
+    assert torch.equal(keep, float_model.model.layers[0].mlp.down_proj.weight.half().float())
+    # Round-to-nearest in a plan searches clipping on the output error, as when it was measured.
+    rtn = uniform_plan(sensitivity, Choice("int4:g16:asym", "rtn"))
+    model = copy.deepcopy(float_model)
+    mixbits.quantize(model, plan=rtn, calibration=windows(), progress=False)
+    # q/k/v (the first stage: its input is the float model's) are solved as one stacked matrix.
+    names = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    float_modules, modules = dict(float_model.named_modules()), dict(model.named_modules())
+    originals = [float_modules[name].weight for name in names]
+    hessian = calibration_stats(float_model, windows())[names[0]].hessian
+    fmt = parse_format("int4:g16:asym")
+    expected = solve_many(originals, fmt, "rtn", hessian)
+    for name, weight in zip(names, expected):
+        assert torch.equal(modules[name].weight, weight)
+    one = solve(originals[2], fmt, "rtn", hessian)
+    assert torch.allclose(one, expected[2], atol=1e-6)  # stacking rows changes nothing but float summation order
+    assert not torch.allclose(one, solve(originals[2], fmt, "rtn"), atol=1e-6)  # and the clip search used H
+
+
+def test_plans_for_another_model_are_refused(measured):
+    float_model, sensitivity = measured
+    plan = uniform_plan(sensitivity, Choice("int4:g16:asym", "rtn"))
+    bigger = tiny_llama(layers=3)
+    with pytest.raises(PlanError, match="has no entry for model.layers.2"):
+        mixbits.quantize(bigger, plan=plan, calibration=windows(), progress=False)
+    plan.layers[0].shape = (48, 40)
+    with pytest.raises(PlanError, match="plan says 48x40"):
+        mixbits.quantize(copy.deepcopy(float_model), plan=plan, calibration=windows(), progress=False)
+    with pytest.raises(MixbitsError, match="do not combine with a plan"):
+        mixbits.quantize(copy.deepcopy(float_model), plan=plan, awq=True, progress=False)

@@ -1,0 +1,35 @@
+"""Sweep budgets and the sweep's written report."""
+
+import json
+
+import pytest
+
+from mixbits.errors import MixbitsError
+from mixbits.report.sweep import write
+from mixbits.sweep import SweepPoint, parse_budgets
+
+
+def test_budget_ranges():
+    assert parse_budgets("2.25:4.5:0.25") == [2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5]
+    assert parse_budgets("2.5,3,3.5") == [2.5, 3.0, 3.5]
+    for bad in ("4:2:0.5", "2:4:0", "two", "0,3"):
+        with pytest.raises(MixbitsError):
+            parse_budgets(bad)
+
+
+def test_report_files(tmp_path):
+    points = [
+        SweepPoint("allocated", "3 bpw", 3.0, 2.9999, 300, 0.1, 15.0, 0.145, 0.2, 0.8, 100.0, {"int3:g64:asym@gptq": 5}),
+        SweepPoint("heuristic", "3 bpw", 3.0, 2.98, 298, 0.2, 16.0, 0.22, 0.3, 0.7, 100.0),
+        SweepPoint("uniform", "int3:g64:asym@gptq", None, 3.30, 330, None, 16.8, 0.283, 0.35, 0.7, 90.0),
+    ]
+    record = {"model": {"name": "m"}, "points": [p.as_dict() for p in points]}
+    written = write(record, tmp_path / "out", "m: perplexity against bits per weight")
+    assert sorted(p.name for p in written) == ["sweep.html", "sweep.json", "sweep.md", "sweep.png"]
+    assert (tmp_path / "out" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text()) == record
+    markdown = (tmp_path / "out" / "sweep.md").read_text()
+    assert "| allocated | 3 bpw" in markdown and "+14.5%" in markdown and "+28.3%" in markdown
+    page = (tmp_path / "out" / "sweep.html").read_text()
+    assert page.count("<tr>") == 4 and "data:image/png;base64," in page
+    assert not list((tmp_path / "out").glob("*.tmp"))
