@@ -128,12 +128,13 @@ def test_an_infeasible_budget_names_what_is_achievable(tmp_path):
 def test_quantize_to_a_budget_writes_the_plan_it_applied(tmp_path):
     import json
 
+    from mixbits.measure import Sensitivity
     from mixbits.plan import Plan
 
     plan_path = tmp_path / "plan.json"
-    result = run("quantize", "--bpw", "3.0", "--options", "int2:g64:asym@rtn,int4:g64:asym@rtn",
+    result = run("quantize", "--bpw", "3.0", "--options", "int2:g64:asym@rtn,int4:g64:asym@rtn", "--damage", "proxy",
                  "--pin", "model.layers.0.mlp.down_proj=int4:g64:asym@rtn",
-                 "--kl-windows", "1", "--kl-window-len", "64", "--calib-windows", "4", "--calib-window-len", "128",
+                 "--calib-windows", "4", "--calib-window-len", "128",
                  "--fisher-windows", "1", "--windows", "2", "--window-len", "128", "--json",
                  "--save-plan", str(plan_path), "--sensitivity", str(tmp_path / "sensitivity.json"))
     assert result.returncode == 0, result.stderr
@@ -144,4 +145,5 @@ def test_quantize_to_a_budget_writes_the_plan_it_applied(tmp_path):
     assert 2.9 < quantization["bits_per_weight"] <= 3.0
     assert set(quantization["options"]) == {"int2:g64:asym@rtn", "int4:g64:asym@rtn"}
     assert next(l for l in plan.layers if l.name == "model.layers.0.mlp.down_proj").option == "int4:g64:asym"
-    assert record["plan"]["totals"]["bits"] == plan.bits
+    assert record["plan"]["totals"]["bits"] == plan.bits and record["plan"]["damage"] == "proxy"
+    assert Sensitivity.load(tmp_path / "sensitivity.json").kl_windows is None  # proxy only: no KL measured

@@ -6,7 +6,7 @@ import pytest
 
 from mixbits.errors import MixbitsError
 from mixbits.report.sweep import write
-from mixbits.sweep import SweepPoint, parse_budgets
+from mixbits.sweep import SweepPoint, finished_points, parse_budgets
 
 
 def test_budget_ranges():
@@ -33,3 +33,15 @@ def test_report_files(tmp_path):
     page = (tmp_path / "out" / "sweep.html").read_text()
     assert page.count("<tr>") == 4 and "data:image/png;base64," in page
     assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_an_interrupted_sweep_resumes_only_with_the_same_settings(tmp_path):
+    settings = {"model": {"sha256": "ab"}, "windows": {"count": 2}, "calibration": {"count": 4}, "damage": "kl",
+                "options": ["int2:g64:asym@gptq"], "pins": []}
+    points = [{"series": "allocated", "label": "3 bpw", "budget": 3.0}, {"series": "allocated", "label": "4 bpw", "budget": 4.0},
+              {"series": "uniform", "label": "int2:g64:asym@gptq", "budget": None}]
+    (tmp_path / "sweep.json").write_text(json.dumps({**settings, "budgets": [3.0, 4.0], "points": points}))
+    kept = finished_points(tmp_path / "sweep.json", {**settings, "budgets": [3.0, 3.5]})
+    assert [p["label"] for p in kept] == ["3 bpw", "int2:g64:asym@gptq"]
+    assert finished_points(tmp_path / "sweep.json", {**settings, "damage": "proxy", "budgets": [3.0]}) == []
+    assert finished_points(tmp_path / "none.json", {**settings, "budgets": [3.0]}) == []

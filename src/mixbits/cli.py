@@ -321,6 +321,8 @@ def _run_quantize(args) -> int:
 
 
 def _run_sweep(args) -> int:
+    from pathlib import Path
+
     from .data import calibration_windows, check_window_counts, eval_windows, load_text, tokenize
     from .allocate import Budget
     from .eval import ReferenceScores
@@ -328,7 +330,7 @@ def _run_sweep(args) -> int:
     from .models import load_model
     from .record import provenance
     from .report.sweep import table, write
-    from .sweep import SERIES, parse_budgets, sweep
+    from .sweep import SERIES, finished_points, parse_budgets, sweep
 
     budgets = parse_budgets(args.bpw)
     series = tuple(s.strip() for s in args.series.split(",") if s.strip())
@@ -350,6 +352,9 @@ def _run_sweep(args) -> int:
     record.update(windows=spec.as_dict(), calibration={"text": calibration_text.name, **calibration_spec.as_dict()},
                   budgets=budgets, damage=args.damage, options=[str(c) for c in menu], pins=args.pin,
                   sensitivity_seconds=sensitivity.seconds, rank_correlation=sensitivity.rank_correlation(), points=[])
+    record["points"] = finished_points(Path(args.out) / "sweep.json", record)
+    if record["points"]:
+        print(f"sweep: resuming {args.out} ({len(record['points'])} points kept)", file=sys.stderr)
     reference = ReferenceScores(loaded.model, windows)
     record["fp32_perplexity"] = reference.perplexity
     title = f"{loaded.name}: perplexity against bits per weight"
@@ -361,7 +366,8 @@ def _run_sweep(args) -> int:
               f"({point.delta_perplexity:+.1%})", file=sys.stderr)
 
     sweep(loaded, sensitivity, menu, budgets, windows, series=series, damage=args.damage, pins=pins,
-          calibration=calibration, reference=reference, on_point=done)
+          calibration=calibration, reference=reference, skip={(p["series"], p["label"]) for p in record["points"]},
+          on_point=done)
     print(table(record["points"]))
     print(f"wrote {args.out}/sweep.{{json,md,png,html}}")
     return 0

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from tqdm import tqdm
 from . import defaults
 from .calibrate import BATCH, _Accumulator, block_inputs, calibration_data
 from .errors import MixbitsError
+from .files import write_json
 from .menu import Choice, Pin, check_pins_match, parse_menu, pinned_choice
 from .models.loader import LoadedModel
 from .models.structure import output_head, quantizable_linears, transformer_blocks
@@ -269,10 +269,8 @@ class Sensitivity:
         }
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(self.as_dict(), indent=1) + "\n")
-        os.replace(temporary, path)
+        """Write as JSON, atomically (temporary file, then rename)."""
+        write_json(path, self.as_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Sensitivity":
@@ -287,7 +285,7 @@ class Sensitivity:
                 for g in data["groups"]
             ]
         except FileNotFoundError:
-            raise SensitivityError(f"sensitivity file {path} does not exist; measure with `mixbits plan --save-sensitivity`") from None
+            raise SensitivityError(f"sensitivity file {path} does not exist; measure with `mixbits plan --sensitivity FILE`") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
             raise SensitivityError(f"cannot read sensitivity file {path}: {error}") from None
         return cls(groups, data.get("model") or {}, data.get("calibration") or {}, data.get("kl_windows"),

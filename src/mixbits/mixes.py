@@ -4,11 +4,11 @@
   measured damage of every (group, option), at the budget.
 - `uniform_plan`: one option everywhere.
 - `heuristic_plan`: what llama.cpp's quant mixes do, as the baseline a
-  measured allocation must beat. Groups holding v_proj or down_proj get one
-  step more on the ladder of options (sorted by size), and so do groups in the
-  first and last eighth of the blocks; the base step is the largest whose
-  mix fits the budget, and the remaining bits raise groups one step each in
-  that priority order.
+  measured allocation must beat. The ladder has one rung per code width (the
+  smallest option of that width). Groups holding v_proj or down_proj get one
+  rung more, and so do groups in the first and last eighth of the blocks;
+  the base rung is the largest whose mix fits the budget, and the remaining
+  bits raise groups one rung each in that priority order.
 """
 
 from __future__ import annotations
@@ -51,7 +51,18 @@ def uniform_plan(sensitivity: Sensitivity, choice: Choice, damage: str = "proxy"
 def heuristic_plan(sensitivity: Sensitivity, menu: list[Choice], budget: Budget, damage: str = "proxy") -> Plan:
     """llama.cpp-style fixed mix at `budget` (see the module docstring)."""
     groups = sensitivity.groups
-    ladder = sorted((c for c in menu if c.option != KEEP), key=lambda c: sum(g.bits(c) for g in groups))
+
+    def size(choice: Choice) -> int:
+        return sum(g.bits(choice) for g in groups)
+
+    # One rung per code width (the smallest option of that width): a step up is a bit more, not a finer group.
+    rungs: dict[int, Choice] = {}
+    for choice in menu:
+        if choice.option != KEEP:
+            width = choice.format.code_bits
+            if width not in rungs or size(choice) < size(rungs[width]):
+                rungs[width] = choice
+    ladder = sorted(rungs.values(), key=size)
     if not ladder:
         raise BudgetError("the heuristic mix needs at least one quantized option")
     limit = _budget_bits(sensitivity, budget)
@@ -64,15 +75,15 @@ def heuristic_plan(sensitivity: Sensitivity, menu: list[Choice], budget: Budget,
     def levels(base: int, bumps: bool) -> dict[str, int]:
         return {g.name: min(base + (extra[g.name] if bumps else 0), top) for g in groups}
 
-    def size(level: dict[str, int]) -> int:
+    def total(level: dict[str, int]) -> int:
         return sum(g.bits(ladder[level[g.name]]) for g in groups)
 
-    level = next((levels(b, True) for b in reversed(range(len(ladder))) if size(levels(b, True)) <= limit), None)
+    level = next((levels(b, True) for b in reversed(range(len(ladder))) if total(levels(b, True)) <= limit), None)
     if level is None:
         level = levels(0, False)
-        if size(level) > limit:
-            raise BudgetError(f"{budget} is below the smallest option everywhere ({size(level):,} bits); raise it")
-    used = size(level)
+        if total(level) > limit:
+            raise BudgetError(f"{budget} is below the smallest option everywhere ({total(level):,} bits); raise it")
+    used = total(level)
     for group in sorted(groups, key=lambda g: -extra[g.name]):  # stable: block order within a priority
         step = level[group.name]
         if step < top:

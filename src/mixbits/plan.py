@@ -17,12 +17,12 @@ edited plan reports its true size.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .defaults import SOLVERS
 from .errors import MixbitsError
+from .files import write_json
 from .formats import parse_format
 
 PLAN_VERSION = 1
@@ -133,11 +133,8 @@ class Plan(LayerTotals):
         }
 
     def save(self, path: str | Path) -> None:
-        """Write the plan as JSON, atomically (temporary file, then rename)."""
-        path = Path(path)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(self.as_dict(), indent=1) + "\n")
-        os.replace(temporary, path)
+        """Write as JSON, atomically (temporary file, then rename)."""
+        write_json(path, self.as_dict())
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":

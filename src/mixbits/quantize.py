@@ -80,7 +80,8 @@ class QuantizationReport(LayerTotals):
             "clip_search": self.clip_search,
             "calibration": self.calibration,
             "layers": len(self.layers),
-            "options": dict(Counter(f"{layer.option}@{layer.solver}" for layer in self.layers)),
+            "options": dict(Counter(layer.option if layer.option == KEEP else f"{layer.option}@{layer.solver}"
+                                    for layer in self.layers)),
             "weights": self.weights,
             "bits": self.bits,
             "bits_per_weight": self.bits_per_weight,

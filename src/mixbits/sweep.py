@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -65,6 +67,25 @@ def parse_budgets(text: str) -> list[float]:
     return values
 
 
+RESUME_KEYS = ("model", "windows", "calibration", "damage", "options", "pins")
+
+
+def finished_points(previous: Path, record: dict) -> list[dict]:
+    """Points of an earlier run in `previous` (sweep.json) made with the same settings as `record`.
+
+    An interrupted sweep resumes with them: same model, windows, calibration,
+    damage, options and pins; only points of budgets still asked for (and
+    uniform points) are kept.
+    """
+    try:
+        old = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict) or any(old.get(key) != record.get(key) for key in RESUME_KEYS):
+        return []
+    return [p for p in old.get("points", []) if p.get("budget") is None or p.get("budget") in record["budgets"]]
+
+
 def sweep(
     model: LoadedModel,
     sensitivity: Sensitivity,
@@ -78,9 +99,13 @@ def sweep(
     calibration: torch.Tensor,
     reference: ReferenceScores | None = None,
     progress: bool = True,
+    skip: set[tuple[str, str]] = frozenset(),
     on_point=None,
 ) -> list[SweepPoint]:
-    """Score the plans of each series; `on_point(point)` is called as each one is done."""
+    """Score the plans of each series; `on_point(point)` is called as each one is done.
+
+    Points whose (series, label) is in `skip` (already measured by an interrupted run) are left out.
+    """
     unknown = set(series) - set(SERIES)
     if unknown:
         raise MixbitsError(f"unknown series {', '.join(sorted(unknown))}; choose from {', '.join(SERIES)}")
@@ -100,6 +125,8 @@ def sweep(
                 jobs.append(("uniform", str(choice), None, plan))
     points = []
     for kind, label, budget, plan in jobs:
+        if (kind, label) in skip:
+            continue
         quantized = copy.deepcopy(model.model)
         report = quantize(quantized, plan=plan, calibration=calibration, progress=progress)
         result = score_windows(quantized, eval_windows, reference, progress=progress)

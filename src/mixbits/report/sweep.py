@@ -6,9 +6,9 @@ import base64
 import html
 import io
 import json
-import os
 from pathlib import Path
 
+from ..files import write_atomic
 from .table import format_table
 
 SERIES_STYLE = {  # series -> (colour, marker, line)
@@ -92,11 +92,4 @@ def write(record: dict, folder: str | Path, title: str) -> list[Path]:
         "sweep.png": png,
         "sweep.html": page(record, png, title).encode(),
     }
-    written = []
-    for name, data in files.items():
-        path = folder / name
-        temporary = path.with_name(name + ".tmp")
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-        written.append(path)
-    return written
+    return [write_atomic(folder / name, data) for name, data in files.items()]
