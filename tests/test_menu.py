@@ -2,8 +2,8 @@
 
 import pytest
 
-from mixbits.errors import MixbitsError
 from mixbits.allocate import Budget, BudgetError, parse_size
+from mixbits.errors import MixbitsError
 from mixbits.menu import Choice, MenuError, parse_choice, parse_menu, parse_pin, pinned_choice
 from mixbits.plan import KEEP
 

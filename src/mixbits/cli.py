@@ -323,8 +323,8 @@ def _run_quantize(args) -> int:
 def _run_sweep(args) -> int:
     from pathlib import Path
 
-    from .data import calibration_windows, check_window_counts, eval_windows, load_text, tokenize
     from .allocate import Budget
+    from .data import calibration_windows, check_window_counts, eval_windows, load_text, tokenize
     from .eval import ReferenceScores
     from .mixes import check_budget
     from .models import load_model

@@ -127,8 +127,9 @@ def proxy_damage(weight: torch.Tensor, approx: torch.Tensor, stats: LayerStats) 
 class KLMeter:
     """KL(float || model) per token on a few windows when only the layers of one block changed.
 
-    The float model's block inputs and log-probabilities are computed once;
-    `measure(i)` reruns blocks i..end and the head with the current weights.
+    The float model's block inputs, logits and next-token probabilities are
+    computed once; `measure(i)` reruns blocks i..end and the head with the
+    current weights.
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor):
