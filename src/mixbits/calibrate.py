@@ -112,6 +112,11 @@ def _run(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) -> Iter
             yield out[0] if isinstance(out, tuple) else out
 
 
+def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """A block's outputs for all `inputs`, computed in batches of windows."""
+    return torch.cat(list(_run(block, inputs, kwargs)))
+
+
 class BlockCalibration:
     """Statistics and outputs of one block for a fixed set of inputs."""
 
@@ -176,7 +181,7 @@ class BlockCalibration:
         return {linear: accumulators[linear].stats() for linear in linears}
 
     def outputs(self) -> torch.Tensor:
-        return torch.cat(list(_run(self.block, self.inputs, self.kwargs)))
+        return run_block(self.block, self.inputs, self.kwargs)
 
 
 class SequentialCalibration:

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import defaults
-from .calibrate import BATCH, _Accumulator, block_inputs, calibration_data
+from .calibrate import _Accumulator, block_inputs, calibration_data, run_block
 from .errors import MixbitsError
 from .files import write_json
 from .menu import Choice, Pin, check_pins_match, parse_menu, pinned_choice
@@ -110,9 +110,10 @@ def layer_statistics(
             handle.remove()
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
+    shared_stats = {id(acc): acc.stats() for acc in accumulators.values()}  # once per input, not per reader
     stats = {}
     for name, _ in linears:
-        input_stats = accumulators[name].stats()
+        input_stats = shared_stats[id(accumulators[name])]
         stats[name] = LayerStats(input_stats.hessian, fisher[name] / fisher_tokens, input_stats.tokens)
     return stats, groups
 
@@ -144,16 +145,9 @@ class KLMeter:
             first, self.kwargs = block_inputs(model, windows)
             self.inputs = [first]
             for block in self.blocks:
-                self.inputs.append(self._block(block, self.inputs[-1]))
+                self.inputs.append(run_block(block, self.inputs[-1], self.kwargs))
             self.reference = self._logits(self.inputs.pop())
             self.probs = torch.softmax(self.reference.double(), dim=-1)
-
-    def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        outputs = []
-        for start in range(0, len(x), BATCH):
-            out = block(x[start:start + BATCH], **self.kwargs)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
-        return torch.cat(outputs)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(hidden)).float()
@@ -162,7 +156,7 @@ class KLMeter:
     def measure(self, block_index: int) -> float:
         hidden = self.inputs[block_index]
         for block in self.blocks[block_index:]:
-            hidden = self._block(block, hidden)
+            hidden = run_block(block, hidden, self.kwargs)
         # With d = logits - reference logits, KL(p || q) = log sum_v p_v e^(d_v) - sum_v p_v d_v. The logits
         # are ~30 and a group's KL can be 1e-5 nats: a float32 log-softmax is off by ~1e-3 here, so the sums
         # over the vocabulary run in float64.
