@@ -6,15 +6,19 @@ Runs the user's commands, in this order (each quantization is a full GPTQ pass):
     mixbits sweep --bpw 2.5,3.0,3.5 --series allocated --damage proxy --out bench/results/mixed-proxy \
                   --sensitivity bench/results/mixed/sensitivity.json
 
+    mixbits quantize --format FORMAT --solver gptq --json     (FORMAT in EXTRA_UNIFORM)
+
 The first measures every (group, option) of the default menu (proxy and KL)
 and writes the sensitivity file, then quantizes and evaluates the allocated
 plan (by measured KL) and the heuristic mix at each budget and every uniform
 option in range; the second reuses the measurements to allocate by the
-Fisher-weighted proxy alone. Then it writes bench/results/mixed.md: per
-budget, the allocated plans against the heuristic mix and the uniform
-options just below and just above the budget, the time measurement and
-allocation took, and how well the proxies rank options against the
-measured KL.
+Fisher-weighted proxy alone. The default menu's uniform options sit far from
+the budgets (2.28, 3.16, 3.30, 4.31 bpw), so uniform formats just above each
+budget are scored too (EXTRA_UNIFORM, kept in mixed/uniform-extra.json).
+Then it writes bench/results/mixed.md: per budget, the allocated plans
+against the heuristic mix and the uniform configurations just below and
+just above the budget, the time measurement and allocation took, and how
+well the proxies rank options against the measured KL.
 
     python bench/mixed.py [--report]
 """
@@ -38,6 +42,9 @@ BUDGETS = "2.5,3.0,3.5"
 MAIN = RESULTS / "mixed"
 PROXY = RESULTS / "mixed-proxy"
 SENSITIVITY = MAIN / "sensitivity.json"
+EXTRA = MAIN / "uniform-extra.json"
+# Uniform GPTQ formats just above each budget: 2.56, 3.10 and 3.59 bpw.
+EXTRA_UNIFORM = ("int2:g32:asym", "int3:g192:asym", "int3:g32:asym")
 
 
 def run_sweeps() -> None:
@@ -49,6 +56,22 @@ def run_sweeps() -> None:
     for command in commands:
         print("mixbits " + " ".join(command), file=sys.stderr)
         subprocess.run([sys.executable, "-m", "mixbits", *command], check=True)
+    extra = json.loads(EXTRA.read_text()) if EXTRA.exists() else {}
+    for fmt in EXTRA_UNIFORM:
+        if fmt in extra:
+            continue
+        command = ["quantize", "--format", fmt, "--solver", "gptq", "--json"]
+        print("mixbits " + " ".join(command), file=sys.stderr)
+        record = json.loads(subprocess.run([sys.executable, "-m", "mixbits", *command], check=True, capture_output=True,
+                                           text=True).stdout)
+        quantization, evaluation = record["quantization"], record["evaluation"]
+        extra[fmt] = {"series": "uniform", "label": f"{fmt}@gptq", "budget": None,
+                      "bits_per_weight": quantization["bits_per_weight"], "bits": quantization["bits"],
+                      "perplexity": evaluation["perplexity"],
+                      "delta_perplexity": evaluation["perplexity"] / evaluation["reference_perplexity"] - 1,
+                      "kl": evaluation["kl"], "agreement": evaluation["agreement"],
+                      "quantize_seconds": quantization["seconds"]}
+        EXTRA.write_text(json.dumps(extra, indent=1) + "\n")
 
 
 def _pct(value: float) -> str:
@@ -60,7 +83,8 @@ def report() -> str:
     proxy = json.loads((PROXY / "sweep.json").read_text()) if (PROXY / "sweep.json").exists() else {"points": []}
     sensitivity = Sensitivity.load(SENSITIVITY)
     points = main["points"]
-    uniform = sorted((p for p in points if p["series"] == "uniform"), key=lambda p: p["bits_per_weight"])
+    extra = list(json.loads(EXTRA.read_text()).values()) if EXTRA.exists() else []
+    uniform = sorted([p for p in points if p["series"] == "uniform"] + extra, key=lambda p: p["bits_per_weight"])
 
     def point(series, budget, source=points):
         return next((p for p in source if p["series"] == series and p["budget"] == budget), None)
@@ -107,7 +131,11 @@ def report() -> str:
         f"over its options): Fisher-weighted proxy {correlation['proxy_all']:.3f} / {correlation['proxy_within_groups']:.3f}, "
         f"plain output error tr(ΔW H ΔWᵀ) {correlation['output_error_all']:.3f} / {correlation['output_error_within_groups']:.3f}.",
         "",
-        "Every point (`mixed/sweep.md`, plot `mixed/sweep.png`, page `mixed/sweep.html`):",
+        "Uniform GPTQ formats added near the budgets (`mixed/uniform-extra.json`): "
+        + "; ".join(f"{p['label'].split('@')[0]} {p['bits_per_weight']:.2f} bpw {_pct(p['delta_perplexity'])} (KL {p['kl']:.3f})"
+                    for p in sorted(extra, key=lambda p: p["bits_per_weight"])) + ".",
+        "",
+        "Every point of the sweeps (`mixed/sweep.md`, plot `mixed/sweep.png`, page `mixed/sweep.html`):",
         "",
         (MAIN / "sweep.md").read_text().split("\n", 2)[2].strip(),
     ]

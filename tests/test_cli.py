@@ -147,3 +147,51 @@ def test_quantize_to_a_budget_writes_the_plan_it_applied(tmp_path):
     assert next(l for l in plan.layers if l.name == "model.layers.0.mlp.down_proj").option == "int4:g64:asym"
     assert record["plan"]["totals"]["bits"] == plan.bits and record["plan"]["damage"] == "proxy"
     assert Sensitivity.load(tmp_path / "sensitivity.json").kl_windows is None  # proxy only: no KL measured
+
+
+def test_checkpoint_commands_refuse_bad_input(tmp_path, tiny_llama_dir):
+    checkpoint = tmp_path / "ckpt"
+    result = run("quantize", "--model", str(tiny_llama_dir), "--format", "int4:g16:asym", "--no-eval", "--out", str(checkpoint))
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint:" in result.stdout
+    # A format without a GGML type: nothing written, the nearest type named.
+    assert_one_line_error(run("export", str(checkpoint), "--out", str(tmp_path / "m.gguf")), "no GGML type", "nearest is q4_1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tiny-llama"]
+    assert_one_line_error(run("generate", str(tiny_llama_dir), "--prompt", "hi"), "has no tokenizer")
+    notes = tmp_path / "tiny-llama"  # an existing directory that is not a checkpoint
+    assert_one_line_error(run("quantize", "--model", str(tiny_llama_dir), "--no-eval", "--out", str(notes)),
+                          "not a mixbits checkpoint")
+    data = bytearray((checkpoint / "quantized.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (checkpoint / "quantized.safetensors").write_bytes(bytes(data))
+    assert_one_line_error(run("eval", str(checkpoint)), "does not match its sha256")
+
+
+@pytest.mark.model
+def test_gguf_round_trip_on_the_default_model(tmp_path, capsys):
+    """quantize --out, eval DIR, generate DIR, export: the CLI in this process (each command loads its input anew)."""
+    import json
+
+    import gguf
+
+    from mixbits.cli import main
+
+    checkpoint, path = tmp_path / "ckpt", tmp_path / "model.gguf"
+    assert main(["quantize", "--format", "q4_0", "--head-format", "q8_0", "--target", "gguf", "--no-eval", "--no-clip-search",
+                 "--out", str(checkpoint)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(checkpoint), "--windows", "2", "--window-len", "128", "--json"]) == 0
+    assert 10 < json.loads(capsys.readouterr().out)["evaluation"]["perplexity"] < 30  # fp32: about 13 here
+    assert main(["generate", str(checkpoint), "--prompt", "The capital of France is", "-n", "6"]) == 0
+    output = capsys.readouterr()
+    assert output.out.startswith("The capital of France is") and "tokens/s" in output.err
+    assert main(["export", str(checkpoint), "--out", str(path)]) == 0
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert len(types) == 1 + 1 + 1 + 30 * 9  # embedding, head, final norm, 30 blocks of 7 matrices and 2 norms
+    assert types["output.weight"] == "Q8_0" and types["blk.29.ffn_down.weight"] == "Q4_0"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"  # copied from the source GGUF
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
+    capsys.readouterr()
+    assert main(["quantize", "--format", "int4:g64:asym", "--target", "gguf", "--no-eval"]) == 2
+    assert "no GGML type; the nearest is q4_1" in capsys.readouterr().err

@@ -12,12 +12,19 @@ Mixed precision to a budget:
     plan = mixbits.allocated_plan(sensitivity, mixbits.Budget(3.0))
     plan.save("plan.json")
     mixbits.quantize(loaded, plan=plan)
+
+A packed checkpoint, and the model back from it:
+
+    report = mixbits.quantize(loaded, "int4:g128:asym", solver="gptq")
+    mixbits.save_quantized(loaded, report, "smollm2-int4")
+    model = mixbits.load_quantized("smollm2-int4").model
 """
 
 from .allocate import Budget
 from .errors import MixbitsError
 from .eval import Evaluation, ReferenceScores, evaluate
 from .formats import parse_format
+from .io.checkpoint import load_quantized, save_quantized
 from .models import LoadedModel, load_model
 from .measure import Sensitivity, measure
 from .menu import parse_menu
@@ -41,9 +48,11 @@ __all__ = [
     "evaluate",
     "heuristic_plan",
     "load_model",
+    "load_quantized",
     "measure",
     "parse_format",
     "parse_menu",
     "quantize",
+    "save_quantized",
     "uniform_plan",
 ]

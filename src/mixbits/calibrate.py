@@ -233,7 +233,7 @@ def calibration_data(model, source, count: int, length: int) -> tuple[torch.Tens
     if isinstance(source, torch.Tensor):
         if source.dim() != 2 or source.dtype != torch.long:
             raise MixbitsError("calibration token windows must be a [windows, tokens] int64 tensor")
-        return source, {"text": "token ids given", "windows": source.shape[0], "length": source.shape[1]}
+        return source, {"text": "token ids given", "count": source.shape[0], "length": source.shape[1], "start": 0}
     tokenizer = model.tokenizer if isinstance(model, LoadedModel) else None
     if tokenizer is None:
         raise MixbitsError("gptq, awq and plans need calibration text: load the model with its tokenizer, "

@@ -48,6 +48,8 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-clip-search", dest="clip_search", action="store_false",
                    help="round with the full range instead of searching the clipping ratio per group")
     q.add_argument("--head", action="store_true", help="quantize the output head too (untied from the embedding)")
+    q.add_argument("--head-format", help="format of the output head, e.g. int8:ch:sym (implies --head; default: --format; "
+                                         "with a plan, outside the plan's budget)")
     q.add_argument("--solver", choices=defaults.SOLVERS,
                    help="rtn: round to nearest, no data; gptq: error compensation from calibration data "
                         "(default: rtn for one --format, gptq for the options of a plan)")
@@ -60,6 +62,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_budget_args(mixed, required=False)
     _add_plan_args(mixed)
     mixed.add_argument("--save-plan", help="with --bpw/--size, also write the plan to this file")
+    q.add_argument("--out", "-o", help="write a packed checkpoint (codes at their bit width) to this directory")
     q.add_argument("--no-eval", dest="evaluate", action="store_false", help="only quantize and report bits")
     _add_eval_args(q)
     q.set_defaults(run=_run_quantize)
@@ -91,10 +94,30 @@ def _build_parser() -> argparse.ArgumentParser:
 
     e = commands.add_parser("eval", help="evaluate a model's perplexity (and KL/agreement against a reference)",
                             description="Perplexity on windows from the middle of the text; with --reference, also KL and top-1 agreement.")
-    _add_model_args(e)
+    _add_model_args(e, positional=True)
     e.add_argument("--reference", help="reference model (same sources as --model) for KL and agreement")
     _add_eval_args(e)
     e.set_defaults(run=_run_eval)
+
+    x = commands.add_parser("export", help="write a packed checkpoint for another runtime (GGUF for llama.cpp)",
+                            description="Write a checkpoint's quantized layers bit for bit as GGML block types; "
+                                        "layers in other formats are an error naming the nearest GGML type.")
+    x.add_argument("checkpoint", help="directory written by `mixbits quantize --out`")
+    x.add_argument("--to", choices=("gguf",), default="gguf", help="output format (default: %(default)s)")
+    x.add_argument("--out", "-o", required=True, help="the file to write")
+    x.add_argument("--tokenizer-gguf", help="copy the tokenizer metadata from this GGUF (default: the source model's "
+                                            "GGUF when known, else converted from the checkpoint's tokenizer files)")
+    x.add_argument("--debug", action="store_true", help="show tracebacks")
+    x.set_defaults(run=_run_export)
+
+    g = commands.add_parser("generate", help="generate text with a model or a packed checkpoint",
+                            description="Greedy (or sampled) continuation of a prompt; prints the text and the decode speed.")
+    _add_model_args(g, positional=True)
+    g.add_argument("--prompt", "-p", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=64, help="tokens to generate (default: %(default)s)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
+    g.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy decoding")
+    g.set_defaults(run=_run_generate)
 
     f = commands.add_parser("formats", help="list every number format with its exact bits per weight",
                             description="Every format family, with exact bits per weight (codes, scales, zero points, "
@@ -107,8 +130,11 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", help="Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+def _add_model_args(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+    sources = "mixbits checkpoint, Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct)"
+    if positional:
+        parser.add_argument("source", nargs="?", help=sources)
+    parser.add_argument("--model", "-m", help=sources if not positional else "the same as SOURCE")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -129,9 +155,12 @@ def _add_budget_args(parser, required: bool) -> None:
 
 
 def _add_plan_args(parser) -> None:
-    from .menu import DEFAULT_OPTIONS
+    from .menu import DEFAULT_OPTIONS, TARGET_OPTIONS
 
     parser.add_argument("--options", help="comma-separated options, FORMAT[@SOLVER] or fp16 (default: " + ",".join(DEFAULT_OPTIONS) + ")")
+    parser.add_argument("--target", choices=tuple(TARGET_OPTIONS),
+                        help="only options this runtime can load; gguf: llama.cpp's " + ",".join(TARGET_OPTIONS["gguf"])
+                             + " (the default menu then), k-quants only where rows hold whole 256-value blocks")
     parser.add_argument("--pin", action="append", default=[], metavar="PATTERN=OPTION",
                         help="fix the option of layers matching a pattern, e.g. '*.down_proj=int4:g64:asym' (repeatable)")
     parser.add_argument("--damage", choices=("kl", "proxy"), default="kl",
@@ -155,14 +184,15 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 def _plan_inputs(args, solver: str):
     """Menu and pins from the arguments, checked before any slow work."""
-    from .menu import parse_menu, parse_pin
+    from .menu import TARGET_OPTIONS, parse_menu, parse_pin
 
     for value, name in ((args.kl_windows, "--kl-windows"), (args.fisher_windows, "--fisher-windows")):
         if value < 1:
             raise MixbitsError(f"{name} must be at least 1, got {value}")
     if args.kl_window_len < 2:
         raise MixbitsError(f"--kl-window-len must be at least 2 tokens, got {args.kl_window_len}")
-    return parse_menu(args.options, solver), [parse_pin(text, solver) for text in args.pin]
+    options = args.options if args.options or not args.target else list(TARGET_OPTIONS[args.target])
+    return parse_menu(options, solver), [parse_pin(text, solver) for text in args.pin]
 
 
 def _budget(args):
@@ -179,7 +209,7 @@ def _sensitivity(args, loaded, menu, pins):
 
     if args.sensitivity and Path(args.sensitivity).exists():
         found = Sensitivity.load(args.sensitivity)
-        found.check(loaded, menu)
+        found.check(loaded, menu, args.target)
         if args.damage not in found.damages:
             from .measure import SensitivityError
             raise SensitivityError(f"{args.sensitivity} holds no {args.damage} damage; use --damage proxy or measure again")
@@ -188,7 +218,7 @@ def _sensitivity(args, loaded, menu, pins):
     found = measure(
         loaded, menu, calibration=args.calib_text or args.text, calibration_windows=args.calib_windows,
         calibration_len=args.calib_window_len, pins=pins, ties=args.ties, kl=args.damage == "kl",
-        kl_windows=args.kl_windows, kl_len=args.kl_window_len, fisher_windows=args.fisher_windows,
+        kl_windows=args.kl_windows, kl_len=args.kl_window_len, fisher_windows=args.fisher_windows, target=args.target,
     )
     if args.sensitivity:
         found.save(args.sensitivity)
@@ -222,7 +252,7 @@ def _run_plan(args) -> int:
     budget = _budget(args)
     _check_calibration(args)
     loaded = load_model(args.model)
-    check_budget(loaded.model, menu, pins, budget)
+    check_budget(loaded.model, menu, pins, budget, args.target)
     sensitivity = _sensitivity(args, loaded, menu, pins)
     plan = allocated_plan(sensitivity, budget, args.damage, pins)
     plan.save(args.out)
@@ -258,6 +288,11 @@ def _run_quantize(args) -> int:
         raise MixbitsError("--save-plan writes the plan made for a budget; add --bpw or --size")
     plan = Plan.load(args.plan) if args.plan else None
     fmt = parse_format(args.format)
+    head_format = parse_format(args.head_format) if args.head_format else None
+    if args.out:
+        from .io.checkpoint import check_output_directory
+
+        check_output_directory(args.out)
     menu = pins = budget = None
     if planning:
         menu, pins = _plan_inputs(args, args.solver or "gptq")
@@ -268,6 +303,8 @@ def _run_quantize(args) -> int:
         check_window_counts(args.windows, args.window_len)
         text = load_text(args.text)
     loaded = load_model(args.model)
+    if args.target and not planning:
+        _check_target(loaded, args.target, plan, str(fmt), head_format)
     if text is not None:
         windows, spec = eval_windows(tokenize(text, loaded.tokenizer), args.windows, args.window_len)
         original = copy.deepcopy(loaded.model)
@@ -277,7 +314,7 @@ def _run_quantize(args) -> int:
     if planning:
         from .mixes import allocated_plan, check_budget
 
-        check_budget(loaded.model, menu, pins, budget)
+        check_budget(loaded.model, menu, pins, budget, args.target)
         sensitivity = _sensitivity(args, loaded, menu, pins)
         plan = allocated_plan(sensitivity, budget, args.damage, pins)
         if args.save_plan:
@@ -287,10 +324,18 @@ def _run_quantize(args) -> int:
     report = quantize(
         loaded, fmt, solver=solver, awq=args.awq, rotate=args.rotate, online_hadamard=args.online_hadamard,
         calibration=args.calib_text or args.text, calibration_windows=args.calib_windows,
-        calibration_len=args.calib_window_len, clip_search=args.clip_search, include_head=args.head, plan=plan,
+        calibration_len=args.calib_window_len, clip_search=args.clip_search, include_head=args.head, head_format=head_format,
+        plan=plan,
     )
+    saved = None
+    if args.out:
+        from .io.checkpoint import save_quantized
+
+        saved = save_quantized(loaded, report, args.out, plan=plan)
     record = provenance(loaded.name, loaded.sha256, text and text.name, text and text.sha256)
     record["quantization"] = report.as_dict()
+    if saved is not None:
+        record["checkpoint"] = saved.as_dict()
     if plan is not None:
         record["plan"] = plan.as_dict()
     if text is not None:
@@ -305,7 +350,10 @@ def _run_quantize(args) -> int:
           f"{report.bits_per_weight:.4f} bits per weight, {report.seconds:.1f} s, peak memory {report.peak_memory_bytes / 2**20:.0f} MiB")
     if report.calibration:
         c = report.calibration
-        print(f"calibration: {c['text']}, {c['windows']} windows x {c['length']} tokens from token {c.get('start', 0)}")
+        print(f"calibration: {c['text']}, {c['count']} windows x {c['length']} tokens from token {c['start']}")
+    if saved is not None:
+        print(f"checkpoint: {saved.path}, {sum(saved.files.values()) / 1e6:.2f} MB in all; quantized layers "
+              f"{saved.quantized_bytes / 1e6:.2f} MB ({saved.quantized_bits / 8e6:.2f} MB of codes and parameters)")
     if report.rotation:
         print(f"rotation: residual {report.rotation['residual']}, down_proj input {report.rotation['down_proj'] or 'none'}")
     if text is None:
@@ -346,7 +394,7 @@ def _run_sweep(args) -> int:
     calibration, calibration_spec = calibration_windows(tokenize(calibration_text, loaded.tokenizer), args.calib_windows, args.calib_window_len)
     if set(series) - {"uniform"}:
         for budget in budgets:
-            check_budget(loaded.model, menu, pins, Budget(budget))
+            check_budget(loaded.model, menu, pins, Budget(budget), args.target)
     sensitivity = _sensitivity(args, loaded, menu, pins)
     record = provenance(loaded.name, loaded.sha256, text.name, text.sha256)
     record.update(windows=spec.as_dict(), calibration={"text": calibration_text.name, **calibration_spec.as_dict()},
@@ -382,7 +430,7 @@ def _run_eval(args) -> int:
 
     check_window_counts(args.windows, args.window_len)
     text = load_text(args.text)
-    loaded = load_model(args.model)
+    loaded = load_model(_source(args))
     reference = load_model(args.reference) if args.reference else None
     result = evaluate(loaded, text, reference=reference, windows=args.windows, window_len=args.window_len)
     record = provenance(loaded.name, loaded.sha256, result.text_name, result.text_sha256)
@@ -399,6 +447,78 @@ def _run_eval(args) -> int:
     if reference is not None:
         rows = [["reference", result.reference_perplexity, None, None], ["model", result.perplexity, result.kl, result.agreement]]
     print(format_table(["", "perplexity", "KL", "top-1 agree"], rows))
+    return 0
+
+
+def _check_target(loaded, target: str, plan, fmt: str, head_format) -> None:
+    """Refuse, before quantizing, a format or plan the target runtime cannot load."""
+    from .menu import MenuError, allowed, parse_choice
+    from .models.structure import output_head, quantizable_linears
+
+    if plan is not None:
+        layers = [(layer.name, layer.option, tuple(layer.shape)) for layer in plan.layers]
+    else:
+        layers = [(name, fmt, tuple(linear.weight.shape)) for name, linear in quantizable_linears(loaded.model)]
+    head = output_head(loaded.model)
+    if head_format is not None and head is not None:
+        layers.append((head[0], str(head_format), tuple(head[1].weight.shape)))
+    for name, option, shape in layers:
+        if not allowed(parse_choice(option), shape, target):
+            from .io.gguf import ggml_type_name
+
+            ggml_type_name(option, shape)  # raises with the reason and the nearest type
+            raise MenuError(f"{name} ({option}) cannot be written to {target}")
+
+
+def _run_export(args) -> int:
+    from pathlib import Path
+
+    from .io.gguf import export_gguf
+
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise MixbitsError(f"{out} is a directory; give the GGUF file to write, e.g. {out / 'model.gguf'}")
+    path = export_gguf(args.checkpoint, out, tokenizer_gguf=args.tokenizer_gguf)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def _source(args) -> str | None:
+    if args.source and args.model and args.source != args.model:
+        raise MixbitsError(f"two models given ({args.source} and --model {args.model}); give one")
+    return args.source or args.model
+
+
+def _run_generate(args) -> int:
+    import time
+
+    import torch
+
+    from .models import load_model
+
+    if args.max_new_tokens < 1:
+        raise MixbitsError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    loaded = load_model(_source(args))
+    tokenizer = loaded.tokenizer
+    if tokenizer is None:
+        raise MixbitsError(f"{loaded.name} has no tokenizer; generate needs one (save the model with its tokenizer)")
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise MixbitsError("this tokenizer has no chat template; drop --chat")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if args.sample else {"do_sample": False}
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = loaded.model.generate(ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+                                       **sampling)
+    seconds = time.perf_counter() - start
+    new = output[0, ids.shape[1]:]
+    print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+    print(f"{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s, prompt {ids.shape[1]} tokens included)",
+          file=sys.stderr)
     return 0
 
 

@@ -40,11 +40,11 @@ from . import defaults
 from .calibrate import _Accumulator, block_inputs, calibration_data, run_block
 from .errors import MixbitsError
 from .files import write_json
-from .menu import Choice, Pin, check_pins_match, parse_menu, pinned_choice
+from .menu import Choice, Pin, allowed, check_pins_match, group_choices, parse_menu
 from .models.loader import LoadedModel
 from .models.structure import output_head, quantizable_linears, transformer_blocks
 from .plan import option_bits
-from .solvers import solve_many
+from .solvers import approximation, solve_many
 
 SENSITIVITY_VERSION = 1
 DAMAGES = ("kl", "proxy")
@@ -219,14 +219,14 @@ class Sensitivity:
     def damages(self) -> tuple[str, ...]:
         return DAMAGES if self.kl_windows else ("proxy",)
 
-    def check(self, model: LoadedModel | None, menu: list[Choice]) -> None:
-        """Refuse a sensitivity measured on another model or without every option of `menu`."""
+    def check(self, model: LoadedModel | None, menu: list[Choice], target: str | None = None) -> None:
+        """Refuse a sensitivity measured on another model or without every option of `menu` (that `target` allows)."""
         if model is not None and self.model.get("sha256") not in (None, model.sha256):
             raise SensitivityError(f"the sensitivity file was measured on another model ({self.model.get('name')}, "
                                    f"sha256 {self.model['sha256'][:12]}); measure this one")
         for group in self.groups:
             for choice in menu:
-                if group.find(choice) is None:
+                if group.find(choice) is None and all(allowed(choice, tuple(s), target) for s in group.shapes):
                     raise SensitivityError(f"the sensitivity file has no measurement of {choice} for {group.name}; "
                                            "measure again with this option list")
 
@@ -318,6 +318,7 @@ def measure(
     kl_len: int = defaults.KL_LEN,
     fisher_windows: int = defaults.FISHER_WINDOWS,
     clip_search: bool = True,
+    target: str | None = None,
     progress: bool = True,
 ) -> Sensitivity:
     """Damage of each option of `menu` (default: `menu.DEFAULT_OPTIONS`) and of any pinned option,
@@ -328,7 +329,8 @@ def measure(
     ids): all give H, the first `fisher_windows` the Fisher, the first
     `kl_windows` cut to `kl_len` tokens the measured KL (skipped without
     `kl`). `ties` groups Linears that read the same input; otherwise every
-    Linear is its own group.
+    Linear is its own group. A pinned group is measured under its pin too;
+    with a `target` ("gguf"), a group only under options that target can hold.
     """
     menu = parse_menu(None) if menu is None else menu
     windows, spec = calibration_data(model, calibration, calibration_windows, calibration_len)
@@ -350,9 +352,8 @@ def measure(
 
     plans = []
     for layers in grouping:
-        pinned = pinned_choice(layers, list(pins))
-        choices = list(menu) + ([pinned] if pinned is not None and pinned not in menu else [])
-        plans.append((layers, choices))
+        shapes = [tuple(modules[name].weight.shape) for name in layers]
+        plans.append((layers, group_choices(layers, shapes, list(menu), list(pins), target)))
     total = sum(len(choices) for _, choices in plans)
     groups: list[GroupSensitivity] = []
     with tqdm(total=total, desc="measure", disable=not progress, leave=False) as bar:
@@ -365,7 +366,8 @@ def measure(
                 start = time.perf_counter()
                 proxy = output_error = 0.0
                 # The layers of a group read one input, so they share one Hessian and are solved together.
-                approximations = solve_many(originals, choice.format, choice.solver, stats[layers[0]].hessian, clip_search)
+                solved = solve_many(originals, choice.format, choice.solver, stats[layers[0]].hessian, clip_search)
+                approximations = [approximation(w, q) for w, q in zip(originals, solved)]
                 for name, weight, approx in zip(layers, originals, approximations):
                     layer_proxy, layer_error = proxy_damage(weight, approx, stats[name])
                     proxy, output_error = proxy + layer_proxy, output_error + layer_error

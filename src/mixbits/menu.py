@@ -24,6 +24,8 @@ DEFAULT_OPTIONS = (
     "int2:g128:asym", "int2:g64:asym", "int3:g128:asym", "int3:g64:asym", "int4:g64:asym", "int5:g64:asym", KEEP,
 )
 DEFAULT_SOLVER = "gptq"
+# With a target runtime, only options it can load: llama.cpp's block types (see io.gguf) and f16.
+TARGET_OPTIONS = {"gguf": ("q4_0", "q4_1", "q4_k", "q6_k", "q8_0", KEEP)}
 
 
 class MenuError(MixbitsError):
@@ -104,6 +106,33 @@ def pinned_choice(layers: list[str], pins: list[Pin]) -> Choice | None:
             f"{second[0]} by {second[1]}; pin them alike"
         )
     return next(iter(found), None)
+
+
+def allowed(choice: Choice, shape: tuple[int, int], target: str | None) -> bool:
+    """Whether a layer of `shape` can take `choice` and still be exported to `target` (None: anything goes)."""
+    if target is None or choice.option == KEEP:
+        return True
+    if target == "gguf":
+        from .io.gguf import gguf_representable
+
+        return gguf_representable(choice.option, shape)
+    raise MenuError(f"unknown target {target!r}; use one of {', '.join(TARGET_OPTIONS)}")
+
+
+def group_choices(layers: list[str], shapes: list[tuple[int, int]], menu: list[Choice], pins: list[Pin],
+                  target: str | None = None) -> list[Choice]:
+    """The options measured on a group of tied layers: every menu option all its layers allow, and its pin."""
+    pinned = pinned_choice(layers, pins)
+    if pinned is not None and not all(allowed(pinned, shape, target) for shape in shapes):
+        raise MenuError(f"{layers[0]} is pinned to {pinned}, which a {target} file cannot hold; pin an option "
+                        f"such as {TARGET_OPTIONS[target][0]}")
+    choices = [choice for choice in menu if all(allowed(choice, shape, target) for shape in shapes)]
+    if pinned is not None and pinned not in choices:
+        choices.append(pinned)
+    if not choices:
+        raise MenuError(f"no option of the menu fits {layers[0]} ({shapes[0][0]}x{shapes[0][1]}) for {target}; "
+                        f"add one such as {TARGET_OPTIONS[target][0]}")
+    return choices
 
 
 def check_pins_match(pins: list[Pin], layers: list[str]) -> None:

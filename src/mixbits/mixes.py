@@ -17,7 +17,7 @@ from torch import nn
 
 from .allocate import Budget, BudgetError, Option, allocate
 from .measure import GroupSensitivity, Sensitivity, SensitivityError, other_parameters
-from .menu import Choice, Pin, check_pins_match, pinned_choice
+from .menu import Choice, Pin, check_pins_match, group_choices, pinned_choice
 from .models.structure import quantizable_linears
 from .plan import KEEP, LayerPlan, Plan, option_bits
 
@@ -93,7 +93,7 @@ def heuristic_plan(sensitivity: Sensitivity, menu: list[Choice], budget: Budget,
     return _plan(sensitivity, {name: ladder[step] for name, step in level.items()}, damage, budget)
 
 
-def check_budget(model: nn.Module, menu: list[Choice], pins: list[Pin], budget: Budget) -> None:
+def check_budget(model: nn.Module, menu: list[Choice], pins: list[Pin], budget: Budget, target: str | None = None) -> None:
     """Refuse, before any measuring, a budget that no choice of options can meet.
 
     Ties are ignored here (each layer takes its own smallest option), so this
@@ -106,7 +106,8 @@ def check_budget(model: nn.Module, menu: list[Choice], pins: list[Pin], budget: 
     for name, linear in linears:
         rows, cols = linear.weight.shape
         pinned = pinned_choice([name], list(pins))
-        sizes = [option_bits(c.option, rows, cols) for c in ([pinned] if pinned else menu)]
+        choices = [pinned] if pinned else group_choices([name], [(rows, cols)], menu, list(pins), target)
+        sizes = [option_bits(c.option, rows, cols) for c in choices]
         smallest, largest = smallest + min(sizes), largest + max(sizes)
     weights = sum(linear.weight.numel() for _, linear in linears)
     limit = budget.layer_bits(weights, other_parameters(model, linears))

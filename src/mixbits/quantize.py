@@ -27,13 +27,13 @@ from tqdm import tqdm
 from . import defaults
 from .calibrate import SequentialCalibration, calibration_data, input_stats
 from .errors import MixbitsError
-from .formats import Format, parse_format
+from .formats import Format, QuantizedTensor, parse_format
 from .memory import peak_bytes, reset_peak
 from .models.llama import decoder_parts
 from .models.loader import LoadedModel
 from .models.structure import output_head, quantizable_linears, untie_head
 from .plan import KEEP, LayerTotals, Plan, PlanError, option_bits
-from .solvers import solve_many
+from .solvers import approximation, solve_many
 from .transforms.rotation import rotate as rotate_model
 from .transforms.scaling import ScaledGroup, scale_layer
 
@@ -63,6 +63,8 @@ class QuantizationReport(LayerTotals):
     scaled: list[ScaledGroup] = field(default_factory=list)
     seconds: float = 0.0
     peak_memory_bytes: int = 0
+    # Codes and parameters of every quantized layer by name (None: kept in 16 bits), for saving.
+    tensors: dict[str, QuantizedTensor | None] = field(default_factory=dict, repr=False)
 
     @property
     def method(self) -> str:
@@ -105,6 +107,7 @@ def quantize(
     calibration_len: int = defaults.CALIBRATION_LEN,
     clip_search: bool = True,
     include_head: bool = False,
+    head_format: str | Format | None = None,
     plan: Plan | None = None,
     progress: bool = True,
 ) -> QuantizationReport:
@@ -118,7 +121,7 @@ def quantize(
     folder, the default text if None, or a [windows, tokens] tensor of token
     ids). `clip_search` searches a clip ratio per group. With `include_head`
     the output head is quantized too (untied from the input embedding first,
-    which stays float). A `plan` gives every layer its own option and solver
+    which stays float), in `head_format` if given (which implies it). A `plan` gives every layer its own option and solver
     instead of `format` and `solver`. Returns the exact bit count of
     everything quantized.
     """
@@ -129,11 +132,23 @@ def quantize(
     if plan is not None and (awq or rotate):
         raise MixbitsError("plans are measured on the model as it is: --awq and --rotate do not combine with a plan yet")
     module = model.model if isinstance(model, LoadedModel) else model
+    head = None
+    if head_format is not None:
+        head = output_head(module)
+        if head is None:
+            raise MixbitsError("this model has no Linear output head to quantize; drop the head format")
+        if plan is not None and any(layer.name == head[0] for layer in plan.layers):
+            raise MixbitsError(f"the plan already sets the option of {head[0]}; drop the head format")
     if plan is not None:
-        choices = _plan_choices(plan, module, [name for name, _ in quantizable_linears(module, include_head)])
+        choices = _plan_choices(plan, module, [name for name, _ in quantizable_linears(module, include_head and head is None)])
+        if head is not None:
+            choices[head[0]] = (str(parse_format(head_format)), "gptq")
     else:  # every layer alike, whatever its name becomes after a rotation
         uniform = (str(parse_format(format)), solver)
         choices = defaultdict(lambda: uniform, {})
+        if head is not None:
+            choices[head[0]] = (str(parse_format(head_format)), solver)
+    include_head = include_head or head is not None
     # Refuse unsupported architectures and short texts before changing anything.
     if rotate:
         decoder_parts(module, "rotation")
@@ -209,9 +224,11 @@ def _solve(names: list[str], linears: list[nn.Linear], hessian: torch.Tensor | N
         alike.setdefault(choices[name], []).append(index)
     for (option, solver), indices in alike.items():
         fmt = None if option == KEEP else parse_format(option)
-        weights = solve_many([linears[i].weight for i in indices], fmt, solver, hessian, report.clip_search)
-        for i, weight in zip(indices, weights):
-            linears[i].weight.copy_(weight.to(linears[i].weight.dtype))
+        quantized = solve_many([linears[i].weight for i in indices], fmt, solver, hessian, report.clip_search)
+        for i, tensor in zip(indices, quantized):
+            weight = linears[i].weight
+            weight.copy_(approximation(weight, tensor).to(weight.dtype))
+            report.tensors[names[i]] = tensor
             rows, cols = weight.shape
             report.layers.append(LayerReport(names[i], (rows, cols), option_bits(option, rows, cols), option, solver))
 

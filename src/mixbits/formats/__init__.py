@@ -34,6 +34,12 @@ FAMILIES: list[tuple[re.Pattern, Callable[[str], Format]]] = [
 PRESETS = {
     "nvfp4": "fp4_e2m1:g16:scale=e4m3",  # NVIDIA's FP4: E4M3 block scales over an FP32 tensor scale
     "nvint4": "int4:g16:sym:scale=e4m3",  # INT4 elements under NVFP4's scaling
+    # llama.cpp's GGML block types, bit for bit (mixbits.io.gguf writes them)
+    "q8_0": "int8:g32:sym",
+    "q4_0": "int4:g32:sym",
+    "q4_1": "int4:g32:asym:min=fp16",
+    "q4_k": "int4:g32:asym:scale=u6s8:min=u6s8",
+    "q6_k": "int6:g16:sym:scale=i8s16",
 }
 
 

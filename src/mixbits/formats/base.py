@@ -39,6 +39,13 @@ class QuantizedTensor:
     def dequantize(self) -> torch.Tensor:
         return ungroup(self.format.decode(self.codes, self.params), self.shape)
 
+    def split_rows(self, sizes: list[int]) -> list["QuantizedTensor"]:
+        """Consecutive row blocks of `sizes` rows as tensors of their own (formats with per-row parameters)."""
+        cols = self.shape[1]
+        pieces = zip(self.codes.split(sizes), *(value.split(sizes) for value in self.params.values()))
+        return [QuantizedTensor(self.format, (codes.shape[0], cols), codes, dict(zip(self.params, values)))
+                for codes, *values in pieces]
+
 
 class Format(ABC):
     granularity: Granularity
@@ -73,6 +80,22 @@ class Format(ABC):
     @abstractmethod
     def __str__(self) -> str:
         """The format string it was parsed from; `parse_format(str(f)) == f`."""
+
+    # Whether codes are two's complement (int8) rather than unsigned (uint8); stored offset by 2^(width-1).
+    signed_codes = False
+
+    def stored_params(self) -> dict[str, "ScaleCodec | int"]:
+        """How each parameter is stored: a scale codec for float values, or a width in bits for unsigned integers."""
+        return {"scale": self.scale}
+
+    def param_shape(self, name: str, rows: int, cols: int) -> tuple[int, int, int]:
+        """Shape of parameter `name` of a [rows, cols] matrix: [param rows, groups per row, values per group]."""
+        return self.param_rows(rows), self.granularity.groups_per_row(cols), 1
+
+    def for_group(self, index: int) -> "Format":
+        """This (pinned) format for group `index` of each row alone, for solvers that fit one group at a time."""
+        changes = {name: codec.for_group(index) for name, codec in self._second_level_codecs()}
+        return replace(self, **changes) if changes else self
 
     def bits(self, rows: int, cols: int) -> int:
         """Exact storage bits of a [rows, cols] matrix: codes and all parameters."""

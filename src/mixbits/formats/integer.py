@@ -9,6 +9,10 @@ and the largest magnitude maps to 2^(k-1) - 1.
 Asymmetric: codes in [0, 2^k - 1], value = (code - zero) * scale, with an
 integer zero point stored in k bits (as GPTQ does). The covered range always
 includes 0 so the zero point is representable.
+
+Asymmetric with a float minimum (`min=CODEC`): value = code * scale + min,
+the minimum stored by its own codec (llama.cpp's Q4_1: fp16; Q4_K: u6s8,
+where minimums are clamped to at most 0 and stored negated).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from ..errors import FormatError
 from .base import Clip, Format
 from .granularity import Granularity, Grouped
 from .naming import granularity_field, scale_option, scale_suffix, split
-from .scales import DEFAULT_SCALE, ScaleCodec
+from .scales import DEFAULT_SCALE, NegatedScale, ScaleCodec, scale_codec
 
 MIN_BITS, MAX_BITS = 1, 8
 
@@ -40,10 +44,13 @@ class IntFormat(Format):
     scale: ScaleCodec = DEFAULT_SCALE
     show_scale: bool = field(default=False, compare=False)
     label: str = field(default="", compare=False)  # a preset's name, e.g. nvint4
+    min: ScaleCodec | None = None  # asymmetric with a float minimum instead of an integer zero point
 
     PATTERN = re.compile(r"int(-?\d+)")
 
     def __post_init__(self):
+        if self.min is not None and self.symmetric:
+            raise FormatError(f"a stored minimum (min=...) needs an asymmetric format; write int{self.bits_per_code}:...:asym:min=...")
         if not MIN_BITS <= self.bits_per_code <= MAX_BITS:
             raise FormatError(
                 f"integer formats take {MIN_BITS} to {MAX_BITS} bits, got {self.bits_per_code}; use e.g. int4:g128:asym"
@@ -51,8 +58,8 @@ class IntFormat(Format):
 
     @classmethod
     def parse(cls, text: str) -> "IntFormat":
-        """Parse `intK:GRAN:sym|asym[:scale=DTYPE]`, e.g. `int4:g128:asym`."""
-        head, positional, options = split(text, ("scale",))
+        """Parse `intK:GRAN:sym|asym[:scale=DTYPE][:min=DTYPE]`, e.g. `int4:g128:asym` or `int4:g32:asym:min=fp16`."""
+        head, positional, options = split(text, ("scale", "min"))
         match = cls.PATTERN.fullmatch(head)
         if not match:
             raise FormatError(f"not an integer format: {text!r}; write e.g. int4:g128:asym")
@@ -62,13 +69,22 @@ class IntFormat(Format):
         if positional[1] not in ("sym", "asym"):
             raise FormatError(f"{text!r}: expected sym or asym after the granularity, got {positional[1]!r}")
         scale, explicit = scale_option(options)
-        return cls(int(match.group(1)), positional[1] == "sym", granularity, scale, explicit)
+        minimum = scale_codec(options["min"]) if "min" in options else None
+        return cls(int(match.group(1)), positional[1] == "sym", granularity, scale, explicit, min=minimum)
 
     def __str__(self) -> str:
         if self.label:
             return self.label
         kind = "sym" if self.symmetric else "asym"
-        return f"int{self.bits_per_code}:{self.granularity}:{kind}" + scale_suffix(self.scale, self.show_scale)
+        minimum = f":min={self.min.name}" if self.min is not None else ""
+        return f"int{self.bits_per_code}:{self.granularity}:{kind}" + scale_suffix(self.scale, self.show_scale) + minimum
+
+    @property
+    def offset_codec(self) -> ScaleCodec | None:
+        """How the minimum is stored: unsigned codecs hold its (non-negative) negation."""
+        if self.min is None:
+            return None
+        return self.min if self.min.signed else NegatedScale(self.min)
 
     @property
     def code_bits(self) -> int:
@@ -89,6 +105,13 @@ class IntFormat(Format):
                 return {"scale": self.scale.round(signed_extreme(values) * clip / low)}
             top = max(high, 1)  # int1 has no positive level: scale by the magnitude
             return {"scale": self.scale.round(values.abs().amax(dim=-1, keepdim=True) * clip / top)}
+        if self.min is not None:
+            vmin, vmax = values.amin(dim=-1, keepdim=True), values.amax(dim=-1, keepdim=True)
+            if not self.min.signed:
+                vmin = vmin.clamp(max=0)
+            minimum = self.offset_codec.round(vmin * clip)
+            span = (vmax * clip - minimum).clamp(min=torch.finfo(torch.float32).tiny)
+            return {"scale": self.scale.round(span / high), "min": minimum}
         vmin = values.amin(dim=-1, keepdim=True).clamp(max=0) * clip
         vmax = values.amax(dim=-1, keepdim=True).clamp(min=0) * clip
         scale = self.scale.round((vmax - vmin) / high)
@@ -97,6 +120,8 @@ class IntFormat(Format):
 
     def encode(self, values: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         low, high = self.code_range
+        if self.min is not None:
+            return torch.round((values - params["min"]) / params["scale"]).clamp(low, high).to(torch.uint8)
         scaled = torch.round(values / params["scale"])
         if self.symmetric:
             return scaled.clamp(low, high).to(torch.int8)
@@ -105,8 +130,23 @@ class IntFormat(Format):
     def decode(self, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.symmetric:
             return codes.float() * params["scale"]
+        if self.min is not None:  # in this order, as llama.cpp dequantizes Q4_1 and Q4_K
+            return codes.float() * params["scale"] + params["min"]
         return (codes.float() - params["zero"].float()) * params["scale"]
 
+    @property
+    def signed_codes(self) -> bool:
+        return self.symmetric
+
+    def stored_params(self) -> dict[str, ScaleCodec | int]:
+        if self.symmetric:
+            return {"scale": self.scale}
+        if self.min is not None:
+            return {"scale": self.scale, "min": self.offset_codec}
+        return {"scale": self.scale, "zero": self.bits_per_code}
+
     def parameter_bits(self, rows: int, cols: int) -> int:
+        if self.min is not None:
+            return self.per_group_bits(self.scale, rows, cols) + self.per_group_bits(self.min, rows, cols)
         zero_bits = 0 if self.symmetric else self.granularity.group_count(rows, cols) * self.bits_per_code
         return self.per_group_bits(self.scale, rows, cols) + zero_bits

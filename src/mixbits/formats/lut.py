@@ -168,5 +168,11 @@ class LearnedTableFormat(Format):
     def decode(self, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         return params["table"].gather(-1, codes.long())
 
+    def stored_params(self) -> dict[str, ScaleCodec]:
+        return {"table": self.table}
+
+    def param_shape(self, name: str, rows: int, cols: int) -> tuple[int, int, int]:
+        return self.param_rows(rows), self.granularity.groups_per_row(cols), 2**self.bits_per_code
+
     def parameter_bits(self, rows: int, cols: int) -> int:
         return self.per_group_bits(self.table, rows, cols, per_group=2**self.bits_per_code)

@@ -79,5 +79,12 @@ class MXFormat(Format):
             return codes.float() / 64 * params["scale"]
         return self.element.decode(codes) * params["scale"]
 
+    @property
+    def signed_codes(self) -> bool:
+        return self.element is None
+
+    def stored_params(self) -> dict[str, E8M0Scale]:
+        return {"scale": E8M0}
+
     def parameter_bits(self, rows: int, cols: int) -> int:
         return self.per_group_bits(E8M0, rows, cols)

@@ -46,8 +46,8 @@ class LoadedModel:
 def load_model(source: str | Path | nn.Module | LoadedModel | None = None, *, tokenizer: Any = None) -> LoadedModel:
     """Load a model for quantization and evaluation, in float32 and eval mode.
 
-    `source` is None (the default SmolLM2-135M-Instruct), a local Hugging Face
-    model directory, a local `.gguf` file, or an `nn.Module` (pass its
+    `source` is None (the default SmolLM2-135M-Instruct), a mixbits checkpoint
+    directory (its quantized layers stay packed), a local Hugging Face model directory, a local `.gguf` file, or an `nn.Module` (pass its
     `tokenizer` if text will be involved).
     """
     if isinstance(source, LoadedModel):
@@ -57,6 +57,10 @@ def load_model(source: str | Path | nn.Module | LoadedModel | None = None, *, to
     path = default_gguf_path() if source is None else Path(source)
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist; give a Hugging Face model directory or a .gguf file")
+    if path.is_dir() and (path / "mixbits.json").is_file():
+        from ..io.checkpoint import load_quantized
+
+        return load_quantized(path)
     if path.is_dir():
         loaded = _load_hf_dir(path, name=str(path))
         loaded.sha256 = sha256_files(_weight_files(path))

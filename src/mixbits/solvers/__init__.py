@@ -2,25 +2,29 @@
 
 import torch
 
-from ..formats import Format
+from ..formats import Format, QuantizedTensor
 from .gptq import gptq
 from .rtn import round_to_nearest
 
 
 def solve(matrix: torch.Tensor, fmt: Format | None, solver: str, hessian: torch.Tensor | None = None,
-          clip_search: bool = True) -> torch.Tensor:
-    """Dequantized weights of `matrix` quantized to `fmt` by `solver` ("rtn" or "gptq").
+          clip_search: bool = True) -> QuantizedTensor | None:
+    """`matrix` quantized to `fmt` by `solver` ("rtn" or "gptq"); None when `fmt` is None (kept in 16 bits).
 
-    `fmt` None keeps the layer in 16 bits: the weights rounded to float16.
     With a `hessian`, RTN's clip search minimises the output error; GPTQ needs one.
     """
     if fmt is None:
-        return matrix.detach().half().float()
+        return None
     if solver == "gptq":
         if hessian is None:
             raise ValueError("gptq needs the input Hessian of the layer")
-        return gptq(matrix, hessian, fmt, clip_search=clip_search).dequantize()
-    return round_to_nearest(matrix, fmt, clip_search, hessian=hessian).dequantize()
+        return gptq(matrix, hessian, fmt, clip_search=clip_search)
+    return round_to_nearest(matrix, fmt, clip_search, hessian=hessian)
+
+
+def approximation(matrix: torch.Tensor, quantized: QuantizedTensor | None) -> torch.Tensor:
+    """The weights the model computes with: dequantized, or for a layer kept in 16 bits, rounded to float16."""
+    return matrix.detach().half().float() if quantized is None else quantized.dequantize()
 
 
 def stackable(fmt: Format | None) -> bool:
@@ -35,12 +39,14 @@ def stackable(fmt: Format | None) -> bool:
 
 
 def solve_many(matrices: list[torch.Tensor], fmt: Format | None, solver: str, hessian: torch.Tensor | None = None,
-               clip_search: bool = True) -> list[torch.Tensor]:
+               clip_search: bool = True) -> list[QuantizedTensor | None]:
     """`solve` for matrices that share one input (and so one Hessian): stacked into one call where possible."""
     if len(matrices) == 1 or not stackable(fmt):
         return [solve(m, fmt, solver, hessian, clip_search) for m in matrices]
     stacked = solve(torch.cat([m.detach() for m in matrices]), fmt, solver, hessian, clip_search)
-    return list(stacked.split([m.shape[0] for m in matrices]))
+    if stacked is None:
+        return [None] * len(matrices)
+    return stacked.split_rows([m.shape[0] for m in matrices])
 
 
-__all__ = ["gptq", "round_to_nearest", "solve", "solve_many", "stackable"]
+__all__ = ["approximation", "gptq", "round_to_nearest", "solve", "solve_many", "stackable"]

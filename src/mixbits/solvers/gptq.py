@@ -96,7 +96,7 @@ def gptq(
                 grouped = to_groups(current, fmt.granularity)
                 members_hessian = hessian[members][:, members]
                 group_params[group] = params = fit_params(
-                    grouped, group_fmt, error_weights(grouped, importance[:, members], fmt),
+                    grouped, group_fmt.for_group(group), error_weights(grouped, importance[:, members], fmt),
                     clip_search, output_error(members_hessian, grouped, fmt),
                 )
             else:
@@ -115,7 +115,8 @@ def gptq(
     else:
         params = initial
     grouped = to_groups(result, fmt.granularity)
-    return QuantizedTensor(fmt, (rows, cols), fmt.encode(grouped.values, params), params)
+    # The pinned format carries the second-level scale every group was rounded under, which storage needs.
+    return QuantizedTensor(group_fmt, (rows, cols), fmt.encode(grouped.values, params), params)
 
 
 def upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Files mixbits writes for other programs and for itself: packed checkpoints, GGUF."""

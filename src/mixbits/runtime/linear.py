@@ -1,0 +1,117 @@
+"""Linear layers that hold quantized weights and compute from them.
+
+`quantized_linear` picks, per layer, the fastest module whose arithmetic
+equals the fake-quantized layer's (up to float summation order):
+
+- `IntLinear`, integer formats with groups of a multiple of 32 inputs (or
+  per channel): codes of up to 4 bits packed two per byte, wider ones one per
+  byte, with a float scale and offset per group; a compiled kernel
+  (`kernels.intgemm`) multiplies from the codes for a few input rows (decode)
+  and dequantizes this one layer for many (prefill), then calls the float
+  matrix product.
+- `DequantLinear`, any format: codes kept as one byte each plus the format's
+  parameters; each forward dequantizes this one layer's weight, then
+  multiplies. Float weights never exist for more than one layer at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..formats import Format, QuantizedTensor
+from ..formats.granularity import ungroup
+from ..formats.integer import IntFormat
+from .kernels import intgemm
+
+RUN = 32  # the kernel's step along the inputs: inputs and groups must be multiples of it
+# Above this many input rows, dequantizing the layer once and calling the float product is faster.
+KERNEL_ROWS = 8
+
+
+class DequantLinear(nn.Module):
+    """y = x Wᵀ + b with W dequantized from codes and parameters at every call."""
+
+    def __init__(self, quantized: QuantizedTensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.format: Format = quantized.format
+        self.out_features, self.in_features = quantized.shape
+        self.register_buffer("codes", quantized.codes)
+        self.param_names = list(quantized.params)
+        for name, value in quantized.params.items():
+            self.register_buffer(f"param_{name}", value)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def weight_values(self) -> torch.Tensor:
+        params = {name: getattr(self, f"param_{name}") for name in self.param_names}
+        return ungroup(self.format.decode(self.codes, params), (self.out_features, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_values().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, format={self.format}"
+
+
+class IntLinear(nn.Module):
+    """y = x Wᵀ + b for integer codes q with w = q * scale + offset per group, computed from the codes."""
+
+    def __init__(self, quantized: QuantizedTensor, bias: torch.Tensor | None):
+        super().__init__()
+        fmt = quantized.format
+        self.format = fmt
+        self.out_features, self.in_features = quantized.shape
+        self.group = self.in_features if fmt.granularity.kind == "channel" else fmt.granularity.size
+        self.nibbles = fmt.code_bits <= 4
+        codes = ungroup(quantized.codes, quantized.shape).to(torch.int16)
+        scale = quantized.params["scale"].reshape(self.out_features, -1).float()
+        if fmt.symmetric:  # code c is stored as c + half, so the offset is -half * scale
+            half = 8 if self.nibbles else 2 ** (fmt.code_bits - 1)
+            codes, offset = codes + half, -half * scale
+        elif fmt.min is not None:  # w = q * scale + min already
+            offset = quantized.params["min"].reshape(self.out_features, -1).float()
+        else:
+            offset = -quantized.params["zero"].reshape(self.out_features, -1).float() * scale
+        codes = codes.to(torch.uint8)
+        if self.nibbles:  # in each run of 32 inputs, byte j holds input j (low nibble) and input j + 16 (high)
+            runs = codes.reshape(self.out_features, -1, 2, RUN // 2)
+            codes = runs[:, :, 0, :] | (runs[:, :, 1, :] << 4)
+        self.register_buffer("codes", codes.reshape(self.out_features, -1).contiguous())
+        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("offset", offset.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    @staticmethod
+    def supports(fmt: Format, shape: tuple[int, int]) -> bool:
+        cols = shape[1]
+        if not isinstance(fmt, IntFormat) or cols % RUN:
+            return False
+        return fmt.granularity.kind == "channel" or (fmt.granularity.kind == "group" and fmt.granularity.size % RUN == 0)
+
+    def weight_values(self) -> torch.Tensor:
+        kernels = intgemm()
+        dequantize = kernels.nibble_dequantize if self.nibbles else kernels.byte_dequantize
+        return dequantize(self.codes, self.scale, self.offset, self.group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        if flat.shape[0] <= KERNEL_ROWS:
+            kernels = intgemm()
+            linear = kernels.nibble_linear if self.nibbles else kernels.byte_linear
+            y = linear(flat, self.codes, self.scale, self.offset, self.group)
+        else:
+            y = flat @ self.weight_values().T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, format={self.format}"
+
+
+def quantized_linear(quantized: QuantizedTensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """The runtime module for one quantized matrix: the integer kernel where it applies and is built."""
+    if IntLinear.supports(quantized.format, quantized.shape) and intgemm() is not None:
+        return IntLinear(quantized, bias)
+    return DequantLinear(quantized, bias)

@@ -1,0 +1,158 @@
+"""Packed checkpoints: exact storage of every format, save -> load -> same outputs, damaged files refused."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import mixbits
+from mixbits.formats import catalog, parse_format
+from mixbits.formats.storage import restore, store, stored_bytes
+from mixbits.io.checkpoint import CheckpointError, checkpoint_info, load_quantized, save_quantized
+from mixbits.plan import KEEP, LayerPlan, Plan
+from mixbits.solvers import gptq, round_to_nearest
+
+SECOND_LEVEL = ["int4:g64:sym:scale=i8", "fp4_e2m1:g16:scale=e4m3", "int3:ch:asym", "int8:tensor:sym", "lut3:g64:table=bf16"]
+
+
+@pytest.mark.parametrize("fmt", catalog(64) + [parse_format(s) for s in SECOND_LEVEL], ids=str)
+def test_storage_is_exact_and_as_small_as_counted(fmt):
+    torch.manual_seed(0)
+    weight = torch.randn(24, 200)  # 200 columns: a partial last group of 64
+    inputs = torch.randn(300, 200) * torch.rand(200)
+    # GPTQ pins second-level scales while it fits groups one by one; storage must keep them exactly.
+    solvers = (round_to_nearest(weight, fmt),) + ((gptq(weight, inputs.T @ inputs, fmt),) if fmt.has_second_level else ())
+    for quantized in solvers:
+        tensors = store(quantized)
+        back = restore(parse_format(str(fmt)), quantized.shape, tensors)
+        assert torch.equal(back.dequantize(), quantized.dequantize())
+        # Every stored bit is counted by Format.bits; only each tensor's last byte may be partly unused.
+        slack = stored_bytes(tensors) * 8 - fmt.bits(*quantized.shape)
+        assert 0 <= slack < 8 * len(tensors), (slack, {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()})
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+CALIBRATION = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
+PROMPT = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+
+
+def quantized_copy(fmt="int4:g32:asym", solver="rtn", **options):
+    model = tiny_llama()
+    report = mixbits.quantize(model, fmt, solver=solver, calibration=CALIBRATION, progress=False, **options)
+    return model, report
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(PROMPT).logits
+
+
+@pytest.mark.parametrize("fmt, head, solver", [
+    ("int4:g32:asym", None, "gptq"), ("int3:g32:sym", "int8:ch:sym", "rtn"), ("nvfp4", "nvfp4", "gptq"),
+    ("mxfp4", None, "rtn"), ("nf4:g32", None, "rtn"), ("lut3:g32", None, "rtn"), ("int8:ch:sym", None, "rtn"),
+    ("binary:g32", None, "rtn"),
+])
+def test_saved_model_computes_what_the_fake_quantized_one_did(tmp_path, fmt, head, solver):
+    model, report = quantized_copy(fmt, solver, head_format=head)
+    saved = save_quantized(model, report, tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt").model
+    assert torch.allclose(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)
+    assert torch.equal(loaded.generate(PROMPT[:1], max_new_tokens=6, do_sample=False),
+                       model.generate(PROMPT[:1], max_new_tokens=6, do_sample=False))
+    assert saved.quantized_bits == report.bits
+    assert 0 <= saved.quantized_bytes * 8 - report.bits < 8 * 3 * len(report.layers)
+    assert not any(isinstance(m, torch.nn.Linear) for m in loaded.model.layers.modules())  # all packed
+
+
+def test_mixed_plan_with_16_bit_layers_round_trips(tmp_path):
+    model = tiny_llama()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    options = ["int2:g32:asym", "int4:g32:asym", KEEP, "nvfp4"]
+    layers = [LayerPlan(name, name, options[i % 4], "rtn" if options[i % 4] == KEEP else "gptq",
+                        tuple(dict(model.named_modules())[name].weight.shape))
+              for i, name in enumerate(names)]
+    plan = Plan(layers)
+    report = mixbits.quantize(model, plan=plan, calibration=CALIBRATION, progress=False)
+    save_quantized(model, report, tmp_path / "ckpt", plan=plan)
+    loaded = load_quantized(tmp_path / "ckpt").model
+    assert torch.allclose(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)
+    info = checkpoint_info(tmp_path / "ckpt")
+    assert [layer["option"] for layer in info["layers"]] == [layer.option for layer in layers]
+    assert info["plan"]["layers"][2]["option"] == KEEP
+
+
+def test_loading_never_unpickles(tmp_path, monkeypatch, quantized):
+    model, report = quantized
+    save_quantized(model, report, tmp_path / "ckpt")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling during load")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    assert torch.allclose(logits(load_quantized(tmp_path / "ckpt").model), logits(model), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    return quantized_copy()
+
+
+@pytest.fixture
+def saved(tmp_path, quantized):
+    save_quantized(*quantized, tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: flip_byte(d / "quantized.safetensors", -5), "sha256"),
+    (lambda d: (d / "float.safetensors").write_bytes((d / "float.safetensors").read_bytes()[:-100]), "truncated"),
+    (lambda d: (d / "config.json").unlink(), "missing"),
+    (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
+    (lambda d: (d / "manifest.json").write_text("{not json"), "not a valid manifest"),
+    (lambda d: (d / "manifest.json").write_text(json.dumps({**json.loads((d / "manifest.json").read_text()),
+                                                             "mixbits_checkpoint": 99})), "version 99"),
+])
+def test_damaged_checkpoints_are_refused(saved, damage, message):
+    damage(saved)
+    with pytest.raises(CheckpointError, match=message):
+        load_quantized(saved)
+
+
+def test_writing_is_atomic(tmp_path, monkeypatch, quantized):
+    model, report = quantized
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(mixbits.MixbitsError, match="not a mixbits checkpoint"):
+        save_quantized(model, report, other)
+    assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]
+
+    target = tmp_path / "ckpt"
+    save_quantized(model, report, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    import safetensors.torch
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError):
+        save_quantized(model, report, target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the old checkpoint is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "notes"]  # and no temporary is left
