@@ -149,22 +149,32 @@ def test_quantize_to_a_budget_writes_the_plan_it_applied(tmp_path):
     assert Sensitivity.load(tmp_path / "sensitivity.json").kl_windows is None  # proxy only: no KL measured
 
 
-def test_checkpoint_commands_refuse_bad_input(tmp_path, tiny_llama_dir):
+def test_checkpoint_commands_refuse_bad_input(tmp_path, tiny_llama_dir, capsys):
+    """In this process (main() as the command runs it): one line on stderr, status 2, nothing written."""
+    from mixbits.cli import main
+
+    def refused(*args):
+        assert main(list(args)) == 2
+        output = capsys.readouterr()
+        assert output.out == "" and len(output.err.strip().splitlines()) == 1
+        return output.err
+
     checkpoint = tmp_path / "ckpt"
-    result = run("quantize", "--model", str(tiny_llama_dir), "--format", "int4:g16:asym", "--no-eval", "--out", str(checkpoint))
-    assert result.returncode == 0, result.stderr
-    assert "checkpoint:" in result.stdout
+    assert main(["quantize", "--model", str(tiny_llama_dir), "--format", "int4:g16:asym", "--no-eval", "--out", str(checkpoint)]) == 0
+    assert "checkpoint:" in capsys.readouterr().out
     # A format without a GGML type: nothing written, the nearest type named.
-    assert_one_line_error(run("export", str(checkpoint), "--out", str(tmp_path / "m.gguf")), "no GGML type", "nearest is q4_1")
+    message = refused("export", str(checkpoint), "--out", str(tmp_path / "m.gguf"))
+    assert "no GGML type" in message and "nearest is q4_1" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tiny-llama"]
-    assert_one_line_error(run("generate", str(tiny_llama_dir), "--prompt", "hi"), "has no tokenizer")
+    assert "has no tokenizer" in refused("generate", str(tiny_llama_dir), "--prompt", "hi")
     notes = tmp_path / "tiny-llama"  # an existing directory that is not a checkpoint
-    assert_one_line_error(run("quantize", "--model", str(tiny_llama_dir), "--no-eval", "--out", str(notes)),
-                          "not a mixbits checkpoint")
+    assert "not a mixbits checkpoint" in refused("quantize", "--model", str(tiny_llama_dir), "--no-eval", "--out", str(notes))
     data = bytearray((checkpoint / "quantized.safetensors").read_bytes())
     data[-3] ^= 0xFF
     (checkpoint / "quantized.safetensors").write_bytes(bytes(data))
-    assert_one_line_error(run("eval", str(checkpoint)), "does not match its sha256")
+    assert "does not match its sha256" in refused("eval", str(checkpoint))
+    # And the installed command behaves the same.
+    assert_one_line_error(run("generate", str(checkpoint), "--prompt", "hi"), "does not match its sha256")
 
 
 @pytest.mark.model
