@@ -304,7 +304,7 @@ def _run_quantize(args) -> int:
         text = load_text(args.text)
     loaded = load_model(args.model)
     if args.target and not planning:
-        _check_target(loaded, args.target, plan, str(fmt), head_format)
+        _check_gguf_target(loaded, plan, str(fmt), head_format)
     if text is not None:
         windows, spec = eval_windows(tokenize(text, loaded.tokenizer), args.windows, args.window_len)
         original = copy.deepcopy(loaded.model)
@@ -450,24 +450,20 @@ def _run_eval(args) -> int:
     return 0
 
 
-def _check_target(loaded, target: str, plan, fmt: str, head_format) -> None:
-    """Refuse, before quantizing, a format or plan the target runtime cannot load."""
-    from .menu import MenuError, allowed, parse_choice
+def _check_gguf_target(loaded, plan, fmt: str, head_format) -> None:
+    """Refuse, before quantizing, a format or plan llama.cpp cannot load (gguf is the only --target)."""
+    from .io.gguf import ggml_type_name
     from .models.structure import output_head, quantizable_linears
 
     if plan is not None:
-        layers = [(layer.name, layer.option, tuple(layer.shape)) for layer in plan.layers]
+        layers = [(layer.option, tuple(layer.shape)) for layer in plan.layers]
     else:
-        layers = [(name, fmt, tuple(linear.weight.shape)) for name, linear in quantizable_linears(loaded.model)]
+        layers = [(fmt, tuple(linear.weight.shape)) for _, linear in quantizable_linears(loaded.model)]
     head = output_head(loaded.model)
     if head_format is not None and head is not None:
-        layers.append((head[0], str(head_format), tuple(head[1].weight.shape)))
-    for name, option, shape in layers:
-        if not allowed(parse_choice(option), shape, target):
-            from .io.gguf import ggml_type_name
-
-            ggml_type_name(option, shape)  # raises with the reason and the nearest type
-            raise MenuError(f"{name} ({option}) cannot be written to {target}")
+        layers.append((str(head_format), tuple(head[1].weight.shape)))
+    for option, shape in layers:
+        ggml_type_name(option, shape)  # raises with the reason and the nearest type
 
 
 def _run_export(args) -> int:

@@ -141,14 +141,12 @@ def quantize(
             raise MixbitsError(f"the plan already sets the option of {head[0]}; drop the head format")
     if plan is not None:
         choices = _plan_choices(plan, module, [name for name, _ in quantizable_linears(module, include_head and head is None)])
-        if head is not None:
-            choices[head[0]] = (str(parse_format(head_format)), "gptq")
     else:  # every layer alike, whatever its name becomes after a rotation
         uniform = (str(parse_format(format)), solver)
         choices = defaultdict(lambda: uniform, {})
-        if head is not None:
-            choices[head[0]] = (str(parse_format(head_format)), solver)
-    include_head = include_head or head is not None
+    if head is not None:  # plans run calibrated, so their head gets GPTQ
+        choices[head[0]] = (str(parse_format(head_format)), "gptq" if plan is not None else solver)
+        include_head = True
     # Refuse unsupported architectures and short texts before changing anything.
     if rotate:
         decoder_parts(module, "rotation")

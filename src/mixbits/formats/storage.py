@@ -21,7 +21,7 @@ import torch
 from ..errors import FormatError
 from ..packing import pack, packed_size, unpack
 from .base import Format, QuantizedTensor
-from .granularity import Granularity, ungroup
+from .granularity import to_groups, ungroup
 
 
 def store(quantized: QuantizedTensor) -> dict[str, torch.Tensor]:
@@ -57,7 +57,8 @@ def restore(fmt: Format, shape: tuple[int, int], tensors: dict[str, torch.Tensor
         except (RuntimeError, KeyError, FormatError) as error:  # wrong sizes or missing parts
             raise FormatError(f"stored {name} of a {rows}x{cols} {fmt} matrix does not fit its shape {list(param_shape)} "
                               f"({error}); the checkpoint does not match its manifest") from None
-    return QuantizedTensor(fmt, (rows, cols), _regroup(codes.reshape(rows, cols), fmt.granularity), params)
+    # to_groups pads a partial last group by repeating the last code, as quantizing did with the last value.
+    return QuantizedTensor(fmt, (rows, cols), to_groups(codes.reshape(rows, cols), fmt.granularity).values, params)
 
 
 def stored_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -80,16 +81,3 @@ def _unpack(tensors: dict[str, torch.Tensor], name: str, width: int, count: int)
                           f"{packed_size(count, width)} bytes ({count} values of {width} bits); the checkpoint is damaged")
     return unpack(data, width, count)
 
-
-def _regroup(codes: torch.Tensor, granularity: Granularity) -> torch.Tensor:
-    """Codes [rows, cols] in the grouped layout, a partial last group padded by repeating the last code."""
-    rows, cols = codes.shape
-    if granularity.kind == "tensor":
-        return codes.reshape(1, 1, rows * cols)
-    if granularity.kind == "channel":
-        return codes.reshape(rows, 1, cols)
-    groups = granularity.groups_per_row(cols)
-    pad = groups * granularity.size - cols
-    if pad:
-        codes = torch.cat([codes, codes[:, -1:].expand(rows, pad)], dim=1)
-    return codes.reshape(rows, groups, granularity.size)

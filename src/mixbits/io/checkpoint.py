@@ -143,8 +143,8 @@ def load_quantized(directory: str | Path) -> LoadedModel:
     except Exception as error:  # safetensors raises its own error types on malformed files
         raise CheckpointError(f"cannot read the tensors in {directory}: {error}; write the checkpoint again") from error
     model = _empty_model(directory)
-    layer_names = [layer["name"] for layer in info["layers"]]
-    expected = {key for key in model.state_dict() if key.rpartition(".")[0] not in set(layer_names)}
+    layer_names = {layer["name"] for layer in info["layers"]}
+    expected = {key for key in model.state_dict() if key.rpartition(".")[0] not in layer_names}
     modules = dict(model.named_modules())
     for layer in info["layers"]:
         name, shape = layer["name"], tuple(layer["shape"])
@@ -152,8 +152,7 @@ def load_quantized(directory: str | Path) -> LoadedModel:
         if not isinstance(target, nn.Linear) or tuple(target.weight.shape) != shape:
             raise CheckpointError(f"layer {name} of {directory} does not match its config.json; write the checkpoint again")
         bias = floats.pop(f"{name}.bias", None)
-        prefix = name + "."
-        tensors = {key[len(prefix):]: value for key, value in quantized.items() if key.startswith(prefix)}
+        tensors = layer_tensors(quantized, name)
         if layer["option"] == KEEP:
             if "weight" not in tensors:
                 raise CheckpointError(f"{directory} has no weight for 16-bit layer {name}; write the checkpoint again")
@@ -176,6 +175,12 @@ def load_quantized(directory: str | Path) -> LoadedModel:
     # The manifest holds every other file's hash, so its own hash identifies the checkpoint.
     return LoadedModel(model.eval(), tokenizer, f"{directory} ({source.get('name', 'unknown source')})",
                        sha256_file(directory / MANIFEST))
+
+
+def layer_tensors(quantized: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The stored tensors of layer `name` in quantized.safetensors, keyed without the layer's prefix."""
+    prefix = name + "."
+    return {key[len(prefix):]: value for key, value in quantized.items() if key.startswith(prefix)}
 
 
 def checkpoint_info(directory: str | Path) -> dict:

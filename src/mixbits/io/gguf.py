@@ -34,7 +34,7 @@ from ..formats import parse_format
 from ..hashing import sha256_file
 from ..packing import unpack
 from ..plan import KEEP
-from .checkpoint import FLOAT, QUANTIZED, checkpoint_info
+from .checkpoint import FLOAT, QUANTIZED, checkpoint_info, layer_tensors
 
 GGML_FORMATS = {name: parse_format(name) for name in ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "mxfp4")}
 SUPER_BLOCK = 256
@@ -99,11 +99,9 @@ def export_gguf(directory: str | Path, out: str | Path, *, tokenizer_gguf: str |
         for name, tensor in floats.items():
             if name in info["tied"] or name.rpartition(".")[0] in layers:
                 continue  # a tied copy (llama.cpp reuses token_embd), or a quantized layer's bias (none in LLaMA)
-            writer.add_tensor(_gguf_name(names, name), _permuted(tensor.float(), name, config).numpy())
+            writer.add_tensor(_gguf_name(names, name), tensor.float().numpy())
         for name, layer in layers.items():
-            prefix = name + "."
-            stored = {key[len(prefix):]: value for key, value in quantized.items() if key.startswith(prefix)}
-            data, raw_type = _blocks(types[name], layer, stored, config)
+            data, raw_type = _blocks(types[name], layer, layer_tensors(quantized, name), config)
             writer.add_tensor(_gguf_name(names, name + ".weight"), data, raw_dtype=raw_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -128,20 +126,19 @@ def _gguf_name(names, name: str) -> str:
     return f"{mapped}.{suffix}"
 
 
-def _row_permutation(name: str, rows: int, config) -> torch.Tensor | None:
-    """GGML's row order of q_proj/k_proj (rotary pairs interleaved per head), as llama.cpp's converter permutes."""
-    heads = config.num_attention_heads
-    if name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj"):
+def _row_permutation(layer: str, rows: int, config) -> torch.Tensor | None:
+    """GGML's row order of q_proj/k_proj (rotary pairs interleaved per head), as llama.cpp's converter permutes.
+
+    q/k are always stored layers (every block Linear is), so only layers need it.
+    """
+    if layer.endswith("self_attn.q_proj"):
+        heads = config.num_attention_heads
+    elif layer.endswith("self_attn.k_proj"):
         heads = config.num_key_value_heads
-    elif not (name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj")):
+    else:
         return None
     index = torch.arange(rows)
     return index.reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
-
-
-def _permuted(tensor: torch.Tensor, name: str, config) -> torch.Tensor:
-    order = _row_permutation(name, tensor.shape[0], config) if tensor.dim() == 2 else None
-    return tensor if order is None else tensor[order]
 
 
 def _blocks(kind: str, layer: dict, stored: dict[str, torch.Tensor], config) -> tuple[np.ndarray, object]:

@@ -57,9 +57,9 @@ def load_model(source: str | Path | nn.Module | LoadedModel | None = None, *, to
     path = default_gguf_path() if source is None else Path(source)
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist; give a Hugging Face model directory or a .gguf file")
-    if path.is_dir() and (path / "mixbits.json").is_file():
-        from ..io.checkpoint import load_quantized
+    from ..io.checkpoint import is_checkpoint, load_quantized
 
+    if is_checkpoint(path):
         return load_quantized(path)
     if path.is_dir():
         loaded = _load_hf_dir(path, name=str(path))
