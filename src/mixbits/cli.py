@@ -117,6 +117,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", "-n", type=int, default=64, help="tokens to generate (default: %(default)s)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
     g.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy decoding")
+    g.add_argument("--transformers", action="store_true",
+                   help="decode with transformers' generate instead of mixbits' decoder (slower; for comparison)")
     g.set_defaults(run=_run_generate)
 
     f = commands.add_parser("formats", help="list every number format with its exact bits per weight",
@@ -488,8 +490,6 @@ def _source(args) -> str | None:
 def _run_generate(args) -> int:
     import time
 
-    import torch
-
     from .models import load_model
 
     if args.max_new_tokens < 1:
@@ -505,17 +505,33 @@ def _run_generate(args) -> int:
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
-    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if args.sample else {"do_sample": False}
+    eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
     start = time.perf_counter()
-    with torch.no_grad():
-        output = loaded.model.generate(ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id,
-                                       **sampling)
+    new, runtime = _decode(loaded.model, ids, args.max_new_tokens, eos, args.sample, args.transformers)
     seconds = time.perf_counter() - start
-    new = output[0, ids.shape[1]:]
     print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
-    print(f"{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s, prompt {ids.shape[1]} tokens included)",
-          file=sys.stderr)
+    print(f"{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s, prompt {ids.shape[1]} tokens "
+          f"included; {runtime})", file=sys.stderr)
     return 0
+
+
+def _decode(model, ids, max_new_tokens: int, eos, sample: bool, transformers: bool):
+    """The new tokens after `ids` [1, n], and which runtime made them: mixbits' decoder where it runs the model."""
+    import torch
+
+    from .runtime.decode import Decoder, DecodeUnsupported
+
+    if not transformers:
+        try:
+            output = Decoder(model).generate(ids, max_new_tokens, eos_token_id=eos, sample=sample)
+            return output[ids.shape[1]:], "mixbits decoder"
+        except DecodeUnsupported as why:
+            print(f"note: {why}; decoding with transformers' generate", file=sys.stderr)
+    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if sample else {"do_sample": False}
+    with torch.no_grad():
+        pad = eos if isinstance(eos, int) or eos is None else eos[0]
+        output = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, **sampling)
+    return output[0, ids.shape[1]:], "transformers generate"
 
 
 def _run_formats(args) -> int:

@@ -1,13 +1,19 @@
-"""The compiled integer-weight kernels (csrc/intgemm.cpp), built on first use and cached.
+"""mixbits' native extension (csrc/), built on first use and cached.
 
-PyTorch's own CPU int4/int8 weight kernels are vectorised for AVX-512 only;
-on an AVX2 machine such as this project's they ran 30-40x slower than a
-float32 matrix product (1536x576, one input row: 4.1 ms against 0.11 ms),
-so mixbits brings its own. The source is compiled with the system C++
-compiler through torch.utils.cpp_extension into the mixbits cache (about a
-minute, once per source and torch version). Without a compiler, or on a CPU
-without AVX2, `intgemm()` returns None and layers fall back to
-dequantize-and-multiply.
+It holds the integer-weight matrix kernels (intgemm.cpp) and the small steps
+of a decoder block (decode_ops.cpp). PyTorch's own CPU int4/int8 weight
+kernels are vectorised for AVX-512 only; on an AVX2 machine such as this
+project's they ran 30-40x slower than a float32 matrix product (1536x576,
+one input row: 4.1 ms against 0.11 ms), so mixbits brings its own.
+
+The sources are compiled with the system C++ compiler through
+torch.utils.cpp_extension into the mixbits cache (about a minute, once per
+source and torch version). They are built with OpenMP, as PyTorch is, so that
+`at::parallel_for` runs on PyTorch's threads (the library's soname matches the
+libgomp torch has loaded); without it the loops would run on one thread.
+Without a compiler, or on a CPU without AVX2, `native()` returns None: integer
+layers fall back to dequantize-and-multiply and the decoder to PyTorch
+operators.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "intgemm.cpp"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 
 
 @functools.cache
-def intgemm():
-    """The kernel module, or None (with one warning saying why) if it cannot be used here."""
+def native():
+    """The extension module, or None (with one warning saying why) if it cannot be used here."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         warnings.warn("this CPU lacks AVX2: integer layers run by dequantize-and-multiply, more slowly", stacklevel=2)
         return None
@@ -32,15 +39,17 @@ def intgemm():
 
     from ..models.loader import cache_root
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    digest = hashlib.sha256(text + torch.__version__.encode()).hexdigest()[:16]
     build = cache_root() / "kernels" / digest
     build.mkdir(parents=True, exist_ok=True)
     try:
-        module = cpp_extension.load(name=f"mixbits_intgemm_{digest}", sources=[str(SOURCE)], build_directory=str(build),
-                                    extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+        module = cpp_extension.load(name=f"mixbits_native_{digest}", sources=[str(path) for path in SOURCES],
+                                    build_directory=str(build), extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # compiler missing or failing: run, more slowly, without it
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        warnings.warn(f"could not build mixbits' integer kernels ({first}); integer layers run by "
+        warnings.warn(f"could not build mixbits' native kernels ({first}); integer layers run by "
                       "dequantize-and-multiply, more slowly. Install g++ to build them.", stacklevel=2)
         return None
     return module

@@ -6,7 +6,7 @@ equals the fake-quantized layer's (up to float summation order):
 - `IntLinear`, integer formats with groups of a multiple of 32 inputs (or
   per channel): codes of up to 4 bits packed two per byte, wider ones one per
   byte, with a float scale and offset per group; a compiled kernel
-  (`kernels.intgemm`) multiplies from the codes for a few input rows (decode)
+  (`kernels.native`) multiplies from the codes for a few input rows (decode)
   and dequantizes this one layer for many (prefill), then calls the float
   matrix product.
 - `DequantLinear`, any format: codes kept as one byte each plus the format's
@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from ..formats import Format, QuantizedTensor
 from ..formats.granularity import ungroup
 from ..formats.integer import IntFormat
-from .kernels import intgemm
+from .kernels import native
 
 RUN = 32  # the kernel's step along the inputs: inputs and groups must be multiples of it
 # Above this many input rows, dequantizing the layer once and calling the float product is faster.
@@ -89,15 +89,44 @@ class IntLinear(nn.Module):
             return False
         return fmt.granularity.kind == "channel" or (fmt.granularity.kind == "group" and fmt.granularity.size % RUN == 0)
 
+    @classmethod
+    def stack(cls, parts: list[IntLinear]) -> IntLinear | None:
+        """One module for layers that read the same input: their rows stacked (None unless the layouts agree).
+
+        The parts then hold views into the stacked buffers, so nothing is stored twice.
+        """
+        first = parts[0]
+        if any((p.group, p.nibbles, p.in_features) != (first.group, first.nibbles, first.in_features) for p in parts):
+            return None
+        stacked = cls.__new__(cls)
+        nn.Module.__init__(stacked)
+        stacked.format, stacked.group, stacked.nibbles = first.format, first.group, first.nibbles
+        stacked.in_features, stacked.out_features = first.in_features, sum(p.out_features for p in parts)
+        for name in ("codes", "scale", "offset"):
+            stacked.register_buffer(name, torch.cat([getattr(p, name) for p in parts]))
+        stacked.bias = None
+        if any(p.bias is not None for p in parts):
+            stacked.bias = nn.Parameter(torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features)
+                                                   for p in parts]), requires_grad=False)
+        start = 0
+        for part in parts:
+            rows = slice(start, start + part.out_features)
+            for name in ("codes", "scale", "offset"):
+                setattr(part, name, getattr(stacked, name)[rows])
+            if part.bias is not None:
+                part.bias = nn.Parameter(stacked.bias[rows], requires_grad=False)
+            start += part.out_features
+        return stacked
+
     def weight_values(self) -> torch.Tensor:
-        kernels = intgemm()
+        kernels = native()
         dequantize = kernels.nibble_dequantize if self.nibbles else kernels.byte_dequantize
         return dequantize(self.codes, self.scale, self.offset, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
         if flat.shape[0] <= KERNEL_ROWS:
-            kernels = intgemm()
+            kernels = native()
             linear = kernels.nibble_linear if self.nibbles else kernels.byte_linear
             y = linear(flat, self.codes, self.scale, self.offset, self.group)
         else:
@@ -112,6 +141,6 @@ class IntLinear(nn.Module):
 
 def quantized_linear(quantized: QuantizedTensor, bias: torch.Tensor | None = None) -> nn.Module:
     """The runtime module for one quantized matrix: the integer kernel where it applies and is built."""
-    if IntLinear.supports(quantized.format, quantized.shape) and intgemm() is not None:
+    if IntLinear.supports(quantized.format, quantized.shape) and native() is not None:
         return IntLinear(quantized, bias)
     return DequantLinear(quantized, bias)

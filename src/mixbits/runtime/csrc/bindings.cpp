@@ -1,0 +1,12 @@
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("nibble_linear", &nibble_linear, "x @ W.T for 4-bit codes");
+  m.def("byte_linear", &byte_linear, "x @ W.T for 8-bit codes");
+  m.def("nibble_dequantize", &nibble_dequantize, "W from 4-bit codes");
+  m.def("byte_dequantize", &byte_dequantize, "W from 8-bit codes");
+  m.def("vectorized", &vectorized, "whether the AVX2 path was compiled");
+  m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows");
+  m.def("attend", &attend, "RoPE, KV-cache append and causal grouped-query attention for new tokens");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up for [gate | up] rows");
+}

@@ -1,0 +1,16 @@
+// The functions mixbits compiles into its native extension (see bindings.cpp).
+#pragma once
+#include <torch/extension.h>
+
+// intgemm.cpp: matrix products with integer-coded weights.
+at::Tensor nibble_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, at::Tensor offsets, int64_t group);
+at::Tensor byte_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, at::Tensor offsets, int64_t group);
+at::Tensor nibble_dequantize(at::Tensor codes, at::Tensor scales, at::Tensor offsets, int64_t group);
+at::Tensor byte_dequantize(at::Tensor codes, at::Tensor scales, at::Tensor offsets, int64_t group);
+bool vectorized();
+
+// decode_ops.cpp: the steps of a decoder block between its matrix products.
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
+at::Tensor attend(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor keys, at::Tensor values, int64_t start,
+                  int64_t heads, int64_t kv_heads, double scale);
+at::Tensor silu_mul(at::Tensor gate_up);

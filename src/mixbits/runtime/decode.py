@@ -1,0 +1,266 @@
+"""Batch-1 generation for LLaMA-style decoders: a lean decode step over the model's own weights.
+
+A decode step of the transformers model runs several hundred small operators
+plus Python dispatch (cache objects, mask building, attention interfaces); on
+this project's 2-core machine that costs several times more than reading a
+4-bit model's weights. `Decoder` runs the same arithmetic in about ten calls
+per block:
+
+- q/k/v and gate/up read the same input, so each set is one matrix product
+  over its stacked weight rows. The model's own layers then hold views into the
+  stacked weights: same values, no second copy.
+- For one token (up to KERNEL_ROWS), integer layers call the compiled kernel
+  directly rather than through nn.Module (`matvec`).
+- RMSNorm, RoPE with the KV-cache append and attention, and SiLU(gate) * up
+  are one native call each (csrc/decode_ops.cpp) for float32 models; other
+  dtypes and per-head q/k norms use PyTorch operators.
+- Keys and values go into tensors allocated once for the whole generation;
+  rotary cos/sin come from the model's own rotary module for every position up
+  front, so any rope type it implements is reproduced.
+
+Logits equal the transformers forward up to float summation order, and greedy
+tokens equal `model.generate`'s (tests/test_decode.py). Models it cannot run
+(other architectures, input rotations, sliding windows shorter than the
+generation) raise DecodeUnsupported; `mixbits generate` then falls back to
+`model.generate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import MixbitsError, TransformError
+from ..models.llama import decoder_parts
+from .kernels import native
+from .linear import KERNEL_ROWS, DequantLinear, IntLinear
+
+
+class DecodeUnsupported(MixbitsError):
+    """The fast decoder cannot run this model; use `model.generate`."""
+
+
+@dataclass
+class Block:
+    input_norm: torch.Tensor
+    qkv: nn.Module
+    q_norm: nn.Module | None  # per-head RMSNorm on queries and keys (qwen3)
+    k_norm: nn.Module | None
+    o: nn.Module
+    post_norm: torch.Tensor
+    gate_up: nn.Module
+    down: nn.Module
+    # the same four products as plain functions, for decode steps (see `matvec`)
+    qkv_step: object = None
+    o_step: object = None
+    gate_up_step: object = None
+    down_step: object = None
+
+    def __post_init__(self):
+        self.qkv_step, self.o_step = matvec(self.qkv), matvec(self.o)
+        self.gate_up_step, self.down_step = matvec(self.gate_up), matvec(self.down)
+
+
+class Stacked(nn.Module):
+    """Modules reading the same input, computed one after another and concatenated (when they cannot be stacked)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def stack_linears(parts: list[nn.Module]) -> nn.Module:
+    """One module whose output is the parts' outputs side by side; their weights stacked where the kinds agree."""
+    if all(type(part) is nn.Linear for part in parts) and len({p.weight.dtype for p in parts}) == 1:
+        weight = torch.cat([part.weight.detach() for part in parts])
+        biases = [part.bias for part in parts]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b.detach() if b is not None else weight.new_zeros(p.out_features)
+                              for b, p in zip(biases, parts)])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            fused.bias = nn.Parameter(bias, requires_grad=False)
+        start = 0
+        for part in parts:  # the parts keep working, as views into the stacked weight
+            rows = slice(start, start + part.out_features)
+            part.weight = nn.Parameter(weight[rows], requires_grad=False)
+            if part.bias is not None:
+                part.bias = nn.Parameter(bias[rows], requires_grad=False)
+            start += part.out_features
+        return fused
+    if all(isinstance(part, IntLinear) for part in parts):
+        stacked = IntLinear.stack(parts)
+        if stacked is not None:
+            return stacked
+    return Stacked(parts)
+
+
+def matvec(module: nn.Module):
+    """`module` as a plain function of a contiguous float32 [rows <= KERNEL_ROWS, in] input.
+
+    A decode step calls about 150 of these; nn.Module's call machinery and IntLinear's reshaping cost
+    more than the 4-bit products themselves on a small machine, so the decoder calls the kernel directly.
+    """
+    if isinstance(module, IntLinear) and native() is not None:
+        kernel = native().nibble_linear if module.nibbles else native().byte_linear
+        codes, scale, offset, group, bias = module.codes, module.scale, module.offset, module.group, module.bias
+        if bias is None:
+            return lambda x: kernel(x, codes, scale, offset, group)
+        return lambda x: kernel(x, codes, scale, offset, group).add_(bias)
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    return module
+
+
+class Decoder:
+    """Greedy or sampled generation, one sequence at a time, for a LLaMA-style causal LM."""
+
+    def __init__(self, model: nn.Module):
+        try:
+            parts = decoder_parts(model, "the fast decoder")
+        except TransformError as error:
+            raise DecodeUnsupported(str(error)) from None
+        config = model.config
+        self.model = model
+        self.config = config
+        attention = model.model.layers[0].self_attn
+        self.head_dim = attention.head_dim
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.scaling = attention.scaling
+        self.sliding_window = getattr(config, "sliding_window", None)
+        if any(not isinstance(layer.down, (nn.Linear, IntLinear, DequantLinear)) for layer in parts.layers):
+            raise DecodeUnsupported("the fast decoder does not run input rotations (online Hadamard) yet")
+        self.embed = parts.embed
+        self.rotary = model.model.rotary_emb
+        self.final_norm = parts.final_norm
+        self.head = parts.head
+        self.head_step = matvec(parts.head)
+        self.eps = parts.final_norm.variance_epsilon
+        self.blocks = []
+        for layer, block in zip(parts.layers, model.model.layers):
+            self.blocks.append(Block(
+                layer.input_norm.weight, stack_linears([layer.q, layer.k, layer.v]),
+                getattr(block.self_attn, "q_norm", None), getattr(block.self_attn, "k_norm", None), layer.o,
+                layer.post_norm.weight, stack_linears([layer.gate, layer.up]), block.mlp.down_proj))
+        self.act = block.mlp.act_fn
+        self.dtype = parts.embed.weight.dtype
+        # The native block steps take float32, SiLU MLPs and no per-head q/k norms; otherwise PyTorch operators.
+        native_kernels = native()
+        plain = (self.dtype == torch.float32 and getattr(config, "hidden_act", None) == "silu"
+                 and all(b.q_norm is None for b in self.blocks))
+        self.native = native_kernels if plain else None
+
+    def _rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(length).unsqueeze(0)
+        cos, sin = self.rotary(torch.empty(1, dtype=self.dtype), positions)
+        return cos[0], sin[0]  # [length, head_dim]
+
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
+                 sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """The prompt `ids` (1-D, or [1, n]) followed by up to `max_new_tokens` new tokens, as a 1-D tensor."""
+        ids = ids.reshape(-1)
+        total = ids.numel() + max_new_tokens
+        if self.sliding_window is not None and total > self.sliding_window:
+            raise DecodeUnsupported(f"generation of {total} tokens exceeds the sliding window ({self.sliding_window})")
+        stops = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+        cos, sin = self._rope(total)
+        cache_shape = (len(self.blocks), self.kv_heads, total, self.head_dim)
+        keys, values = torch.empty(cache_shape, dtype=self.dtype), torch.empty(cache_shape, dtype=self.dtype)
+        out = [ids]
+        logits = self._forward(ids, 0, cos, sin, keys, values)
+        position = ids.numel()
+        for step in range(max_new_tokens):
+            token = self._pick(logits, sample, temperature, top_p, generator)
+            out.append(token)
+            if int(token) in stops or step == max_new_tokens - 1:
+                break
+            logits = self._forward(token, position, cos, sin, keys, values)
+            position += 1
+        return torch.cat(out)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits after every position of `ids` (1-D): the model's forward, for tests and checks."""
+        ids = ids.reshape(-1)
+        cos, sin = self._rope(ids.numel())
+        shape = (len(self.blocks), self.kv_heads, ids.numel(), self.head_dim)
+        with torch.inference_mode():
+            return self._forward(ids, 0, cos, sin, torch.empty(shape, dtype=self.dtype),
+                                 torch.empty(shape, dtype=self.dtype), every_position=True)
+
+    @staticmethod
+    def _pick(logits, sample, temperature, top_p, generator) -> torch.Tensor:
+        if not sample:
+            return logits.argmax().reshape(1)
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # the smallest set whose mass reaches top_p
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return order[choice]
+
+    def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm as the transformers model computes it: normalised in float32, scaled in the model's dtype."""
+        if self.native is not None:
+            return self.native.rms_norm(h, weight, self.eps)
+        if h.dtype == torch.float32:
+            return F.rms_norm(h, (h.shape[-1],), weight, self.eps)
+        return F.rms_norm(h.float(), (h.shape[-1],), None, self.eps).to(h.dtype) * weight
+
+    def _forward(self, ids, start, cos, sin, keys, values, every_position=False) -> torch.Tensor:
+        n = ids.numel()
+        end = start + n
+        cos, sin = cos[start:end], sin[start:end]
+        mask = None
+        if n > 1 and self.native is None:  # causal over the cached prefix and the new tokens
+            mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
+        step = n <= KERNEL_ROWS  # decode: call the kernels directly; prefill: the modules' dequantize-and-multiply
+        h = self.embed(ids)
+        for index, block in enumerate(self.blocks):
+            qkv = (block.qkv_step if step else block.qkv)(self._norm(h, block.input_norm))
+            if self.native is not None:
+                attended = self.native.attend(qkv, cos, sin, keys[index], values[index], start, self.heads,
+                                              self.kv_heads, self.scaling)
+            else:
+                attended = self._attend(block, qkv, cos, sin, keys[index], values[index], start, mask)
+            h = h + (block.o_step if step else block.o)(attended)
+            gate_up = (block.gate_up_step if step else block.gate_up)(self._norm(h, block.post_norm))
+            if self.native is not None:
+                activated = self.native.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                activated = self.act(gate) * up
+            h = h + (block.down_step if step else block.down)(activated)
+        if not every_position:
+            h = h[-1:]
+        h = self._norm(h, self.final_norm.weight)
+        logits = (self.head_step if h.shape[0] <= KERNEL_ROWS else self.head)(h)
+        return logits if every_position else logits[0]
+
+    def _attend(self, block, qkv, cos, sin, keys, values, start, mask) -> torch.Tensor:
+        """Rotary embedding, cache append and attention with PyTorch operators (any dtype, q/k norms)."""
+        n, end = qkv.shape[0], start + qkv.shape[0]
+        half = self.head_dim // 2
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        qk = qkv[:, :q_size + kv_size].reshape(n, self.heads + self.kv_heads, self.head_dim)
+        if block.q_norm is not None:
+            qk = torch.cat([block.q_norm(qk[:, :self.heads]), block.k_norm(qk[:, self.heads:])], dim=1)
+        rotated = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
+        qk = qk * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+        keys[:, start:end] = qk[:, self.heads:].transpose(0, 1)
+        values[:, start:end] = qkv[:, q_size + kv_size:].reshape(n, self.kv_heads, self.head_dim).transpose(0, 1)
+        attended = F.scaled_dot_product_attention(
+            qk[:, :self.heads].transpose(0, 1).unsqueeze(0), keys[:, :end].unsqueeze(0), values[:, :end].unsqueeze(0),
+            attn_mask=mask, scale=self.scaling, enable_gqa=True)
+        return attended[0].transpose(0, 1).reshape(n, q_size)
