@@ -221,6 +221,7 @@ def _sensitivity(args, loaded, menu, pins):
         loaded, menu, calibration=args.calib_text or args.text, calibration_windows=args.calib_windows,
         calibration_len=args.calib_window_len, pins=pins, ties=args.ties, kl=args.damage == "kl",
         kl_windows=args.kl_windows, kl_len=args.kl_window_len, fisher_windows=args.fisher_windows, target=args.target,
+        clip_search=getattr(args, "clip_search", True),  # quantize --no-clip-search: measured as it will be applied
     )
     if args.sensitivity:
         found.save(args.sensitivity)
