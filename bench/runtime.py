@@ -15,6 +15,7 @@ Checkpoints are built first (kept in bench/work/, not committed):
 
     mixbits quantize --format int8:ch:sym --head-format int8:ch:sym --no-eval --out bench/work/int8
     mixbits quantize --format int4:g128:asym --solver gptq --head-format int8:ch:sym --no-eval --out bench/work/int4-g128
+    mixbits quantize --format q4_0 --solver gptq --head-format q8_0 --target gguf --no-eval --out bench/work/q4_0
     mixbits plan --bpw 3.0 --sensitivity bench/results/mixed/sensitivity.json --out bench/work/plan-3.0.json
     mixbits quantize --plan bench/work/plan-3.0.json --head-format int8:ch:sym --no-eval --out bench/work/mixed-3.0
 
@@ -39,6 +40,8 @@ BUILDS = {
     "int8": [["quantize", "--format", "int8:ch:sym", "--head-format", "int8:ch:sym", "--no-eval", "--out", "{out}"]],
     "int4-g128": [["quantize", "--format", "int4:g128:asym", "--solver", "gptq", "--head-format", "int8:ch:sym",
                    "--no-eval", "--out", "{out}"]],
+    "q4_0": [["quantize", "--format", "q4_0", "--solver", "gptq", "--head-format", "q8_0", "--target", "gguf", "--no-eval",
+              "--out", "{out}"]],
     "mixed-3.0": [["plan", "--bpw", "3.0", "--sensitivity", str(RESULTS / "mixed" / "sensitivity.json"),
                    "--out", str(WORK / "plan-3.0.json")],
                   ["quantize", "--plan", str(WORK / "plan-3.0.json"), "--head-format", "int8:ch:sym", "--no-eval",
@@ -211,7 +214,8 @@ def report(results: list[dict], read_bandwidth: float) -> None:
         f"{read_bandwidth / 1e9:.1f} GB/s; the decode limit is that over the weight bytes each token reads.",
         "",
         "Configurations: fp32 and bf16 are the transformers model; int8 is int8:ch:sym everywhere (RTN); int4-g128 is "
-        "int4:g128:asym by GPTQ with the head in int8:ch:sym; mixed-3.0 is the allocated 3.0 bpw plan "
+        "int4:g128:asym by GPTQ with the head in int8:ch:sym; q4_0 is llama.cpp's Q4_0 by GPTQ with the head in "
+        "q8_0 (the file bench/llama_cpp.py exports); mixed-3.0 is the allocated 3.0 bpw plan "
         "(bench/results/mixed) with the head in int8:ch:sym.",
         "",
         table,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import skip_init
 
 from ..errors import MixbitsError, TransformError
 from ..models.llama import decoder_parts
@@ -84,7 +85,7 @@ def stack_linears(parts: list[nn.Module]) -> nn.Module:
         if any(b is not None for b in biases):
             bias = torch.cat([b.detach() if b is not None else weight.new_zeros(p.out_features)
                               for b, p in zip(biases, parts)])
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+        fused = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
         fused.weight = nn.Parameter(weight, requires_grad=False)
         if bias is not None:
             fused.bias = nn.Parameter(bias, requires_grad=False)
@@ -130,8 +131,6 @@ class Decoder:
         except TransformError as error:
             raise DecodeUnsupported(str(error)) from None
         config = model.config
-        self.model = model
-        self.config = config
         attention = model.model.layers[0].self_attn
         self.head_dim = attention.head_dim
         self.heads = config.num_attention_heads
