@@ -8,9 +8,8 @@ llama-quantize llama-imatrix llama-bench`).
 
 The three 4-bit files hold the 210 decoder matrices in Q4_0 (4.5 bits per
 weight) and the output matrix in Q8_0, so for quality only how the decoder
-weights were rounded differs. The embedding is Q8_0 in the source; mixbits
-writes it as float32 (113 MB of its file, the same values), llama.cpp
-requantizes it to Q8_0.
+weights were rounded differs. The embedding is Q8_0 in all four files (mixbits
+writes it so because Q8_0 holds its values exactly).
 
 - mixbits: `mixbits quantize --format q4_0 --solver gptq --head-format q8_0
   --target gguf --out DIR` (GPTQ on 32 x 512 tokens from the start of the
@@ -41,6 +40,7 @@ from common import write_results
 
 from mixbits import defaults
 from mixbits.data import calibration_windows, eval_windows, load_text, tokenize
+from mixbits.io.checkpoint import is_checkpoint
 from mixbits.models import load_model
 from mixbits.models.loader import default_gguf_path
 from mixbits.record import provenance
@@ -83,8 +83,9 @@ def build_files(calib_path: Path) -> dict[str, Path]:
     ours = WORK / "mixbits-q4_0-gptq.gguf"
     if not ours.exists():
         checkpoint = WORK / "mixbits-q4_0-gptq"
-        run(sys.executable, "-m", "mixbits", "quantize", "--format", "q4_0", "--solver", "gptq", "--head-format", "q8_0",
-            "--target", "gguf", "--no-eval", "--out", str(checkpoint))
+        if not is_checkpoint(checkpoint):
+            run(sys.executable, "-m", "mixbits", "quantize", "--format", "q4_0", "--solver", "gptq", "--head-format",
+                "q8_0", "--target", "gguf", "--no-eval", "--out", str(checkpoint))
         run(sys.executable, "-m", "mixbits", "export", str(checkpoint), "--to", "gguf", "--out", str(ours))
     files["mixbits Q4_0 (GPTQ)"] = ours
     layout = ["--allow-requantize", "--output-tensor-type", "q8_0", "--token-embedding-type", "q8_0"]
@@ -142,8 +143,8 @@ def main() -> None:
     markdown = "\n".join([
         "# llama.cpp runs mixbits' GGUF: perplexity and speed against llama.cpp's own Q4_0",
         "",
-        f"llama.cpp {version}, 2 threads. Decoder matrices Q4_0 in all three 4-bit files, output Q8_0; the embedding "
-        "float32 in mixbits' file (the source's Q8_0 values), Q8_0 in llama.cpp's; perplexity by llama-perplexity (-c 512, second half of each chunk scored) on the protocol's "
+        f"llama.cpp {version}, 2 threads. Decoder matrices Q4_0 in all three 4-bit files, output and embedding "
+        "Q8_0; perplexity by llama-perplexity (-c 512, second half of each chunk scored) on the protocol's "
         "24 x 512 evaluation tokens; speed by llama-bench (-p 256, -n 64, 3 repetitions).",
         "",
         table,

@@ -199,6 +199,7 @@ def test_gguf_round_trip_on_the_default_model(tmp_path, capsys):
     import json
 
     import gguf
+    import numpy as np
 
     from mixbits.cli import main
 
@@ -220,6 +221,14 @@ def test_gguf_round_trip_on_the_default_model(tmp_path, capsys):
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert len(types) == 1 + 1 + 1 + 30 * 9  # embedding, head, final norm, 30 blocks of 7 matrices and 2 norms
     assert types["output.weight"] == "Q8_0" and types["blk.29.ffn_down.weight"] == "Q4_0"
+    # The embedding came from a Q8_0 GGUF, so Q8_0 holds it exactly: written so, 2 bytes a value less than float32.
+    from safetensors.torch import load_file
+
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert types["token_embd.weight"] == "Q8_0"
+    expected = load_file(str(checkpoint / "float.safetensors"))["model.embed_tokens.weight"]
+    assert np.array_equal(gguf.quants.dequantize(embedding.data, embedding.tensor_type).reshape(expected.shape),
+                          expected.numpy())
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"  # copied from the source GGUF
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
     capsys.readouterr()

@@ -62,6 +62,9 @@ def test_every_tensor_dequantizes_to_the_weights_mixbits_computed_with(exported)
         assert np.array_equal(values, weight.numpy()), layer.name
     assert types == {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "MXFP4", "F16"}
     assert {"token_embd.weight", "output_norm.weight", "blk.1.ffn_norm.weight", "blk.0.attn_norm.weight"} <= set(tensors)
+    embedding = tensors["token_embd.weight"]  # random floats: Q8_0 would not hold them exactly, so float32
+    assert embedding.tensor_type.name == "F32"
+    assert np.array_equal(embedding.data.reshape(config.vocab_size, -1), model.model.embed_tokens.weight.detach().numpy())
     assert len(tensors) == 2 + 2 * 9  # embedding, final norm; per block 7 matrices and 2 norms (output tied)
     for key in LLAMA_KEYS:
         assert key in reader.fields, key

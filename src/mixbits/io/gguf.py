@@ -13,7 +13,8 @@ exactly the weights mixbits computed with:
     fp16 (kept)                    F16
 
 K-quants need rows that are whole 256-value super-blocks. Other tensors
-(embedding, norms) are written as float32, as the model holds them. q_proj
+(embedding, norms) are written as float32, as the model holds them, or as
+Q8_0 where that holds them exactly (an embedding from a Q8_0 GGUF). q_proj
 and k_proj rows are permuted to GGML's rotary layout, as llama.cpp's
 converter does. The tokenizer's metadata is copied from the GGUF the model
 came from when that file is known, else converted from the Hugging Face
@@ -99,7 +100,8 @@ def export_gguf(directory: str | Path, out: str | Path, *, tokenizer_gguf: str |
         for name, tensor in floats.items():
             if name in info["tied"] or name.rpartition(".")[0] in layers:
                 continue  # a tied copy (llama.cpp reuses token_embd), or a quantized layer's bias (none in LLaMA)
-            writer.add_tensor(_gguf_name(names, name), tensor.float().numpy())
+            data, raw_type = _float_tensor(tensor)
+            writer.add_tensor(_gguf_name(names, name), data, raw_dtype=raw_type)
         for name, layer in layers.items():
             data, raw_type = _blocks(types[name], layer, layer_tensors(quantized, name), config)
             writer.add_tensor(_gguf_name(names, name + ".weight"), data, raw_dtype=raw_type)
@@ -116,6 +118,20 @@ def export_gguf(directory: str | Path, out: str | Path, *, tokenizer_gguf: str |
         temporary.unlink(missing_ok=True)
         raise
     return out
+
+
+def _float_tensor(tensor: torch.Tensor) -> tuple[np.ndarray, object]:
+    """A tensor kept in float: as Q8_0 blocks when that holds its values exactly (an embedding that came from a
+    Q8_0 GGUF, as the default model's did, takes 2 bytes per value less), else float32."""
+    import gguf
+
+    values = tensor.float().numpy()
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    if values.ndim == 2 and values.shape[1] % 32 == 0:
+        blocks = gguf.quants.quantize(values, q8_0)
+        if np.array_equal(gguf.quants.dequantize(blocks, q8_0), values):
+            return blocks, q8_0
+    return values, None
 
 
 def _gguf_name(names, name: str) -> str:
