@@ -7,9 +7,11 @@ the sources in the llama-cpp-python sdist on PyPI, for example:
 llama-quantize llama-imatrix llama-bench`).
 
 The three 4-bit files hold the 210 decoder matrices in Q4_0 (4.5 bits per
-weight) and the output matrix in Q8_0, so for quality only how the decoder
-weights were rounded differs. The embedding is Q8_0 in all four files (mixbits
-writes it so because Q8_0 holds its values exactly).
+weight) and the output matrix in Q8_0, so for quality only how the weights
+were rounded differs. The embedding is Q8_0 in all four files (mixbits writes
+it so because Q8_0 holds its values exactly); llama.cpp's files reuse it as
+the output matrix, mixbits' holds the output matrix separately (rounded with
+clip search).
 
 - mixbits: `mixbits quantize --format q4_0 --solver gptq --head-format q8_0
   --target gguf --out DIR` (GPTQ on 32 x 512 tokens from the start of the
