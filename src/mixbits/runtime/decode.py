@@ -20,14 +20,13 @@ per block:
 
 Logits equal the transformers forward up to float summation order, and greedy
 tokens equal `model.generate`'s (tests/test_decode.py). Models it cannot run
-(other architectures, input rotations, sliding windows shorter than the
-generation) raise DecodeUnsupported; `mixbits generate` then falls back to
-`model.generate`.
+(other architectures, sliding windows shorter than the generation) raise
+DecodeUnsupported; `mixbits generate` then falls back to `model.generate`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,7 +36,7 @@ from torch.nn.utils import skip_init
 from ..errors import MixbitsError, TransformError
 from ..models.llama import decoder_parts
 from .kernels import native
-from .linear import KERNEL_ROWS, DequantLinear, IntLinear
+from .linear import KERNEL_ROWS, IntLinear, stack_rows
 
 
 class DecodeUnsupported(MixbitsError):
@@ -53,12 +52,12 @@ class Block:
     o: nn.Module
     post_norm: torch.Tensor
     gate_up: nn.Module
-    down: nn.Module
+    down: nn.Module  # as the block calls it: an online input rotation (RotatedInput) included
     # the same four products as plain functions, for decode steps (see `matvec`)
-    qkv_step: object = None
-    o_step: object = None
-    gate_up_step: object = None
-    down_step: object = None
+    qkv_step: object = field(init=False, repr=False)
+    o_step: object = field(init=False, repr=False)
+    gate_up_step: object = field(init=False, repr=False)
+    down_step: object = field(init=False, repr=False)
 
     def __post_init__(self):
         self.qkv_step, self.o_step = matvec(self.qkv), matvec(self.o)
@@ -79,24 +78,11 @@ class Stacked(nn.Module):
 def stack_linears(parts: list[nn.Module]) -> nn.Module:
     """One module whose output is the parts' outputs side by side; their weights stacked where the kinds agree."""
     if all(type(part) is nn.Linear for part in parts) and len({p.weight.dtype for p in parts}) == 1:
-        weight = torch.cat([part.weight.detach() for part in parts])
-        biases = [part.bias for part in parts]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b.detach() if b is not None else weight.new_zeros(p.out_features)
-                              for b, p in zip(biases, parts)])
-        fused = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-        fused.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            fused.bias = nn.Parameter(bias, requires_grad=False)
-        start = 0
-        for part in parts:  # the parts keep working, as views into the stacked weight
-            rows = slice(start, start + part.out_features)
-            part.weight = nn.Parameter(weight[rows], requires_grad=False)
-            if part.bias is not None:
-                part.bias = nn.Parameter(bias[rows], requires_grad=False)
-            start += part.out_features
-        return fused
+        first = parts[0]
+        stacked = skip_init(nn.Linear, first.in_features, sum(p.out_features for p in parts),
+                            bias=any(p.bias is not None for p in parts), dtype=first.weight.dtype)
+        stack_rows(parts, stacked, ("weight", "bias"))
+        return stacked
     if all(isinstance(part, IntLinear) for part in parts):
         stacked = IntLinear.stack(parts)
         if stacked is not None:
@@ -105,17 +91,9 @@ def stack_linears(parts: list[nn.Module]) -> nn.Module:
 
 
 def matvec(module: nn.Module):
-    """`module` as a plain function of a contiguous float32 [rows <= KERNEL_ROWS, in] input.
-
-    A decode step calls about 150 of these; nn.Module's call machinery and IntLinear's reshaping cost
-    more than the 4-bit products themselves on a small machine, so the decoder calls the kernel directly.
-    """
-    if isinstance(module, IntLinear) and native() is not None:
-        kernel = native().nibble_linear if module.nibbles else native().byte_linear
-        codes, scale, offset, group, bias = module.codes, module.scale, module.offset, module.group, module.bias
-        if bias is None:
-            return lambda x: kernel(x, codes, scale, offset, group)
-        return lambda x: kernel(x, codes, scale, offset, group).add_(bias)
+    """`module` as a plain function of a contiguous float32 [rows <= KERNEL_ROWS, in] input (for decode steps)."""
+    if isinstance(module, IntLinear):
+        return module.matvec()
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias
         return lambda x: F.linear(x, weight, bias)
@@ -137,8 +115,6 @@ class Decoder:
         self.kv_heads = config.num_key_value_heads
         self.scaling = attention.scaling
         self.sliding_window = getattr(config, "sliding_window", None)
-        if any(not isinstance(layer.down, (nn.Linear, IntLinear, DequantLinear)) for layer in parts.layers):
-            raise DecodeUnsupported("the fast decoder does not run input rotations (online Hadamard) yet")
         self.embed = parts.embed
         self.rotary = model.model.rotary_emb
         self.final_norm = parts.final_norm
@@ -151,7 +127,7 @@ class Decoder:
                 layer.input_norm.weight, stack_linears([layer.q, layer.k, layer.v]),
                 getattr(block.self_attn, "q_norm", None), getattr(block.self_attn, "k_norm", None), layer.o,
                 layer.post_norm.weight, stack_linears([layer.gate, layer.up]), block.mlp.down_proj))
-        self.act = block.mlp.act_fn
+        self.act = model.model.layers[0].mlp.act_fn
         self.dtype = parts.embed.weight.dtype
         # The native block steps take float32, SiLU MLPs and no per-head q/k norms; otherwise PyTorch operators.
         native_kernels = native()

@@ -91,10 +91,7 @@ class IntLinear(nn.Module):
 
     @classmethod
     def stack(cls, parts: list[IntLinear]) -> IntLinear | None:
-        """One module for layers that read the same input: their rows stacked (None unless the layouts agree).
-
-        The parts then hold views into the stacked buffers, so nothing is stored twice.
-        """
+        """One module for layers that read the same input: their rows stacked (None unless the layouts agree)."""
         first = parts[0]
         if any((p.group, p.nibbles, p.in_features) != (first.group, first.nibbles, first.in_features) for p in parts):
             return None
@@ -102,41 +99,67 @@ class IntLinear(nn.Module):
         nn.Module.__init__(stacked)
         stacked.format, stacked.group, stacked.nibbles = first.format, first.group, first.nibbles
         stacked.in_features, stacked.out_features = first.in_features, sum(p.out_features for p in parts)
-        for name in ("codes", "scale", "offset"):
-            stacked.register_buffer(name, torch.cat([getattr(p, name) for p in parts]))
         stacked.bias = None
-        if any(p.bias is not None for p in parts):
-            stacked.bias = nn.Parameter(torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features)
-                                                   for p in parts]), requires_grad=False)
-        start = 0
-        for part in parts:
-            rows = slice(start, start + part.out_features)
-            for name in ("codes", "scale", "offset"):
-                setattr(part, name, getattr(stacked, name)[rows])
-            if part.bias is not None:
-                part.bias = nn.Parameter(stacked.bias[rows], requires_grad=False)
-            start += part.out_features
+        stack_rows(parts, stacked, ("codes", "scale", "offset", "bias"))
         return stacked
 
+    def _kernel(self, operation: str):
+        """The compiled `operation` ("linear" or "dequantize") for this layer's code layout."""
+        return getattr(native(), f"{'nibble' if self.nibbles else 'byte'}_{operation}")
+
     def weight_values(self) -> torch.Tensor:
-        kernels = native()
-        dequantize = kernels.nibble_dequantize if self.nibbles else kernels.byte_dequantize
-        return dequantize(self.codes, self.scale, self.offset, self.group)
+        return self._kernel("dequantize")(self.codes, self.scale, self.offset, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
         if flat.shape[0] <= KERNEL_ROWS:
-            kernels = native()
-            linear = kernels.nibble_linear if self.nibbles else kernels.byte_linear
-            y = linear(flat, self.codes, self.scale, self.offset, self.group)
+            y = self._kernel("linear")(flat, self.codes, self.scale, self.offset, self.group)
         else:
             y = flat @ self.weight_values().T
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def matvec(self):
+        """This layer as a plain function of a contiguous float32 [rows <= KERNEL_ROWS, in] input.
+
+        It calls the kernel directly: nn.Module's call machinery and forward's reshaping cost more than a
+        4-bit product of a decode step on a small machine.
+        """
+        kernel, codes, scale, offset, group, bias = (self._kernel("linear"), self.codes, self.scale, self.offset,
+                                                     self.group, self.bias)
+        if bias is None:
+            return lambda x: kernel(x, codes, scale, offset, group)
+        return lambda x: kernel(x, codes, scale, offset, group).add_(bias)
+
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, format={self.format}"
+
+
+def stack_rows(parts: list[nn.Module], stacked: nn.Module, names: tuple[str, ...]) -> None:
+    """Give `stacked` each named tensor of `parts` concatenated along rows, then point the parts at row views of it.
+
+    A bias some parts lack is stacked as zeros for them; parameters stay parameters, buffers buffers. The parts
+    keep computing what they did, and nothing is stored twice.
+    """
+    for name in names:
+        values = [getattr(part, name) for part in parts]
+        present = [value for value in values if value is not None]
+        if not present:
+            continue
+        tensor = torch.cat([value.detach() if value is not None else present[0].new_zeros(part.out_features)
+                            for value, part in zip(values, parts)])
+        parameter = isinstance(present[0], nn.Parameter)
+        if parameter:
+            setattr(stacked, name, nn.Parameter(tensor, requires_grad=False))
+        else:
+            stacked.register_buffer(name, tensor)
+        start = 0
+        for part, value in zip(parts, values):
+            rows = tensor[start:start + part.out_features]
+            if value is not None:
+                setattr(part, name, nn.Parameter(rows, requires_grad=False) if parameter else rows)
+            start += part.out_features
 
 
 def quantized_linear(quantized: QuantizedTensor, bias: torch.Tensor | None = None) -> nn.Module:
