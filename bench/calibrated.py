@@ -9,13 +9,15 @@ above the resident size just before quantizing).
 
 RTN is the data-free round-to-nearest with its magnitude-weighted clip search.
 GPTQ, AWQ and rotation use the default calibration: 32 windows of 512 tokens
-from the start of the text. The rotation is QuaRot's: a residual-stream
+of the calibration mix (mixbits.corpus). Every row is evaluated on the
+evaluation domains (pydoc, whose first half is in the mix; austen and kjv,
+kinds of text the mix does not hold). The rotation is QuaRot's: a residual-stream
 Hadamard (with random signs) plus an online Hadamard before every down_proj.
 
 The run is resumable: finished rows are kept in bench/results/calibrated.json
 and skipped, so it can be continued after an interruption.
 
-    python bench/calibrated.py [--windows 24] [--only int3]
+    python bench/calibrated.py [--only int3]
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ import time
 
 import mixbits
 from mixbits import defaults
-from mixbits.data import calibration_windows, load_text, tokenize
-from mixbits.eval import ReferenceScores, score_windows
+from mixbits.calibrate import calibration_data
+from mixbits.eval import evaluate_domains, reference_scores
 from mixbits.memory import resident_bytes
 from mixbits.report import format_table
 
-from common import RESULTS, protocol, write_results
+from common import RESULTS, domain_cells, domain_protocol, write_results
 
 FORMATS = ["int3:g128:asym", "int3:g64:asym", "int4:g128:asym", "int4:g64:asym", "int2:g128:asym", "int2:g64:asym",
            "fp4_e2m1:g32:scale=fp16", "mxfp4", "nvfp4", "nf4:g64"]
@@ -47,7 +49,6 @@ NAME = "calibrated"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--windows", type=int, default=defaults.EVAL_WINDOWS)
     parser.add_argument("--only", default="", help="run only formats containing this text")
     parser.add_argument("--report", action="store_true", help="only rewrite the Markdown from the committed JSON")
     args = parser.parse_args()
@@ -56,18 +57,17 @@ def main() -> None:
         write_results(NAME, record, _markdown(record))
         return
 
-    loaded, windows, record = protocol(args.windows)
-    calibration, spec = calibration_windows(tokenize(load_text(), loaded.tokenizer),
-                                            defaults.CALIBRATION_WINDOWS, defaults.CALIBRATION_LEN)
-    record["calibration"] = spec.as_dict()
+    loaded, domains, record = domain_protocol()
+    calibration, record["calibration"] = calibration_data(loaded, None, defaults.CALIBRATION_WINDOWS,
+                                                          defaults.CALIBRATION_LEN)
     previous = RESULTS / f"{NAME}.json"
     done = {}
     if previous.exists():
         old = json.loads(previous.read_text())
-        if old.get("windows") == record["windows"] and old.get("model") == record["model"] and old.get("calibration") == record["calibration"]:
+        if all(old.get(key) == record[key] for key in ("domains", "model", "calibration")):
             done = {(r["format"], r["method"]): r for r in old["results"]}
-    reference = ReferenceScores(loaded.model, windows)
-    record["fp32_perplexity"] = reference.perplexity
+    references = reference_scores(loaded.model, domains)
+    record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
 
     for name in FORMATS:
         if args.only not in name:
@@ -78,16 +78,14 @@ def main() -> None:
             model = copy.deepcopy(loaded.model)
             before = resident_bytes()
             cpu = time.process_time()
-            report = mixbits.quantize(model, name, calibration=calibration, **options)
+            report = mixbits.quantize(model, name, calibration=calibration, progress=False, **options)
             cpu = time.process_time() - cpu
-            result = score_windows(model, windows, reference)
-            row = {**report.as_dict(), "rss_before_bytes": before, "perplexity": result.perplexity,
-                   "delta_perplexity": result.perplexity / reference.perplexity - 1, "kl": result.kl,
-                   "agreement": result.agreement, "eval_seconds": result.seconds, "cpu_seconds": cpu}
+            result = evaluate_domains(model, domains, references, progress=False)
+            row = {**report.as_dict(), "rss_before_bytes": before, **result.as_dict(), "cpu_seconds": cpu}
             row.pop("awq_scales")
             done[(name, method)] = row
-            print(f"{name} {method}: bpw {row['bits_per_weight']:.3f} ppl {row['perplexity']:.3f} "
-                  f"({row['delta_perplexity']:+.1%}) KL {row['kl']:.4f} {row['seconds']:.0f} s", flush=True)
+            print(f"{name} {method}: bpw {row['bits_per_weight']:.3f} mean Δ ppl {row['mean']['delta_perplexity']:+.1%}, "
+                  f"unseen kinds {row['mean_unseen']['delta_perplexity']:+.1%} {row['seconds']:.0f} s", flush=True)
             del model
             record["results"] = [done[key] for key in sorted(done, key=_order)]
             write_results(NAME, record, _markdown(record))
@@ -99,21 +97,28 @@ def _order(key):
 
 
 def _markdown(record: dict) -> str:
-    rows = [["fp32", "", 32.0, record["fp32_perplexity"], None, None, None, None, None, None]]
+    names = [d["name"] for d in record["domains"]]
+    seen = {d["name"] for d in record["domains"] if d["in_calibration_mix"]}
+    rows = []
     for r in record["results"]:
-        rows.append([r["format"], r["method"], r["bits_per_weight"], r["perplexity"], f"{r['delta_perplexity']:+.1%}",
-                     r["kl"], r["agreement"], round(r["seconds"]), round(r["peak_memory_bytes"] / 2**20),
+        rows.append([r["format"], r["method"], r["bits_per_weight"], *domain_cells(r, names), r["mean"]["kl"],
+                     r["mean"]["agreement"], round(r["seconds"]), round(r["peak_memory_bytes"] / 2**20),
                      round((r["peak_memory_bytes"] - r["rss_before_bytes"]) / 2**20)])
-    w, c = record["windows"], record["calibration"]
+    c = record["calibration"]
     rotations = {json.dumps(r["rotation"]) for r in record["results"] if r["rotation"]}
-    header = (f"# Calibrated solvers\n\n`python bench/calibrated.py` — {w['count']} windows x {w['length']} tokens from "
-              f"token {w['start']}; calibration {c['count']} x {c['length']} tokens from token {c['start']}; "
-              f"{time.strftime('%Y-%m-%d')}\n\nRotation used: {', '.join(sorted(rotations)) or 'none yet'}. "
+    fp32 = ", ".join(f"{n} {p:.3f}" for n, p in record["fp32_perplexity"].items())
+    header = (f"# Calibrated solvers\n\n`python bench/calibrated.py` — {time.strftime('%Y-%m-%d')}. Calibration: "
+              f"{c['text']}, {c['count']} x {c['length']} tokens. Evaluation: {len(names)} domains of "
+              f"{defaults.EVAL_WINDOWS} x {defaults.WINDOW_LEN} tokens from each one's middle, fp32 perplexity {fp32}; "
+              f"{', '.join(sorted(seen)) or 'none'} in the calibration mix (its first half), the others kinds of text "
+              "the mix does not hold. KL and agreement are means over the domains.\n\n"
+              f"Rotation used: {', '.join(sorted(rotations)) or 'none yet'}. "
               "quantize s is wall time; peak MiB is the process's peak resident memory while quantizing "
-              "(model, 2.4 GB of reference scores and all); +MiB its rise above the resident size just before, a lower "
-              "bound, since memory freed by earlier rows is reused.\n")
-    return header + "\n" + format_table(
-        ["format", "method", "bpw", "perplexity", "Δ ppl", "KL", "top-1 agree", "quantize s", "peak MiB", "+MiB"], rows)
+              "(model, reference scores of every domain and all); +MiB its rise above the resident size just before, a "
+              "lower bound, since memory freed by earlier rows is reused.\n")
+    headers = ["format", "method", "bpw"] + [f"Δ ppl {n}" + (" (in mix)" if n in seen else "") for n in names] + [
+        "mean Δ, unseen kinds", "mean KL", "top-1 agree", "quantize s", "peak MiB", "+MiB"]
+    return header + "\n" + format_table(headers, rows)
 
 
 if __name__ == "__main__":

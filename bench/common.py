@@ -24,6 +24,27 @@ def protocol(windows: int = defaults.EVAL_WINDOWS, length: int = defaults.WINDOW
     return loaded, batch, record
 
 
+def domain_protocol():
+    """(loaded model, evaluation domains, provenance record) under the multi-domain protocol."""
+    from mixbits.eval import load_domains
+
+    loaded = load_model()
+    domains = load_domains(loaded.tokenizer)
+    record = provenance(loaded.name, loaded.sha256)
+    record["domains"] = [d.describe() for d in domains]
+    return loaded, domains, record
+
+
+def domain_cells(row: dict, names: list[str]) -> list[str]:
+    """Δ ppl on each domain, then the mean over unseen kinds, of a row holding `DomainsEvaluation.as_dict()`."""
+    by_name = {d["name"]: d for d in row["domains"]}
+    return [pct(by_name[n]["delta_perplexity"]) for n in names] + [pct(row["mean_unseen"]["delta_perplexity"])]
+
+
+def pct(value: float) -> str:
+    return f"{value:+.1%}" if abs(value) < 10 else f"{value:+.0%}"
+
+
 def write_results(name: str, record: dict, markdown: str) -> None:
     """Write bench/results/NAME.json and NAME.md atomically."""
     RESULTS.mkdir(exist_ok=True)

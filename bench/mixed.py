@@ -2,11 +2,17 @@
 
 Runs the user's commands, in this order (each quantization is a full GPTQ pass):
 
-    mixbits sweep --bpw 2.5,3.0,3.5 --out bench/results/mixed --sensitivity bench/results/mixed/sensitivity.json
-    mixbits sweep --bpw 2.5,3.0,3.5 --series allocated --damage proxy --out bench/results/mixed-proxy \
+    mixbits sweep --bpw 2.5,3.0,3.5,4.0 --out bench/results/mixed --sensitivity bench/results/mixed/sensitivity.json
+    mixbits sweep --bpw 2.5,3.0,3.5,4.0 --series allocated --damage proxy --out bench/results/mixed-proxy \
                   --sensitivity bench/results/mixed/sensitivity.json
 
     mixbits quantize --format FORMAT --solver gptq --json     (FORMAT in EXTRA_UNIFORM)
+    mixbits quantize --format FORMAT --solver rtn --json      (FORMAT in EXTRA_RTN)
+
+Calibration is the default mix and every plan is evaluated on the default
+evaluation domains (pydoc, whose first half is in the mix, and austen and kjv,
+kinds of text the mix does not hold); each cell is the mean over the unseen
+kinds, and a second table gives every domain.
 
 The first measures every (group, option) of the default menu (proxy and KL)
 and writes the sensitivity file, then quantizes and evaluates the allocated
@@ -14,13 +20,15 @@ plan (by measured KL) and the heuristic mix at each budget and every uniform
 option in range; the second reuses the measurements to allocate by the
 Fisher-weighted proxy alone. The default menu's uniform options sit far from
 the budgets (2.28, 3.16, 3.30, 4.31 bpw), so uniform formats just above each
-budget are scored too (EXTRA_UNIFORM, kept in mixed/uniform-extra.json).
+budget are scored too (EXTRA_UNIFORM, kept in mixed/uniform-extra.json), and
+so is data-free round to nearest at sizes near the budgets (EXTRA_RTN), which
+every allocated plan must beat at equal or larger size.
 Then it writes bench/results/mixed.md: per budget, the allocated plans
 against the heuristic mix and the uniform configurations just below and
 just above the budget, the time measurement and allocation took, and how
 well the proxies rank options against the measured KL.
 
-    python bench/mixed.py [--report]
+    python bench/mixed.py [--report] [--steps sweep,proxy,extra] [--series allocated,heuristic,uniform]
 """
 
 from __future__ import annotations
@@ -38,39 +46,53 @@ from mixbits.measure import Sensitivity
 from mixbits.mixes import allocated_plan
 from mixbits.report import format_table
 
-BUDGETS = "2.5,3.0,3.5"
+BUDGETS = "2.5,3.0,3.5,4.0"
 MAIN = RESULTS / "mixed"
 PROXY = RESULTS / "mixed-proxy"
 SENSITIVITY = MAIN / "sensitivity.json"
 EXTRA = MAIN / "uniform-extra.json"
-# Uniform GPTQ formats just above each budget: 2.56, 3.10 and 3.59 bpw.
-EXTRA_UNIFORM = ("int2:g32:asym", "int3:g192:asym", "int3:g32:asym")
+# Uniform GPTQ formats just above each budget: 2.56, 3.10, 3.59 and 4.16 bpw.
+EXTRA_UNIFORM = ("int2:g32:asym", "int3:g192:asym", "int3:g32:asym", "int4:g128:asym")
+# Data-free round to nearest near the budgets: 3.16, 3.30, 4.16 and 4.31 bpw.
+EXTRA_RTN = ("int3:g128:asym", "int3:g64:asym", "int4:g128:asym", "int4:g64:asym")
 
 
-def run_sweeps() -> None:
-    commands = [
-        ["sweep", "--bpw", BUDGETS, "--out", str(MAIN), "--sensitivity", str(SENSITIVITY)],
-        ["sweep", "--bpw", BUDGETS, "--series", "allocated", "--damage", "proxy", "--out", str(PROXY),
-         "--sensitivity", str(SENSITIVITY)],
-    ]
-    for command in commands:
-        print("mixbits " + " ".join(command), file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "mixbits", *command], check=True)
+STEPS = ("sweep", "proxy", "extra")
+
+
+def run_sweeps(steps: tuple[str, ...], series: str) -> None:
+    commands = {
+        "sweep": ["sweep", "--bpw", BUDGETS, "--series", series, "--out", str(MAIN), "--sensitivity", str(SENSITIVITY)],
+        "proxy": ["sweep", "--bpw", BUDGETS, "--series", "allocated", "--damage", "proxy", "--out", str(PROXY),
+                  "--sensitivity", str(SENSITIVITY)],
+    }
+    for step in steps:
+        if step in commands:
+            print("mixbits " + " ".join(commands[step]), file=sys.stderr)
+            subprocess.run([sys.executable, "-m", "mixbits", *commands[step]], check=True)
+    if "extra" in steps:
+        run_extra()
+
+
+def run_extra() -> None:
     extra = json.loads(EXTRA.read_text()) if EXTRA.exists() else {}
-    for fmt in EXTRA_UNIFORM:
-        if fmt in extra:
+    for fmt, solver in [(f, "gptq") for f in EXTRA_UNIFORM] + [(f, "rtn") for f in EXTRA_RTN]:
+        label = f"{fmt}@{solver}"
+        if label in extra:
             continue
-        command = ["quantize", "--format", fmt, "--solver", "gptq", "--json"]
+        command = ["quantize", "--format", fmt, "--solver", solver, "--json"]
         print("mixbits " + " ".join(command), file=sys.stderr)
         record = json.loads(subprocess.run([sys.executable, "-m", "mixbits", *command], check=True, capture_output=True,
                                            text=True).stdout)
         quantization, evaluation = record["quantization"], record["evaluation"]
-        extra[fmt] = {"series": "uniform", "label": f"{fmt}@gptq", "budget": None,
-                      "bits_per_weight": quantization["bits_per_weight"], "bits": quantization["bits"],
-                      "perplexity": evaluation["perplexity"],
-                      "delta_perplexity": evaluation["perplexity"] / evaluation["reference_perplexity"] - 1,
-                      "kl": evaluation["kl"], "agreement": evaluation["agreement"],
-                      "quantize_seconds": quantization["seconds"]}
+        extra[label] = {"series": "uniform" if solver == "gptq" else "rtn", "label": label, "budget": None,
+                        "bits_per_weight": quantization["bits_per_weight"], "bits": quantization["bits"],
+                        "delta_perplexity": evaluation["mean"]["delta_perplexity"],
+                        "delta_unseen": evaluation["mean_unseen"]["delta_perplexity"],
+                        "kl": evaluation["mean"]["kl"], "agreement": evaluation["mean"]["agreement"],
+                        "quantize_seconds": quantization["seconds"],
+                        "domains": {d["name"]: {k: d[k] for k in ("perplexity", "delta_perplexity", "kl", "agreement")}
+                                    for d in evaluation["domains"]}}
         EXTRA.write_text(json.dumps(extra, indent=1) + "\n")
 
 
@@ -84,24 +106,44 @@ def report() -> str:
     sensitivity = Sensitivity.load(SENSITIVITY)
     points = main["points"]
     extra = list(json.loads(EXTRA.read_text()).values()) if EXTRA.exists() else []
-    uniform = sorted([p for p in points if p["series"] == "uniform"] + extra, key=lambda p: p["bits_per_weight"])
+    uniform = sorted([p for p in points if p["series"] == "uniform"] + [p for p in extra if p["series"] == "uniform"],
+                     key=lambda p: p["bits_per_weight"])
+    rtn = sorted([p for p in extra if p["series"] == "rtn"], key=lambda p: p["bits_per_weight"])
+    names = [d["name"] for d in main["domains"]]
+    unseen = [d["name"] for d in main["domains"] if not d["in_calibration_mix"]]
 
     def point(series, budget, source=points):
         return next((p for p in source if p["series"] == series and p["budget"] == budget), None)
 
-    rows = []
+    def cell(found):
+        if found is None:
+            return "—"
+        name = f", {found['label'].split('@')[0]}" if found["series"] in ("uniform", "rtn") else ""
+        return f"{_pct(found['delta_unseen'])} ({found['bits_per_weight']:.2f}{name})"
+
+    rows, by_domain = [], []
     for budget in main["budgets"]:
         below = [p for p in uniform if p["bits_per_weight"] <= budget]
         above = [p for p in uniform if p["bits_per_weight"] >= budget]
-        cells = [budget]
-        for found in (point("allocated", budget), point("allocated", budget, proxy["points"]), point("heuristic", budget),
-                      min(below, key=lambda p: p["perplexity"]) if below else None, above[0] if above else None):
-            cells.append("—" if found is None else
-                         f"{_pct(found['delta_perplexity'])} ({found['bits_per_weight']:.2f}"
-                         + (f", {found['label'].split('@')[0]})" if found["series"] == "uniform" else ")"))
-        rows.append(cells)
+        rtn_above = [p for p in rtn if p["bits_per_weight"] >= budget]
+        allocated = point("allocated", budget)
+        rows.append([budget] + [cell(found) for found in (
+            allocated, point("allocated", budget, proxy["points"]), point("heuristic", budget),
+            min(below, key=lambda p: p["delta_unseen"]) if below else None, above[0] if above else None,
+            rtn_above[0] if rtn_above else None)])
+        if allocated is not None:
+            beaten = [p for p in rtn if p["bits_per_weight"] >= allocated["bits_per_weight"]]
+            wins = all(allocated["domains"][n]["delta_perplexity"] < p["domains"][n]["delta_perplexity"]
+                       for p in beaten for n in names)
+            by_domain.append([budget, round(allocated["bits_per_weight"], 3)]
+                             + [_pct(allocated["domains"][n]["delta_perplexity"]) for n in names]
+                             + [_pct(allocated["delta_unseen"]), allocated["kl"],
+                                ("yes" if wins else "no") + f" ({len(beaten)} RTN configs)"])
     table = format_table(["budget (bpw)", "allocated by KL", "allocated by proxy", "heuristic mix",
-                          "best uniform ≤ budget", "uniform next size up"], rows)
+                          "best uniform GPTQ ≤ budget", "uniform GPTQ next size up", "RTN next size up"], rows)
+    domain_table = format_table(
+        ["budget", "bpw"] + [f"Δ ppl {n}" + ("" if n in unseen else " (in mix)") for n in names]
+        + ["mean Δ, unseen kinds", "mean KL", "beats every RTN of ≥ size on every domain"], by_domain)
 
     timings = []
     for budget in main["budgets"]:
@@ -111,16 +153,24 @@ def report() -> str:
     seconds = sensitivity.seconds
     correlation = sensitivity.rank_correlation()
     options = len(sensitivity.groups[0].options)
+    fp32 = ", ".join(f"{n} {v:.3f}" for n, v in main["fp32_perplexity"].items())
     lines = [
         "# Mixed precision: allocated plans against uniform formats and a heuristic mix",
         "",
-        f"Model {main['model']['name']} (sha256 {main['model']['sha256'][:12]}), fp32 perplexity "
-        f"{main['fp32_perplexity']:.3f} on {main['windows']['count']}x{main['windows']['length']} tokens from token "
-        f"{main['windows']['start']}; calibration {main['calibration']['count']}x{main['calibration']['length']} tokens "
-        f"from token 0. Options: {', '.join(main['options'])}. Every plan is quantized with its options' solvers "
-        "(block-sequential GPTQ) and evaluated; Δ ppl against fp32, bits per weight of the quantized layers in brackets.",
+        f"Model {main['model']['name']} (sha256 {main['model']['sha256'][:12]}), fp32 perplexity {fp32} "
+        f"({len(names)} domains, each {main['domains'][0]['windows']['count']}x{main['domains'][0]['windows']['length']} "
+        f"tokens from its middle). Calibration: {main['calibration']['text']}, {main['calibration']['count']}x"
+        f"{main['calibration']['length']} tokens. Options: {', '.join(main['options'])}. Every plan is quantized with its "
+        "options' solvers (block-sequential GPTQ) and evaluated on every domain. Cells: mean Δ ppl against fp32 over "
+        f"the kinds of text the calibration mix does not hold ({', '.join(unseen)}); bits per weight of the quantized "
+        "layers in brackets.",
         "",
         table,
+        "",
+        "The allocated (KL) plans on every domain, and whether each beats data-free round to nearest of equal or larger "
+        "size on every domain:",
+        "",
+        domain_table,
         "",
         f"Measuring {len(sensitivity.groups)} groups x {options} options took {sum(seconds.values()):.0f} s "
         f"(statistics with the Fisher pass {seconds['statistics']:.0f} s, quantizing every option {seconds['quantize']:.0f} s, "
@@ -131,9 +181,9 @@ def report() -> str:
         f"over its options): Fisher-weighted proxy {correlation['proxy_all']:.3f} / {correlation['proxy_within_groups']:.3f}, "
         f"plain output error tr(ΔW H ΔWᵀ) {correlation['output_error_all']:.3f} / {correlation['output_error_within_groups']:.3f}.",
         "",
-        "Uniform GPTQ formats added near the budgets (`mixed/uniform-extra.json`): "
-        + "; ".join(f"{p['label'].split('@')[0]} {p['bits_per_weight']:.2f} bpw {_pct(p['delta_perplexity'])} (KL {p['kl']:.3f})"
-                    for p in sorted(extra, key=lambda p: p["bits_per_weight"])) + ".",
+        "Uniform formats added near the budgets (`mixed/uniform-extra.json`; mean Δ ppl over unseen kinds): "
+        + "; ".join(f"{p['label']} {p['bits_per_weight']:.2f} bpw {_pct(p['delta_unseen'])} (mean KL {p['kl']:.3f})"
+                    for p in sorted(extra, key=lambda p: (p["series"], p["bits_per_weight"]))) + ".",
         "",
         "Every point of the sweeps (`mixed/sweep.md`, plot `mixed/sweep.png`, page `mixed/sweep.html`):",
         "",
@@ -145,9 +195,14 @@ def report() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", action="store_true", help="only rewrite mixed.md from the committed results")
+    parser.add_argument("--steps", default=",".join(STEPS), help="which of sweep, proxy, extra to run (default: all)")
+    parser.add_argument("--series", default="allocated,heuristic,uniform", help="series of the main sweep (default: all)")
     args = parser.parse_args()
     if not args.report:
-        run_sweeps()
+        steps = tuple(s for s in args.steps.split(",") if s)
+        if set(steps) - set(STEPS):
+            parser.error(f"--steps takes {', '.join(STEPS)}")
+        run_sweeps(steps, args.series)
     text = report()
     (RESULTS / "mixed.md").write_text(text + "\n")
     print(text)

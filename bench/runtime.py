@@ -95,7 +95,7 @@ def measure_one(name: str) -> dict:
 
     from mixbits.io.checkpoint import load_quantized
     from mixbits.models import load_model
-    from mixbits.models.loader import cache_root
+    from mixbits.cache import cache_root
     from mixbits.runtime.decode import Decoder
 
     before = resident_bytes()

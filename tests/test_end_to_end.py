@@ -13,7 +13,8 @@ import mixbits
 from mixbits.data import eval_windows, load_text, tokenize
 from mixbits.eval import ReferenceScores, score_windows
 from mixbits.hashing import sha256_file
-from mixbits.models.loader import MANIFEST, _cache_is_valid, cache_root, default_gguf_path
+from mixbits.cache import cache_root
+from mixbits.models.loader import MANIFEST, _cache_is_valid, default_gguf_path
 
 pytestmark = pytest.mark.model
 

@@ -8,7 +8,7 @@ import torch
 from mixbits.formats import parse_format
 from mixbits.formats.elements import E4M3
 from mixbits.formats.granularity import to_groups
-from mixbits.solvers import gptq, round_to_nearest
+from mixbits.solvers import GptqSettings, gptq, round_to_nearest
 from mixbits.solvers.gptq import upper_inverse_cholesky
 
 
@@ -95,3 +95,22 @@ def test_dead_inputs_get_zero_weights():
     hessian[5, :] = hessian[:, 5] = 0
     approx = gptq(weight, hessian, parse_format("int4:g16:sym")).dequantize()
     assert torch.all(approx[:, 5] == 0)
+
+
+def test_hessian_shrunk_to_its_diagonal_is_rounding_under_per_input_importance():
+    """At shrink 1 GPTQ has no cross-input terms to correct with: it is RTN under diag(H), bit for bit."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 128)
+    inputs = torch.randn(512, 128) @ (0.3 * torch.randn(128, 128))
+    hessian = inputs.T @ inputs / 512
+    fmt = parse_format("int3:g32:asym")
+    diagonal = torch.diag(hessian.diagonal())
+    shrunk = gptq(weight, hessian, fmt, settings=GptqSettings(shrink=1.0)).dequantize()
+    assert torch.equal(shrunk, round_to_nearest(weight, fmt, True, hessian=diagonal).dequantize())
+
+    # On the Hessian it was given, full GPTQ beats half-shrunk, which beats diagonal-only.
+    errors = [output_error(weight, gptq(weight, hessian, fmt, settings=GptqSettings(shrink=s)).dequantize(), hessian)
+              for s in (0, 0.5, 1)]
+    assert errors[0] < errors[1] < errors[2]
+    with pytest.raises(ValueError):
+        GptqSettings(shrink=1.5)

@@ -4,7 +4,7 @@
     loaded = mixbits.load_model()                     # SmolLM2-135M-Instruct
     report = mixbits.quantize(loaded, "int4:g64:asym")
     print(report.bits_per_weight)
-    print(mixbits.evaluate(loaded).perplexity)
+    print(mixbits.evaluate(loaded).perplexity)     # on pydoc; evaluate_domains: pydoc, austen, kjv
 
 Mixed precision to a budget:
 
@@ -22,7 +22,7 @@ A packed checkpoint, and the model back from it:
 
 from .allocate import Budget
 from .errors import MixbitsError
-from .eval import Evaluation, ReferenceScores, evaluate
+from .eval import Evaluation, ReferenceScores, evaluate, evaluate_domains
 from .formats import parse_format
 from .io.checkpoint import load_quantized, save_quantized
 from .models import LoadedModel, load_model
@@ -46,6 +46,7 @@ __all__ = [
     "__version__",
     "allocated_plan",
     "evaluate",
+    "evaluate_domains",
     "heuristic_plan",
     "load_model",
     "load_quantized",

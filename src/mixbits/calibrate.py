@@ -23,7 +23,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .data import calibration_windows, load_text, tokenize
+from .corpus import calibration_mix, resolve_text
+from .data import calibration_windows, tokenize
 from .errors import MixbitsError
 from .models.loader import LoadedModel
 from .models.structure import transformer_blocks
@@ -225,10 +226,11 @@ def calibration_stats(model: nn.Module, windows: torch.Tensor) -> dict[str, Inpu
 
 
 def calibration_data(model, source, count: int, length: int) -> tuple[torch.Tensor, dict]:
-    """Calibration token windows [count, length] from the start of `source` and a record of what they are.
+    """Calibration token windows [count, length] and a record of what they are.
 
-    `source` is a text file or folder, None for the default text, or the
-    windows themselves as a [windows, tokens] int64 tensor.
+    `source` is None for the default calibration mix (`mixbits.corpus`), a
+    text source name, a text file or folder (windows from the start of its
+    first half), or the windows themselves as a [windows, tokens] int64 tensor.
     """
     if isinstance(source, torch.Tensor):
         if source.dim() != 2 or source.dtype != torch.long:
@@ -238,6 +240,8 @@ def calibration_data(model, source, count: int, length: int) -> tuple[torch.Tens
     if tokenizer is None:
         raise MixbitsError("gptq, awq and plans need calibration text: load the model with its tokenizer, "
                            "or pass calibration= a [windows, tokens] tensor of token ids")
-    text = load_text(source)
+    if source is None:
+        return calibration_mix(tokenizer, count, length)
+    text = resolve_text(source)
     windows, spec = calibration_windows(tokenize(text, tokenizer), count, length)
     return windows, {"text": text.name, "text_sha256": text.sha256, **spec.as_dict()}

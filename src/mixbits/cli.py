@@ -121,6 +121,16 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="decode with transformers' generate instead of mixbits' decoder (slower; for comparison)")
     g.set_defaults(run=_run_generate)
 
+    c = commands.add_parser("corpus", help="the named text sources: list them, or fetch the Debian ones",
+                            description="Text sources for calibration (the default mix) and evaluation (the domains). "
+                                        "`fetch` downloads the pinned Debian packages into mixbits' cache (apt-get download; "
+                                        "nothing is installed).")
+    c.add_argument("action", choices=("list", "fetch"), help="list: sources, kinds, roles and state; fetch: download them")
+    c.add_argument("--force", action="store_true", help="with fetch: download again even if cached")
+    c.add_argument("--json", action="store_true", help="with list: print JSON")
+    c.add_argument("--debug", action="store_true", help="show tracebacks")
+    c.set_defaults(run=_run_corpus)
+
     f = commands.add_parser("formats", help="list every number format with its exact bits per weight",
                             description="Every format family, with exact bits per weight (codes, scales, zero points, "
                                         "tables) on a matrix of the given shape.")
@@ -141,11 +151,17 @@ def _add_model_args(parser: argparse.ArgumentParser, positional: bool = False) -
 
 
 def _add_calibration_args(parser) -> None:
-    parser.add_argument("--calib-text", help="calibration text file or folder; windows come from its start (default: --text)")
+    parser.add_argument("--calib-text", help="calibration text: a source name, file or folder; windows from its start "
+                                             "(default: the calibration mix of " + ", ".join(defaults.CALIBRATION_MIX) + ")")
     parser.add_argument("--calib-windows", type=int, default=defaults.CALIBRATION_WINDOWS,
                         help="calibration windows (default: %(default)s)")
     parser.add_argument("--calib-window-len", type=int, default=defaults.CALIBRATION_LEN,
                         help="tokens per calibration window (default: %(default)s)")
+    parser.add_argument("--damp", type=float, default=defaults.GPTQ_DAMP,
+                        help="GPTQ: added to the Hessian's diagonal, as a fraction of its mean (default: %(default)s)")
+    parser.add_argument("--shrink", type=float, default=defaults.GPTQ_SHRINK,
+                        help="GPTQ: shrink the calibration Hessian toward its diagonal, H <- (1-s) H + s diag(H), "
+                             "0 to 1 (default: %(default)s)")
 
 
 def _add_budget_args(parser, required: bool) -> None:
@@ -178,7 +194,9 @@ def _add_plan_args(parser) -> None:
 
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text", help="text file or folder (default: CPython's pydoc topics)")
+    parser.add_argument("--text", action="append", metavar="TEXT",
+                        help="evaluation domain: a text source name (see `mixbits corpus list`), a text file or a "
+                             "folder; repeatable (default: " + ", ".join(defaults.EVALUATION_DOMAINS) + ")")
     parser.add_argument("--windows", type=int, default=defaults.EVAL_WINDOWS, help="evaluation windows (default: %(default)s)")
     parser.add_argument("--window-len", type=int, default=defaults.WINDOW_LEN, help="tokens per window (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
@@ -212,16 +230,21 @@ def _sensitivity(args, loaded, menu, pins):
     if args.sensitivity and Path(args.sensitivity).exists():
         found = Sensitivity.load(args.sensitivity)
         found.check(loaded, menu, args.target)
+        measured_with = found.calibration.get("gptq")
+        if measured_with is not None and measured_with != _gptq_settings(args).as_dict():
+            raise MixbitsError(f"{args.sensitivity} was measured with GPTQ settings {measured_with}; pass the same "
+                               "--damp/--shrink or measure again")
         if args.damage not in found.damages:
             from .measure import SensitivityError
             raise SensitivityError(f"{args.sensitivity} holds no {args.damage} damage; use --damage proxy or measure again")
         print(f"sensitivity: reusing {args.sensitivity}", file=sys.stderr)
         return found
     found = measure(
-        loaded, menu, calibration=args.calib_text or args.text, calibration_windows=args.calib_windows,
+        loaded, menu, calibration=args.calib_text, calibration_windows=args.calib_windows,
         calibration_len=args.calib_window_len, pins=pins, ties=args.ties, kl=args.damage == "kl",
         kl_windows=args.kl_windows, kl_len=args.kl_window_len, fisher_windows=args.fisher_windows, target=args.target,
         clip_search=getattr(args, "clip_search", True),  # quantize --no-clip-search: measured as it will be applied
+        gptq=_gptq_settings(args),
     )
     if args.sensitivity:
         found.save(args.sensitivity)
@@ -267,21 +290,36 @@ def _run_plan(args) -> int:
     return 0
 
 
+def _gptq_settings(args):
+    from .solvers import GptqSettings
+
+    try:
+        return GptqSettings(damp=args.damp, shrink=args.shrink)
+    except ValueError:
+        raise MixbitsError(f"--damp must be at least 0 and --shrink from 0 to 1, got {args.damp} and {args.shrink}") from None
+
+
 def _check_calibration(args) -> None:
+    """Window counts, GPTQ settings and the calibration text (the user's, or every source of the mix), before any model loads."""
+    from .corpus import resolve_text, source
     from .data import check_window_counts
 
     check_window_counts(args.calib_windows, args.calib_window_len)
+    _gptq_settings(args)
+    if args.calib_text is not None:
+        resolve_text(args.calib_text)
+    else:
+        for name in defaults.CALIBRATION_MIX:
+            source(name).text()
 
 
 def _run_quantize(args) -> int:
-    from .data import check_window_counts, eval_windows, load_text, tokenize
-    from .eval import score_windows
+    from .eval import evaluate_domains, load_domains
     from .formats import parse_format
     from .models import load_model
     from .plan import Plan
     from .quantize import quantize
     from .record import provenance
-    from .report import format_table
 
     # Fail on bad arguments before any slow work.
     planning = args.bpw is not None or args.size is not None
@@ -301,19 +339,17 @@ def _run_quantize(args) -> int:
         menu, pins = _plan_inputs(args, args.solver or "gptq")
         budget = _budget(args)
     solver = args.solver or "rtn"
-    text = None
-    if args.evaluate:
-        check_window_counts(args.windows, args.window_len)
-        text = load_text(args.text)
-    loaded = load_model(args.model)
-    if args.target and not planning:
-        _check_gguf_target(loaded, plan, str(fmt), head_format)
-    if text is not None:
-        windows, spec = eval_windows(tokenize(text, loaded.tokenizer), args.windows, args.window_len)
-        original = copy.deepcopy(loaded.model)
+    texts = _eval_texts(args) if args.evaluate else None
     calibrated = solver == "gptq" or args.awq or plan is not None or planning
     if calibrated:
         _check_calibration(args)
+    loaded = load_model(args.model)
+    if args.target and not planning:
+        _check_gguf_target(loaded, plan, str(fmt), head_format)
+    if texts is not None:
+        domains = load_domains(loaded.tokenizer, texts, args.windows, args.window_len,
+                               calibrated_on_mix=calibrated and args.calib_text is None)
+        original = copy.deepcopy(loaded.model)
     if planning:
         from .mixes import allocated_plan, check_budget
 
@@ -326,24 +362,23 @@ def _run_quantize(args) -> int:
             _print_plan(plan, sensitivity)
     report = quantize(
         loaded, fmt, solver=solver, awq=args.awq, rotate=args.rotate, online_hadamard=args.online_hadamard,
-        calibration=args.calib_text or args.text, calibration_windows=args.calib_windows,
+        calibration=args.calib_text, calibration_windows=args.calib_windows,
         calibration_len=args.calib_window_len, clip_search=args.clip_search, include_head=args.head, head_format=head_format,
-        plan=plan,
+        plan=plan, gptq=_gptq_settings(args),
     )
     saved = None
     if args.out:
         from .io.checkpoint import save_quantized
 
         saved = save_quantized(loaded, report, args.out, plan=plan)
-    record = provenance(loaded.name, loaded.sha256, text and text.name, text and text.sha256)
+    record = provenance(loaded.name, loaded.sha256)
     record["quantization"] = report.as_dict()
     if saved is not None:
         record["checkpoint"] = saved.as_dict()
     if plan is not None:
         record["plan"] = plan.as_dict()
-    if text is not None:
-        result = score_windows(loaded.model, windows, reference=original)
-        result.windows = spec
+    if texts is not None:
+        result = evaluate_domains(loaded.model, domains, reference=original)
         record["evaluation"] = result.as_dict()
     if args.json:
         print(json.dumps(record, indent=1))
@@ -353,21 +388,17 @@ def _run_quantize(args) -> int:
           f"{report.bits_per_weight:.4f} bits per weight, {report.seconds:.1f} s, peak memory {report.peak_memory_bytes / 2**20:.0f} MiB")
     if report.calibration:
         c = report.calibration
-        print(f"calibration: {c['text']}, {c['count']} windows x {c['length']} tokens from token {c['start']}")
+        where = f"from token {c['start']}" if "start" in c else "spread over the first half of each source"
+        print(f"calibration: {c['text']}, {c['count']} windows x {c['length']} tokens {where}")
     if saved is not None:
         print(f"checkpoint: {saved.path}, {sum(saved.files.values()) / 1e6:.2f} MB in all; quantized layers "
               f"{saved.quantized_bytes / 1e6:.2f} MB ({saved.quantized_bits / 8e6:.2f} MB of codes and parameters)")
     if report.rotation:
         print(f"rotation: residual {report.rotation['residual']}, down_proj input {report.rotation['down_proj'] or 'none'}")
-    if text is None:
+    if texts is None:
         return 0
-    print(f"text: {text.name} (sha256 {text.sha256[:12]}), {spec.count} windows x {spec.length} tokens from token {spec.start}")
-    delta = result.perplexity / result.reference_perplexity - 1
-    print(format_table(
-        ["model", "bpw", "perplexity", "Δ ppl", "KL", "top-1 agree"],
-        [["fp32", 32.0, result.reference_perplexity, None, None, None],
-         [f"{report.format} {report.method}", report.bits_per_weight, result.perplexity, f"{delta:+.2%}", result.kl, result.agreement]],
-    ))
+    print(f"{report.format} {report.method} against the original model:")
+    _print_domains(result)
     return 0
 
 
@@ -375,8 +406,8 @@ def _run_sweep(args) -> int:
     from pathlib import Path
 
     from .allocate import Budget
-    from .data import calibration_windows, check_window_counts, eval_windows, load_text, tokenize
-    from .eval import ReferenceScores
+    from .calibrate import calibration_data
+    from .eval import load_domains, reference_scores
     from .mixes import check_budget
     from .models import load_model
     from .record import provenance
@@ -388,69 +419,83 @@ def _run_sweep(args) -> int:
     if not series or set(series) - set(SERIES):
         raise MixbitsError(f"--series {args.series!r}: choose from {', '.join(SERIES)}")
     menu, pins = _plan_inputs(args, args.solver)
-    check_window_counts(args.windows, args.window_len)
+    texts = _eval_texts(args)
     _check_calibration(args)
-    text = load_text(args.text)
-    calibration_text = load_text(args.calib_text) if args.calib_text else text
     loaded = load_model(args.model)
-    windows, spec = eval_windows(tokenize(text, loaded.tokenizer), args.windows, args.window_len)
-    calibration, calibration_spec = calibration_windows(tokenize(calibration_text, loaded.tokenizer), args.calib_windows, args.calib_window_len)
+    domains = load_domains(loaded.tokenizer, texts, args.windows, args.window_len, calibrated_on_mix=args.calib_text is None)
+    calibration, calibration_record = calibration_data(loaded, args.calib_text, args.calib_windows, args.calib_window_len)
     if set(series) - {"uniform"}:
         for budget in budgets:
             check_budget(loaded.model, menu, pins, Budget(budget), args.target)
     sensitivity = _sensitivity(args, loaded, menu, pins)
-    record = provenance(loaded.name, loaded.sha256, text.name, text.sha256)
-    record.update(windows=spec.as_dict(), calibration={"text": calibration_text.name, **calibration_spec.as_dict()},
+    record = provenance(loaded.name, loaded.sha256)
+    record.update(domains=[d.describe() for d in domains], calibration=calibration_record,
                   budgets=budgets, damage=args.damage, options=[str(c) for c in menu], pins=args.pin,
                   sensitivity_seconds=sensitivity.seconds, rank_correlation=sensitivity.rank_correlation(), points=[])
     record["points"] = finished_points(Path(args.out) / "sweep.json", record)
     if record["points"]:
         print(f"sweep: resuming {args.out} ({len(record['points'])} points kept)", file=sys.stderr)
-    reference = ReferenceScores(loaded.model, windows)
-    record["fp32_perplexity"] = reference.perplexity
+    references = reference_scores(loaded.model, domains)
+    record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
     title = f"{loaded.name}: perplexity against bits per weight"
 
     def done(point):
         record["points"].append(point.as_dict())
         write(record, args.out, title)  # after every point, so an interrupted sweep keeps what it measured
-        print(f"{point.series:9} {point.label:24} {point.bits_per_weight:.4f} bpw  ppl {point.perplexity:.3f} "
-              f"({point.delta_perplexity:+.1%})", file=sys.stderr)
+        unseen = "" if point.delta_unseen is None else f", unseen kinds {point.delta_unseen:+.1%}"
+        print(f"{point.series:9} {point.label:24} {point.bits_per_weight:.4f} bpw  mean Δ ppl "
+              f"{point.delta_perplexity:+.1%}{unseen}", file=sys.stderr)
 
-    sweep(loaded, sensitivity, menu, budgets, windows, series=series, damage=args.damage, pins=pins,
-          calibration=calibration, reference=reference, skip={(p["series"], p["label"]) for p in record["points"]},
-          on_point=done)
+    sweep(loaded, sensitivity, menu, budgets, domains, series=series, damage=args.damage, pins=pins,
+          calibration=calibration, references=references, skip={(p["series"], p["label"]) for p in record["points"]},
+          on_point=done, gptq=_gptq_settings(args))
     print(table(record["points"]))
     print(f"wrote {args.out}/sweep.{{json,md,png,html}}")
     return 0
 
 
 def _run_eval(args) -> int:
-    from .data import check_window_counts, load_text
-    from .eval import evaluate
+    from .eval import evaluate_domains, load_domains
     from .models import load_model
     from .record import provenance
-    from .report import format_table
 
-    check_window_counts(args.windows, args.window_len)
-    text = load_text(args.text)
+    texts = _eval_texts(args)
     loaded = load_model(_source(args))
     reference = load_model(args.reference) if args.reference else None
-    result = evaluate(loaded, text, reference=reference, windows=args.windows, window_len=args.window_len)
-    record = provenance(loaded.name, loaded.sha256, result.text_name, result.text_sha256)
+    domains = load_domains(loaded.tokenizer, texts, args.windows, args.window_len)
+    result = evaluate_domains(loaded, domains, reference=reference)
+    record = provenance(loaded.name, loaded.sha256)
     if reference is not None:
         record["reference"] = {"name": reference.name, "sha256": reference.sha256}
     record["evaluation"] = result.as_dict()
     if args.json:
         print(json.dumps(record, indent=1))
         return 0
-    spec = result.windows
     print(f"model: {loaded.name} (sha256 {loaded.sha256[:12]})")
-    print(f"text: {result.text_name} (sha256 {result.text_sha256[:12]}), {spec.count} windows x {spec.length} tokens from token {spec.start}")
-    rows = [["model", result.perplexity, None, None]]
     if reference is not None:
-        rows = [["reference", result.reference_perplexity, None, None], ["model", result.perplexity, result.kl, result.agreement]]
-    print(format_table(["", "perplexity", "KL", "top-1 agree"], rows))
+        print(f"reference: {reference.name} (sha256 {reference.sha256[:12]})")
+    _print_domains(result)
     return 0
+
+
+def _eval_texts(args) -> list:
+    """The evaluation texts named by --text (default: the evaluation domains), read before any model loads."""
+    from .corpus import resolve_text
+    from .data import check_window_counts
+
+    check_window_counts(args.windows, args.window_len)
+    return [resolve_text(spec) for spec in (args.text or defaults.EVALUATION_DOMAINS)]
+
+
+def _print_domains(result) -> None:
+    from .eval.domains import HEADERS
+    from .report import format_table
+
+    for domain in result.domains:
+        w = domain.spec
+        print(f"{domain.name} ({domain.kind}; sha256 {domain.text.sha256[:12]}): "
+              f"{w.count} windows x {w.length} tokens from token {w.start}")
+    print(format_table(HEADERS, result.rows()))
 
 
 def _check_gguf_target(loaded, plan, fmt: str, head_format) -> None:
@@ -533,6 +578,36 @@ def _decode(model, ids, max_new_tokens: int, eos, sample: bool, transformers: bo
         pad = eos if isinstance(eos, int) or eos is None else eos[0]
         output = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, **sampling)
     return output[0, ids.shape[1]:], "transformers generate"
+
+
+def _run_corpus(args) -> int:
+    from .corpus import SOURCES, fetch_all
+    from .errors import TextError
+    from .report import format_table
+
+    if args.action == "fetch":
+        for package, version in fetch_all(force=args.force):
+            print(f"{package} {version}: fetched")
+    rows = []
+    for name, source in SOURCES.items():
+        role = [r for r, names in (("calibration", defaults.CALIBRATION_MIX), ("evaluation", defaults.EVALUATION_DOMAINS))
+                if name in names]
+        try:
+            text = source.text()
+            state, digest, size = "ready", text.sha256, len(text.text)
+        except TextError as error:
+            state, digest, size = str(error), None, None
+        rows.append({**source.describe(), "roles": role, "state": state, "sha256": digest, "characters": size})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(format_table(["source", "kind", "roles", "characters", "sha256", "origin"],
+                       [[r["name"], r["kind"], ", ".join(r["roles"]) or "—", r["characters"],
+                         r["sha256"][:12] if r["sha256"] else "not fetched", r["origin"]] for r in rows]))
+    missing = [r for r in rows if r["state"] != "ready"]
+    if missing:
+        print(f"{len(missing)} sources not ready: {missing[0]['state']}")
+    return 0
 
 
 def _run_formats(args) -> int:

@@ -1,8 +1,9 @@
-"""Text sources and deterministic token windows.
+"""Texts and deterministic token windows.
 
-The default text is CPython's `pydoc_data.topics`, joined in sorted key order.
+The default text is CPython's `pydoc_data.topics`, joined in sorted key order
+(named text sources and the default calibration mix live in `corpus`).
 Evaluation windows start halfway through the token stream; calibration
-windows come from the start, so the two never overlap.
+windows of a single text come from its first half, so the two never overlap.
 """
 
 from __future__ import annotations

@@ -2,15 +2,24 @@
 
 SOLVERS = ("rtn", "gptq")
 
+# Text sources by name (mixbits.corpus): the default calibration mix (technical documentation,
+# source code, quotations and dialogue, expository prose) and the evaluation domains (the
+# continuity text pydoc, whose first half is in the mix, and two kinds the mix does not hold).
+CALIBRATION_MIX = ("pydoc", "python", "fortunes", "jargon")
+EVALUATION_DOMAINS = ("pydoc", "austen", "kjv")
+
 EVAL_WINDOWS = 24
 WINDOW_LEN = 512
 # 32 x 512 = 16k tokens: H = X^T X of a 1536-wide input is well determined, and a GPTQ pass
 # over the default model takes about 4 minutes on 2 cores (bench/results/calibrated.md).
 CALIBRATION_WINDOWS = 32
 CALIBRATION_LEN = 512
+# GPTQ's treatment of the calibration Hessian (solvers.gptq.GptqSettings; bench/results/generalization.md).
+GPTQ_DAMP = 0.01
+GPTQ_SHRINK = 0.0
 
 # Sensitivity measurement (`mixbits plan`): the Fisher's backward pass on the first windows of the
 # calibration, and the measured KL on short windows (each (group, option) reruns the blocks after it).
 FISHER_WINDOWS = 8
-KL_WINDOWS = 2
+KL_WINDOWS = 4  # one window of each source of the calibration mix (it is interleaved)
 KL_LEN = 128

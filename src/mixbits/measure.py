@@ -44,7 +44,7 @@ from .menu import Choice, Pin, allowed, check_pins_match, group_choices, parse_m
 from .models.loader import LoadedModel
 from .models.structure import output_head, quantizable_linears, transformer_blocks
 from .plan import option_bits
-from .solvers import approximation, solve_many
+from .solvers import GptqSettings, approximation, solve_many
 
 SENSITIVITY_VERSION = 1
 DAMAGES = ("kl", "proxy")
@@ -319,6 +319,7 @@ def measure(
     fisher_windows: int = defaults.FISHER_WINDOWS,
     clip_search: bool = True,
     target: str | None = None,
+    gptq: GptqSettings = GptqSettings(),
     progress: bool = True,
 ) -> Sensitivity:
     """Damage of each option of `menu` (default: `menu.DEFAULT_OPTIONS`) and of any pinned option,
@@ -331,6 +332,7 @@ def measure(
     `kl`). `ties` groups Linears that read the same input; otherwise every
     Linear is its own group. A pinned group is measured under its pin too;
     with a `target` ("gguf"), a group only under options that target can hold.
+    `gptq` is how GPTQ options are solved (as `quantize` will solve them).
     """
     menu = parse_menu(None) if menu is None else menu
     windows, spec = calibration_data(model, calibration, calibration_windows, calibration_len)
@@ -366,7 +368,7 @@ def measure(
                 start = time.perf_counter()
                 proxy = output_error = 0.0
                 # The layers of a group read one input, so they share one Hessian and are solved together.
-                solved = solve_many(originals, choice.format, choice.solver, stats[layers[0]].hessian, clip_search)
+                solved = solve_many(originals, choice.format, choice.solver, stats[layers[0]].hessian, clip_search, gptq)
                 approximations = [approximation(w, q) for w, q in zip(originals, solved)]
                 for name, weight, approx in zip(layers, originals, approximations):
                     layer_proxy, layer_error = proxy_damage(weight, approx, stats[name])
@@ -386,5 +388,6 @@ def measure(
                 bar.update()
             groups.append(group)
     spec["fisher_windows"] = min(fisher_windows, len(windows))
+    spec["gptq"] = gptq.as_dict()
     kl_spec = {"count": min(kl_windows, len(windows)), "length": min(kl_len, windows.shape[1])} if kl else None
     return Sensitivity(groups, identity, spec, kl_spec, other_parameters(model, linears), seconds)

@@ -33,7 +33,7 @@ from .models.llama import decoder_parts
 from .models.loader import LoadedModel
 from .models.structure import output_head, quantizable_linears, untie_head
 from .plan import KEEP, LayerTotals, Plan, PlanError, option_bits
-from .solvers import approximation, solve_many
+from .solvers import GptqSettings, approximation, solve_many
 from .transforms.rotation import rotate as rotate_model
 from .transforms.scaling import ScaledGroup, scale_layer
 
@@ -59,6 +59,7 @@ class QuantizationReport(LayerTotals):
     awq: bool = False
     rotation: dict | None = None
     calibration: dict | None = None  # text, windows, length
+    gptq: GptqSettings = field(default_factory=GptqSettings)
     layers: list[LayerReport] = field(default_factory=list)
     scaled: list[ScaledGroup] = field(default_factory=list)
     seconds: float = 0.0
@@ -81,6 +82,7 @@ class QuantizationReport(LayerTotals):
             "rotation": self.rotation,
             "clip_search": self.clip_search,
             "calibration": self.calibration,
+            "gptq": self.gptq.as_dict(),
             "layers": len(self.layers),
             "options": dict(Counter(layer.option if layer.option == KEEP else f"{layer.option}@{layer.solver}"
                                     for layer in self.layers)),
@@ -109,6 +111,7 @@ def quantize(
     include_head: bool = False,
     head_format: str | Format | None = None,
     plan: Plan | None = None,
+    gptq: GptqSettings = GptqSettings(),
     progress: bool = True,
 ) -> QuantizationReport:
     """Quantize every Linear inside the transformer blocks to `format`, in place.
@@ -117,9 +120,10 @@ def quantize(
     so the model runs as before. `solver` is "rtn" or "gptq"; `awq` adds
     activation-aware scaling; `rotate` a Hadamard rotation of the residual
     stream (`online_hadamard` also of every down_proj input). GPTQ and AWQ
-    take calibration windows from the start of `calibration` (a text file or
-    folder, the default text if None, or a [windows, tokens] tensor of token
-    ids). `clip_search` searches a clip ratio per group. With `include_head`
+    take calibration windows from `calibration`: None for the default
+    calibration mix (`mixbits.corpus`), a text source name, a text file or
+    folder (windows from its start), or a [windows, tokens] tensor of token
+    ids; `gptq` sets GPTQ's damping, Hessian shrinkage and column order. `clip_search` searches a clip ratio per group. With `include_head`
     the output head is quantized too (untied from the input embedding first,
     which stays float), in `head_format` if given (which implies it). A `plan` gives every layer its own option and solver
     instead of `format` and `solver`. Returns the exact bit count of
@@ -161,7 +165,8 @@ def quantize(
         windows, spec = calibration_data(model, calibration, calibration_windows, calibration_len)
 
     label = "plan" if plan is not None else uniform[0]
-    report = QuantizationReport(label, clip_search, solvers.pop() if len(solvers) == 1 else "mixed", awq, calibration=spec)
+    report = QuantizationReport(label, clip_search, solvers.pop() if len(solvers) == 1 else "mixed", awq, calibration=spec,
+                                gptq=gptq)
     reset_peak()
     start = time.perf_counter()
     if rotate:
@@ -222,7 +227,7 @@ def _solve(names: list[str], linears: list[nn.Linear], hessian: torch.Tensor | N
         alike.setdefault(choices[name], []).append(index)
     for (option, solver), indices in alike.items():
         fmt = None if option == KEEP else parse_format(option)
-        quantized = solve_many([linears[i].weight for i in indices], fmt, solver, hessian, report.clip_search)
+        quantized = solve_many([linears[i].weight for i in indices], fmt, solver, hessian, report.clip_search, report.gptq)
         for i, tensor in zip(indices, quantized):
             weight = linears[i].weight
             weight.copy_(approximation(weight, tensor).to(weight.dtype))

@@ -2,8 +2,10 @@
 
 For every budget the allocated plan and the heuristic mix are quantized from
 a fresh copy of the float model (block-sequentially, as `mixbits quantize
---plan` does) and scored on the evaluation windows; every uniform option of
+--plan` does) and scored on every evaluation domain; every uniform option of
 the menu whose size falls in the swept range (with a margin) is scored once.
+A point's headline numbers are means over the domains (`delta_unseen` over
+the domains whose kind of text the calibration mix does not hold).
 """
 
 from __future__ import annotations
@@ -14,17 +16,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from .allocate import Budget
 from .errors import MixbitsError
-from .eval import ReferenceScores, score_windows
+from .eval import Domain, ReferenceScores, evaluate_domains, reference_scores
 from .measure import Sensitivity
 from .menu import Choice, Pin
 from .mixes import allocated_plan, heuristic_plan, uniform_plan
 from .models.loader import LoadedModel
 from .plan import KEEP, Plan
 from .quantize import quantize
+from .solvers import GptqSettings
 
 SERIES = ("allocated", "heuristic", "uniform")
 UNIFORM_MARGIN = 1.0  # uniform options up to this many bits per weight outside the swept range are scored
@@ -38,12 +39,13 @@ class SweepPoint:
     bits_per_weight: float
     bits: int
     predicted_damage: float | None
-    perplexity: float
-    delta_perplexity: float
-    kl: float
-    agreement: float
+    delta_perplexity: float  # mean over the domains of perplexity / fp32 perplexity - 1
+    delta_unseen: float | None  # the same over the domains of kinds the calibration mix does not hold
+    kl: float  # mean over the domains
+    agreement: float  # mean over the domains
     quantize_seconds: float
     options: dict = field(default_factory=dict)  # option -> number of layers
+    domains: dict = field(default_factory=dict)  # domain -> perplexity, delta_perplexity, kl, agreement
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -67,14 +69,14 @@ def parse_budgets(text: str) -> list[float]:
     return values
 
 
-RESUME_KEYS = ("model", "windows", "calibration", "damage", "options", "pins")
+RESUME_KEYS = ("model", "domains", "calibration", "damage", "options", "pins")
 
 
 def finished_points(previous: Path, record: dict) -> list[dict]:
     """Points of an earlier run in `previous` (sweep.json) made with the same settings as `record`.
 
-    An interrupted sweep resumes with them: same model, windows, calibration,
-    damage, options and pins; only points of budgets still asked for (and
+    An interrupted sweep resumes with them: same model, evaluation domains,
+    calibration, damage, options and pins; only points of budgets still asked for (and
     uniform points) are kept.
     """
     try:
@@ -91,13 +93,14 @@ def sweep(
     sensitivity: Sensitivity,
     menu: list[Choice],
     budgets: list[float],
-    eval_windows: torch.Tensor,
+    domains: list[Domain],
     *,
     series: tuple[str, ...] = SERIES,
     damage: str = "kl",
     pins: list[Pin] = (),
-    calibration: torch.Tensor,
-    reference: ReferenceScores | None = None,
+    calibration,
+    references: list[ReferenceScores] | None = None,
+    gptq: GptqSettings = GptqSettings(),
     progress: bool = True,
     skip: set[tuple[str, str]] = frozenset(),
     on_point=None,
@@ -109,7 +112,7 @@ def sweep(
     unknown = set(series) - set(SERIES)
     if unknown:
         raise MixbitsError(f"unknown series {', '.join(sorted(unknown))}; choose from {', '.join(SERIES)}")
-    reference = reference or ReferenceScores(model.model, eval_windows, progress)
+    references = references or reference_scores(model.model, domains, progress)
     jobs: list[tuple[str, str, float | None, Plan]] = []
     for budget in budgets:
         if "allocated" in series:
@@ -128,13 +131,16 @@ def sweep(
         if (kind, label) in skip:
             continue
         quantized = copy.deepcopy(model.model)
-        report = quantize(quantized, plan=plan, calibration=calibration, progress=progress)
-        result = score_windows(quantized, eval_windows, reference, progress=progress)
+        report = quantize(quantized, plan=plan, calibration=calibration, gptq=gptq, progress=progress)
+        result = evaluate_domains(quantized, domains, references, progress=progress)
         del quantized
         gc.collect()
-        point = SweepPoint(kind, label, budget, plan.bits_per_weight, plan.bits, plan.damage_total, result.perplexity,
-                           result.perplexity / reference.perplexity - 1, result.kl, result.agreement, report.seconds,
-                           report.as_dict()["options"])
+        mean, unseen = result.mean(), result.mean(unseen_only=True)
+        per_domain = {d.name: {"perplexity": r.perplexity, "delta_perplexity": result.delta(r), "kl": r.kl,
+                               "agreement": r.agreement} for d, r in zip(domains, result.results)}
+        point = SweepPoint(kind, label, budget, plan.bits_per_weight, plan.bits, plan.damage_total,
+                           mean["delta_perplexity"], unseen and unseen["delta_perplexity"], mean["kl"], mean["agreement"],
+                           report.seconds, report.as_dict()["options"], per_domain)
         points.append(point)
         if on_point is not None:
             on_point(point)

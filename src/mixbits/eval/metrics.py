@@ -19,7 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import defaults
-from ..data import Text, WindowSpec, eval_windows, load_text, tokenize
+from ..corpus import resolve_text
+from ..data import Text, WindowSpec, eval_windows, tokenize
 from ..models.loader import LoadedModel
 
 
@@ -71,13 +72,13 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate `model` on `windows` windows of `window_len` tokens from the middle of `text`.
 
-    `text` is None (CPython's pydoc topics), a path to a text file or folder,
-    or a `Text`. With a `reference` (model or `ReferenceScores`), KL divergence
+    `text` is None (CPython's pydoc topics), a text source name (`mixbits.corpus`),
+    a path to a text file or folder, or a `Text`. With a `reference` (model or `ReferenceScores`), KL divergence
     and top-1 agreement against it are reported too.
     """
     # A bare module is used as is: wrapping it in load_model would hash its weights for nothing.
     module, own_tokenizer = (model.model, model.tokenizer) if isinstance(model, LoadedModel) else (model, None)
-    text = text if isinstance(text, Text) else load_text(text)
+    text = resolve_text(text)
     tokens = tokenize(text, tokenizer or own_tokenizer)
     batch, spec = eval_windows(tokens, windows, window_len)
     ref = reference.model if isinstance(reference, LoadedModel) else reference

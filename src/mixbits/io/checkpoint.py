@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import MixbitsError, ModelLoadError
-from ..formats import QuantizedTensor, parse_format
+from ..formats import parse_format
 from ..formats.storage import restore, store, stored_bytes
 from ..hashing import sha256_file
 from ..models.loader import LoadedModel

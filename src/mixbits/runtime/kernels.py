@@ -37,7 +37,7 @@ def native():
         return None
     from torch.utils import cpp_extension
 
-    from ..models.loader import cache_root
+    from ..cache import cache_root
 
     text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     digest = hashlib.sha256(text + torch.__version__.encode()).hexdigest()[:16]

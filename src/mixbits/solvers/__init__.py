@@ -3,12 +3,12 @@
 import torch
 
 from ..formats import Format, QuantizedTensor
-from .gptq import gptq
+from .gptq import GptqSettings, gptq
 from .rtn import round_to_nearest
 
 
 def solve(matrix: torch.Tensor, fmt: Format | None, solver: str, hessian: torch.Tensor | None = None,
-          clip_search: bool = True) -> QuantizedTensor | None:
+          clip_search: bool = True, settings: GptqSettings = GptqSettings()) -> QuantizedTensor | None:
     """`matrix` quantized to `fmt` by `solver` ("rtn" or "gptq"); None when `fmt` is None (kept in 16 bits).
 
     With a `hessian`, RTN's clip search minimises the output error; GPTQ needs one.
@@ -18,7 +18,7 @@ def solve(matrix: torch.Tensor, fmt: Format | None, solver: str, hessian: torch.
     if solver == "gptq":
         if hessian is None:
             raise ValueError("gptq needs the input Hessian of the layer")
-        return gptq(matrix, hessian, fmt, clip_search=clip_search)
+        return gptq(matrix, hessian, fmt, clip_search=clip_search, settings=settings)
     return round_to_nearest(matrix, fmt, clip_search, hessian=hessian)
 
 
@@ -39,14 +39,14 @@ def stackable(fmt: Format | None) -> bool:
 
 
 def solve_many(matrices: list[torch.Tensor], fmt: Format | None, solver: str, hessian: torch.Tensor | None = None,
-               clip_search: bool = True) -> list[QuantizedTensor | None]:
+               clip_search: bool = True, settings: GptqSettings = GptqSettings()) -> list[QuantizedTensor | None]:
     """`solve` for matrices that share one input (and so one Hessian): stacked into one call where possible."""
     if len(matrices) == 1 or not stackable(fmt):
-        return [solve(m, fmt, solver, hessian, clip_search) for m in matrices]
-    stacked = solve(torch.cat([m.detach() for m in matrices]), fmt, solver, hessian, clip_search)
+        return [solve(m, fmt, solver, hessian, clip_search, settings) for m in matrices]
+    stacked = solve(torch.cat([m.detach() for m in matrices]), fmt, solver, hessian, clip_search, settings)
     if stacked is None:
         return [None] * len(matrices)
     return stacked.split_rows([m.shape[0] for m in matrices])
 
 
-__all__ = ["approximation", "gptq", "round_to_nearest", "solve", "solve_many", "stackable"]
+__all__ = ["GptqSettings", "approximation", "gptq", "round_to_nearest", "solve", "solve_many", "stackable"]

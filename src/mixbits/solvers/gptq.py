@@ -23,9 +23,11 @@ one consistent encoding.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
+from .. import defaults
 from ..formats import Format, QuantizedTensor
 from ..formats.granularity import to_groups
 from .rtn import error_weights, fit_params, hessian_importance, output_error
@@ -35,6 +37,29 @@ log = logging.getLogger(__name__)
 MAX_DAMPING_TRIES = 8
 
 
+@dataclass(frozen=True)
+class GptqSettings:
+    """How GPTQ treats the calibration Hessian.
+
+    damp: added to H's diagonal as a fraction of its mean diagonal.
+    shrink: H is replaced by (1 - shrink) H + shrink diag(H) first; at 1 the
+        solver sees only per-input importances (no cross-input correction),
+        as llama.cpp's importance matrix does.
+    act_order: visit columns by decreasing H_jj.
+    """
+
+    damp: float = defaults.GPTQ_DAMP
+    shrink: float = defaults.GPTQ_SHRINK
+    act_order: bool = True
+
+    def __post_init__(self):
+        if not (self.damp >= 0 and 0 <= self.shrink <= 1):
+            raise ValueError(f"GPTQ needs damp >= 0 and 0 <= shrink <= 1, got {self.damp}, {self.shrink}")
+
+    def as_dict(self) -> dict:
+        return {"damp": self.damp, "shrink": self.shrink, "act_order": self.act_order}
+
+
 def gptq(
     matrix: torch.Tensor,
     hessian: torch.Tensor,
@@ -42,13 +67,14 @@ def gptq(
     *,
     clip_search: bool = True,
     block_size: int = 128,
-    damp: float = 0.01,
-    act_order: bool = True,
+    settings: GptqSettings = GptqSettings(),
 ) -> QuantizedTensor:
     """Quantize a [rows, cols] matrix whose input has Hessian `hessian` [cols, cols]."""
     weight = matrix.detach().float().clone()
     rows, cols = weight.shape
     hessian = hessian.detach().double().clone()
+    if settings.shrink:
+        hessian = (1 - settings.shrink) * hessian + settings.shrink * torch.diag(hessian.diagonal())
     dead = hessian.diagonal() == 0  # inputs that are always zero: their weights do not matter
     hessian[dead, dead] = 1.0
     weight[:, dead] = 0.0
@@ -64,11 +90,11 @@ def gptq(
         group_fmt = fmt.pinned(initial)
     group_params: list[dict[str, torch.Tensor] | None] = [None] * fmt.granularity.groups_per_row(cols)
 
-    order = torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols)
+    order = torch.argsort(hessian.diagonal(), descending=True, stable=True) if settings.act_order else torch.arange(cols)
     position = torch.empty_like(order)
     position[order] = torch.arange(cols)
     weight = weight[:, order]
-    inverse = upper_inverse_cholesky(hessian[order][:, order], damp).float()
+    inverse = upper_inverse_cholesky(hessian[order][:, order], settings.damp).float()
     rounded = torch.zeros_like(weight)
     visit = order.tolist()
     param_rows = fmt.param_rows(rows)  # a column is [param_rows, 1, rows / param_rows] in the grouped layout
