@@ -11,7 +11,7 @@ calibration here contains). Rows:
 - gptq, calib fortunes: one other single kind (quotations and dialogue);
 - gptq, calib mix: the default mix (pydoc, python, fortunes, jargon), 32 x 512;
 - then on the mix: damping 0.1 instead of 0.01; the Hessian shrunk toward
-  its diagonal, H <- (1 - s) H + s diag(H), for s from 0.25 to 1 (at 1 only
+  its diagonal, H <- (1 - s) H + s diag(H), for s from 0.1 to 1 (at 1 only
   per-input importances remain, as in llama.cpp's importance matrix); columns
   in natural order (no act-order);
   no clip search (GPTQ's group fit searches a clip ratio on the calibration
@@ -40,22 +40,31 @@ from common import RESULTS, domain_cells, domain_protocol, write_results
 
 NAME = "generalization"
 FORMATS = ["int3:g64:asym", "int4:g64:asym"]
-# label -> quantize() options
+# label -> quantize() options. Settings are explicit, so rows keep their meaning when defaults change.
+PLAIN = GptqSettings(damp=0.01, shrink=0.0, act_order=True)  # GPTQ as published (and mixbits before this study)
+
+
+def _gptq(**options) -> dict:
+    settings = dataclasses.replace(PLAIN, **{k: options.pop(k) for k in ("damp", "shrink", "act_order") if k in options})
+    return {"solver": "gptq", "gptq": settings, **options}
+
+
 ROWS = {
     "rtn": {"solver": "rtn"},
-    "gptq, calib pydoc": {"solver": "gptq", "calibration": "pydoc"},
-    "gptq, calib mix": {"solver": "gptq"},
-    "gptq, calib mix, damp 0.1": {"solver": "gptq", "gptq": GptqSettings(damp=0.1)},
-    "gptq, calib mix, shrink 0.25": {"solver": "gptq", "gptq": GptqSettings(shrink=0.25)},
-    "gptq, calib mix, shrink 0.5": {"solver": "gptq", "gptq": GptqSettings(shrink=0.5)},
-    "gptq, calib mix, shrink 0.75": {"solver": "gptq", "gptq": GptqSettings(shrink=0.75)},
-    "gptq, calib mix, shrink 1": {"solver": "gptq", "gptq": GptqSettings(shrink=1.0)},
-    "gptq, calib mix, no act-order": {"solver": "gptq", "gptq": GptqSettings(act_order=False)},
-    "gptq, calib mix, no clip search": {"solver": "gptq", "clip_search": False},
-    "gptq, calib mix, 128 windows": {"solver": "gptq", "calibration_windows": 128},
-    "gptq, calib mix, shrink 0.5, 128 windows": {"solver": "gptq", "gptq": GptqSettings(shrink=0.5),
-                                                 "calibration_windows": 128},
-    "gptq, calib fortunes": {"solver": "gptq", "calibration": "fortunes"},
+    "gptq, calib pydoc": _gptq(calibration="pydoc"),
+    "gptq, calib mix": _gptq(),
+    "gptq, calib mix, damp 0.1": _gptq(damp=0.1),
+    "gptq, calib mix, shrink 0.1": _gptq(shrink=0.1),
+    "gptq, calib mix, shrink 0.25": _gptq(shrink=0.25),
+    "gptq, calib mix, shrink 0.5": _gptq(shrink=0.5),
+    "gptq, calib mix, shrink 0.75": _gptq(shrink=0.75),
+    "gptq, calib mix, shrink 1": _gptq(shrink=1.0),
+    "gptq, calib mix, no act-order": _gptq(act_order=False),
+    "gptq, calib mix, no clip search": _gptq(clip_search=False),
+    "gptq, calib mix, shrink 0.25, no clip search": _gptq(shrink=0.25, clip_search=False),
+    "gptq, calib mix, 128 windows": _gptq(calibration_windows=128),
+    "gptq, calib mix, shrink 0.25, 128 windows": _gptq(shrink=0.25, calibration_windows=128),
+    "gptq, calib fortunes": _gptq(calibration="fortunes"),
 }
 
 
@@ -120,7 +129,8 @@ def _markdown(record: dict) -> str:
     return "\n".join([
         f"# Quality on text the calibration never saw ({record['model']['name']})",
         "",
-        f"`{record['command']}`",
+        "`python bench/generalization.py` (resumable: rows accumulate over runs; the last run was "
+        f"`{record['command']}`)",
         "",
         f"fp32 perplexity: {fp32}. Each domain: {defaults.EVAL_WINDOWS} windows of {defaults.WINDOW_LEN} tokens "
         "from its middle. 'calib mix' is the default calibration mix (pydoc's first half, CPython source, fortunes, "

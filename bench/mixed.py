@@ -28,7 +28,7 @@ against the heuristic mix and the uniform configurations just below and
 just above the budget, the time measurement and allocation took, and how
 well the proxies rank options against the measured KL.
 
-    python bench/mixed.py [--report] [--steps sweep,proxy,extra] [--series allocated,heuristic,uniform]
+    python bench/mixed.py [--report] [--steps sweep,proxy,extra] [--series allocated,heuristic,uniform] [--budgets 2.5,3.0]
 """
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ EXTRA_RTN = ("int3:g128:asym", "int3:g64:asym", "int4:g128:asym", "int4:g64:asym
 STEPS = ("sweep", "proxy", "extra")
 
 
-def run_sweeps(steps: tuple[str, ...], series: str) -> None:
+def run_sweeps(steps: tuple[str, ...], series: str, budgets: str) -> None:
     commands = {
-        "sweep": ["sweep", "--bpw", BUDGETS, "--series", series, "--out", str(MAIN), "--sensitivity", str(SENSITIVITY)],
-        "proxy": ["sweep", "--bpw", BUDGETS, "--series", "allocated", "--damage", "proxy", "--out", str(PROXY),
+        "sweep": ["sweep", "--bpw", budgets, "--series", series, "--out", str(MAIN), "--sensitivity", str(SENSITIVITY)],
+        "proxy": ["sweep", "--bpw", budgets, "--series", "allocated", "--damage", "proxy", "--out", str(PROXY),
                   "--sensitivity", str(SENSITIVITY)],
     }
     for step in steps:
@@ -135,10 +135,10 @@ def report() -> str:
             beaten = [p for p in rtn if p["bits_per_weight"] >= allocated["bits_per_weight"]]
             wins = all(allocated["domains"][n]["delta_perplexity"] < p["domains"][n]["delta_perplexity"]
                        for p in beaten for n in names)
+            verdict = "no RTN measured" if not beaten else ("yes" if wins else "no") + f" ({len(beaten)} RTN configs)"
             by_domain.append([budget, round(allocated["bits_per_weight"], 3)]
                              + [_pct(allocated["domains"][n]["delta_perplexity"]) for n in names]
-                             + [_pct(allocated["delta_unseen"]), allocated["kl"],
-                                ("yes" if wins else "no") + f" ({len(beaten)} RTN configs)"])
+                             + [_pct(allocated["delta_unseen"]), allocated["kl"], verdict])
     table = format_table(["budget (bpw)", "allocated by KL", "allocated by proxy", "heuristic mix",
                           "best uniform GPTQ ≤ budget", "uniform GPTQ next size up", "RTN next size up"], rows)
     domain_table = format_table(
@@ -182,8 +182,8 @@ def report() -> str:
         f"plain output error tr(ΔW H ΔWᵀ) {correlation['output_error_all']:.3f} / {correlation['output_error_within_groups']:.3f}.",
         "",
         "Uniform formats added near the budgets (`mixed/uniform-extra.json`; mean Δ ppl over unseen kinds): "
-        + "; ".join(f"{p['label']} {p['bits_per_weight']:.2f} bpw {_pct(p['delta_unseen'])} (mean KL {p['kl']:.3f})"
-                    for p in sorted(extra, key=lambda p: (p["series"], p["bits_per_weight"]))) + ".",
+        + ("; ".join(f"{p['label']} {p['bits_per_weight']:.2f} bpw {_pct(p['delta_unseen'])} (mean KL {p['kl']:.3f})"
+                     for p in sorted(extra, key=lambda p: (p["series"], p["bits_per_weight"]))) or "none yet") + ".",
         "",
         "Every point of the sweeps (`mixed/sweep.md`, plot `mixed/sweep.png`, page `mixed/sweep.html`):",
         "",
@@ -197,12 +197,13 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite mixed.md from the committed results")
     parser.add_argument("--steps", default=",".join(STEPS), help="which of sweep, proxy, extra to run (default: all)")
     parser.add_argument("--series", default="allocated,heuristic,uniform", help="series of the main sweep (default: all)")
+    parser.add_argument("--budgets", default=BUDGETS, help="budgets of the sweeps (default: %(default)s)")
     args = parser.parse_args()
     if not args.report:
         steps = tuple(s for s in args.steps.split(",") if s)
         if set(steps) - set(STEPS):
             parser.error(f"--steps takes {', '.join(STEPS)}")
-        run_sweeps(steps, args.series)
+        run_sweeps(steps, args.series, args.budgets)
     text = report()
     (RESULTS / "mixed.md").write_text(text + "\n")
     print(text)

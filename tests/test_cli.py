@@ -57,7 +57,8 @@ def test_corrupt_gguf_writes_nothing(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
     cache = tmp_path / "cache"
-    assert_one_line_error(run("quantize", "--model", str(bad), env_cache=cache, cwd=tmp_path), "could not load GGUF")
+    assert_one_line_error(run("quantize", "--model", str(bad), "--no-eval", env_cache=cache, cwd=tmp_path),
+                          "could not load GGUF")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"] or not any(cache.iterdir())
 
 
@@ -133,6 +134,10 @@ def test_plan_arguments_are_checked_before_loading(tmp_path, capsys):
     assert "does not exist" in message and "mixbits plan" in message
     assert "either --plan or a budget" in refused(capsys, "quantize", "--plan", str(tmp_path / "none.json"), "--bpw", "3")
     assert "START:STOP:STEP" in refused(capsys, "sweep", "--bpw", "4:2:0.5", "--out", str(tmp_path / "s"))
+    missing = str(tmp_path / "no-folder" / "sensitivity.json")
+    assert "create it first" in refused(capsys, "plan", "--bpw", "3", "--out", out, "--sensitivity", missing)
+    assert "--shrink from 0 to 1" in refused(capsys, "plan", "--bpw", "3", "--out", out, "--shrink", "1.5")
+    assert not (tmp_path / "no-folder").exists() and not (tmp_path / "p.json").exists()
     assert not list(tmp_path.iterdir())
 
 
@@ -169,6 +174,12 @@ def test_quantize_to_a_budget_writes_the_plan_it_applied(tmp_path):
     assert next(l for l in plan.layers if l.name == "model.layers.0.mlp.down_proj").option == "int4:g64:asym"
     assert record["plan"]["totals"]["bits"] == plan.bits and record["plan"]["damage"] == "proxy"
     assert Sensitivity.load(tmp_path / "sensitivity.json").kl_windows is None  # proxy only: no KL measured
+    # Reusing those measurements under other calibration or GPTQ settings would allocate on the wrong damage.
+    for other in (["--shrink", "0.5"], ["--calib-windows", "8"]):
+        again = run("plan", "--bpw", "3.0", "--options", "int2:g64:asym@rtn,int4:g64:asym@rtn", "--damage", "proxy",
+                    "--calib-windows", "4", "--calib-window-len", "128", *other, "--out", str(tmp_path / "p.json"),
+                    "--sensitivity", str(tmp_path / "sensitivity.json"))
+        assert again.returncode == 2 and "measure again" in again.stderr and not (tmp_path / "p.json").exists()
 
 
 def test_checkpoint_commands_refuse_bad_input(tmp_path, tiny_llama_dir, capsys):
@@ -207,8 +218,9 @@ def test_gguf_round_trip_on_the_default_model(tmp_path, capsys):
     assert main(["quantize", "--format", "q4_0", "--head-format", "q8_0", "--target", "gguf", "--no-eval", "--no-clip-search",
                  "--out", str(checkpoint)]) == 0
     capsys.readouterr()
-    assert main(["eval", str(checkpoint), "--windows", "2", "--window-len", "128", "--json"]) == 0
-    assert 10 < json.loads(capsys.readouterr().out)["evaluation"]["perplexity"] < 30  # fp32: about 13 here
+    assert main(["eval", str(checkpoint), "--text", "pydoc", "--windows", "2", "--window-len", "128", "--json"]) == 0
+    domains = json.loads(capsys.readouterr().out)["evaluation"]["domains"]
+    assert [d["name"] for d in domains] == ["pydoc"] and 10 < domains[0]["perplexity"] < 30  # fp32: about 13 here
     assert main(["generate", str(checkpoint), "--prompt", "The capital of France is", "-n", "12"]) == 0
     output = capsys.readouterr()
     assert output.out.startswith("The capital of France is") and "tokens/s" in output.err

@@ -68,9 +68,11 @@ def test_cli_main_job_reports_exact_bits_and_provenance(loaded):
     assert record["quantization"]["bits"] == bits
     assert record["quantization"]["bits_per_weight"] == bits / sum(r * c for r, c in shapes)
     assert record["model"]["sha256"] == loaded.sha256
-    assert record["text"]["sha256"] == load_text().sha256
-    assert record["evaluation"]["windows"] == {"count": 2, "length": 128, "start": len(tokenize(load_text(), loaded.tokenizer)) // 2}
-    assert record["evaluation"]["kl"] < 0.01
+    domains = record["evaluation"]["domains"]
+    assert [d["name"] for d in domains] == ["pydoc", "austen", "kjv"]
+    assert domains[0]["text_sha256"] == load_text().sha256
+    assert domains[0]["windows"] == {"count": 2, "length": 128, "start": len(tokenize(load_text(), loaded.tokenizer)) // 2}
+    assert all(d["kl"] < 0.01 for d in domains) and record["evaluation"]["mean"]["kl"] < 0.01
     assert record["versions"]["torch"].startswith("2.")
 
 

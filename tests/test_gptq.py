@@ -42,7 +42,7 @@ def test_act_order_helps_and_without_it_gptq_still_wins():
     fmt = parse_format("int3:g64:asym")
     rtn = output_error(weight, round_to_nearest(weight, fmt, hessian=hessian).dequantize(), hessian)
     ordered = output_error(weight, gptq(weight, hessian, fmt).dequantize(), hessian)
-    plain = output_error(weight, gptq(weight, hessian, fmt, act_order=False).dequantize(), hessian)
+    plain = output_error(weight, gptq(weight, hessian, fmt, settings=GptqSettings(act_order=False)).dequantize(), hessian)
     assert ordered < plain < rtn
 
 

@@ -215,6 +215,16 @@ def _plan_inputs(args, solver: str):
     return parse_menu(options, solver), [parse_pin(text, solver) for text in args.pin]
 
 
+def _check_sensitivity_path(args, created=None) -> None:
+    """A --sensitivity file to write must have a folder to go in (`created`: one the command makes itself)."""
+    from pathlib import Path
+
+    if args.sensitivity and not Path(args.sensitivity).exists():
+        folder = Path(args.sensitivity).parent
+        if not folder.is_dir() and folder != created:
+            raise MixbitsError(f"the folder {folder} of --sensitivity does not exist; create it first")
+
+
 def _budget(args):
     from .allocate import Budget, parse_size
 
@@ -230,10 +240,7 @@ def _sensitivity(args, loaded, menu, pins):
     if args.sensitivity and Path(args.sensitivity).exists():
         found = Sensitivity.load(args.sensitivity)
         found.check(loaded, menu, args.target)
-        measured_with = found.calibration.get("gptq")
-        if measured_with is not None and measured_with != _gptq_settings(args).as_dict():
-            raise MixbitsError(f"{args.sensitivity} was measured with GPTQ settings {measured_with}; pass the same "
-                               "--damp/--shrink or measure again")
+        _check_measured_like(found, args)
         if args.damage not in found.damages:
             from .measure import SensitivityError
             raise SensitivityError(f"{args.sensitivity} holds no {args.damage} damage; use --damage proxy or measure again")
@@ -249,6 +256,20 @@ def _sensitivity(args, loaded, menu, pins):
     if args.sensitivity:
         found.save(args.sensitivity)
     return found
+
+
+def _check_measured_like(found, args) -> None:
+    """Refuse measurements taken on other calibration windows or with other GPTQ settings than these arguments ask for."""
+    from .corpus import MIX_NAME, resolve_text
+
+    c = found.calibration
+    text = MIX_NAME if args.calib_text is None else resolve_text(args.calib_text).name
+    if (c.get("text"), c.get("count"), c.get("length")) != (text, args.calib_windows, args.calib_window_len):
+        raise MixbitsError(f"{args.sensitivity} was measured on {c.get('count')} x {c.get('length')} tokens of "
+                           f"{c.get('text')}, not {args.calib_windows} x {args.calib_window_len} of {text}; measure again")
+    if c.get("gptq") != _gptq_settings(args).as_dict():
+        raise MixbitsError(f"{args.sensitivity} was measured with GPTQ settings {c.get('gptq')}; pass the same "
+                           "--damp/--shrink or measure again")
 
 
 def _print_plan(plan, sensitivity) -> None:
@@ -276,6 +297,7 @@ def _run_plan(args) -> int:
 
     menu, pins = _plan_inputs(args, args.solver)
     budget = _budget(args)
+    _check_sensitivity_path(args)
     _check_calibration(args)
     loaded = load_model(args.model)
     check_budget(loaded.model, menu, pins, budget, args.target)
@@ -338,6 +360,7 @@ def _run_quantize(args) -> int:
     if planning:
         menu, pins = _plan_inputs(args, args.solver or "gptq")
         budget = _budget(args)
+        _check_sensitivity_path(args)
     solver = args.solver or "rtn"
     texts = _eval_texts(args) if args.evaluate else None
     calibrated = solver == "gptq" or args.awq or plan is not None or planning
@@ -419,8 +442,10 @@ def _run_sweep(args) -> int:
     if not series or set(series) - set(SERIES):
         raise MixbitsError(f"--series {args.series!r}: choose from {', '.join(SERIES)}")
     menu, pins = _plan_inputs(args, args.solver)
+    _check_sensitivity_path(args, created=Path(args.out))
     texts = _eval_texts(args)
     _check_calibration(args)
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # before measuring, which may write its sensitivity file there
     loaded = load_model(args.model)
     domains = load_domains(loaded.tokenizer, texts, args.windows, args.window_len, calibrated_on_mix=args.calib_text is None)
     calibration, calibration_record = calibration_data(loaded, args.calib_text, args.calib_windows, args.calib_window_len)

@@ -16,7 +16,7 @@ CALIBRATION_WINDOWS = 32
 CALIBRATION_LEN = 512
 # GPTQ's treatment of the calibration Hessian (solvers.gptq.GptqSettings; bench/results/generalization.md).
 GPTQ_DAMP = 0.01
-GPTQ_SHRINK = 0.0
+GPTQ_SHRINK = 0.25
 
 # Sensitivity measurement (`mixbits plan`): the Fisher's backward pass on the first windows of the
 # calibration, and the measured KL on short windows (each (group, option) reruns the blocks after it).

@@ -27,6 +27,7 @@ from ..data import Text, check_window_counts, load_text, tokenize
 from ..defaults import CALIBRATION_MIX, EVALUATION_DOMAINS
 from ..errors import TextError
 from .sources import SOURCES, Source, fetch_all, source
+
 MIX_NAME = "calibration mix (" + ", ".join(CALIBRATION_MIX) + ")"
 
 __all__ = ["CALIBRATION_MIX", "EVALUATION_DOMAINS", "SOURCES", "Source", "calibration_mix", "fetch_all",
