@@ -93,7 +93,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=_run_sweep)
 
     e = commands.add_parser("eval", help="evaluate a model's perplexity (and KL/agreement against a reference)",
-                            description="Perplexity on windows from the middle of the text; with --reference, also KL and top-1 agreement.")
+                            description="Perplexity on windows from the middle of each evaluation domain (default pydoc, austen, kjv) "
+                                        "and their mean; with --reference, also KL and top-1 agreement.")
     _add_model_args(e, positional=True)
     e.add_argument("--reference", help="reference model (same sources as --model) for KL and agreement")
     _add_eval_args(e)

@@ -325,9 +325,9 @@ def measure(
     """Damage of each option of `menu` (default: `menu.DEFAULT_OPTIONS`) and of any pinned option,
     on every group of the float `model`.
 
-    Calibration windows come from the start of `calibration` (a text file or
-    folder, the default text if None, or a [windows, tokens] tensor of token
-    ids): all give H, the first `fisher_windows` the Fisher, the first
+    Calibration windows come from `calibration` (None: the default calibration
+    mix; a source name, text file or folder; or a [windows, tokens] tensor of
+    token ids): all give H, the first `fisher_windows` the Fisher, the first
     `kl_windows` cut to `kl_len` tokens the measured KL (skipped without
     `kl`). `ties` groups Linears that read the same input; otherwise every
     Linear is its own group. A pinned group is measured under its pin too;
