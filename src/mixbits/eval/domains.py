@@ -88,8 +88,10 @@ class DomainsEvaluation:
         rows = []
         for d, r in zip(self.domains, self.results):
             delta = self.delta(r)
-            rows.append([d.name + (" (in calibration)" if d.in_calibration else ""), d.kind, r.reference_perplexity,
+            rows.append([d.name + (" (in calibration mix)" if d.in_calibration else ""), d.kind, r.reference_perplexity,
                          r.perplexity, None if delta is None else f"{delta:+.2%}", r.kl, r.agreement])
+        if self.results and self.results[0].reference_perplexity is None:
+            return rows  # no reference: nothing to average that means anything across domains
         means = [("mean", self.mean())] if len(self.domains) > 1 else []
         if any(d.in_calibration for d in self.domains) and self.mean(unseen_only=True):
             means.append(("mean, unseen kinds", self.mean(unseen_only=True)))
