@@ -123,8 +123,9 @@ def quantize(
     take calibration windows from `calibration`: None for the default
     calibration mix (`mixbits.corpus`), a text source name, a text file or
     folder (windows from its start), or a [windows, tokens] tensor of token
-    ids; `gptq` sets GPTQ's damping, Hessian shrinkage and column order. `clip_search` searches a clip ratio per group. With `include_head`
-    the output head is quantized too (untied from the input embedding first,
+    ids; `gptq` sets GPTQ's damping, Hessian shrinkage and column order.
+    `clip_search` searches a clip ratio per group. With `include_head` the
+    output head is quantized too (untied from the input embedding first,
     which stays float), in `head_format` if given (which implies it). A `plan` gives every layer its own option and solver
     instead of `format` and `solver`. Returns the exact bit count of
     everything quantized.
