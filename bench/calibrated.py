@@ -34,7 +34,7 @@ from mixbits.eval import evaluate_domains, reference_scores
 from mixbits.memory import resident_bytes
 from mixbits.report import format_table
 
-from common import RESULTS, domain_cells, domain_protocol, write_results
+from common import RESULTS, domain_cells, domain_protocol, earlier_results, write_results
 
 FORMATS = ["int3:g128:asym", "int3:g64:asym", "int4:g128:asym", "int4:g64:asym", "int2:g128:asym", "int2:g64:asym",
            "fp4_e2m1:g32:scale=fp16", "mxfp4", "nvfp4", "nf4:g64"]
@@ -60,12 +60,7 @@ def main() -> None:
     loaded, domains, record = domain_protocol()
     calibration, record["calibration"] = calibration_data(loaded, None, defaults.CALIBRATION_WINDOWS,
                                                           defaults.CALIBRATION_LEN)
-    previous = RESULTS / f"{NAME}.json"
-    done = {}
-    if previous.exists():
-        old = json.loads(previous.read_text())
-        if all(old.get(key) == record[key] for key in ("domains", "model", "calibration")):
-            done = {(r["format"], r["method"]): r for r in old["results"]}
+    done = {(r["format"], r["method"]): r for r in earlier_results(NAME, record, ("domains", "model", "calibration"))}
     references = reference_scores(loaded.model, domains)
     record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
 

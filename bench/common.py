@@ -35,6 +35,15 @@ def domain_protocol():
     return loaded, domains, record
 
 
+def earlier_results(name: str, record: dict, keys: tuple[str, ...]) -> list[dict]:
+    """The rows of bench/results/NAME.json from an earlier run whose `keys` equal `record`'s, so a run can resume."""
+    previous = RESULTS / f"{name}.json"
+    if not previous.exists():
+        return []
+    old = json.loads(previous.read_text())
+    return old["results"] if all(old.get(key) == record[key] for key in keys) else []
+
+
 def domain_cells(row: dict, names: list[str]) -> list[str]:
     """Δ ppl on each domain, then the mean over unseen kinds, of a row holding `DomainsEvaluation.as_dict()`."""
     by_name = {d["name"]: d for d in row["domains"]}

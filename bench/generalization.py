@@ -36,7 +36,7 @@ from mixbits.eval import evaluate_domains, reference_scores
 from mixbits.report import format_table
 from mixbits.solvers import GptqSettings
 
-from common import RESULTS, domain_cells, domain_protocol, write_results
+from common import RESULTS, domain_cells, domain_protocol, earlier_results, write_results
 
 NAME = "generalization"
 FORMATS = ["int3:g64:asym", "int4:g64:asym"]
@@ -80,12 +80,7 @@ def main() -> None:
         return
 
     loaded, domains, record = domain_protocol()
-    previous = RESULTS / f"{NAME}.json"
-    record["results"] = []
-    if previous.exists():
-        old = json.loads(previous.read_text())
-        if old.get("domains") == record["domains"] and old.get("model") == record["model"]:
-            record["results"] = old["results"]
+    record["results"] = earlier_results(NAME, record, ("domains", "model"))
     done = {(r["format"], r["row"]) for r in record["results"]}
     references = reference_scores(loaded.model, domains)
     record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 
-from common import RESULTS
+from common import RESULTS, pct
 
 from mixbits.allocate import Budget
 from mixbits.measure import Sensitivity
@@ -96,10 +96,6 @@ def run_extra() -> None:
         EXTRA.write_text(json.dumps(extra, indent=1) + "\n")
 
 
-def _pct(value: float) -> str:
-    return f"{value:+.1%}" if value < 10 else f"{value:+.0%}"
-
-
 def report() -> str:
     main = json.loads((MAIN / "sweep.json").read_text())
     proxy = json.loads((PROXY / "sweep.json").read_text()) if (PROXY / "sweep.json").exists() else {"points": []}
@@ -119,7 +115,7 @@ def report() -> str:
         if found is None:
             return "—"
         name = f", {found['label'].split('@')[0]}" if found["series"] in ("uniform", "rtn") else ""
-        return f"{_pct(found['delta_unseen'])} ({found['bits_per_weight']:.2f}{name})"
+        return f"{pct(found['delta_unseen'])} ({found['bits_per_weight']:.2f}{name})"
 
     rows, by_domain = [], []
     for budget in main["budgets"]:
@@ -137,8 +133,8 @@ def report() -> str:
                        for p in beaten for n in names)
             verdict = "no RTN measured" if not beaten else ("yes" if wins else "no") + f" ({len(beaten)} RTN configs)"
             by_domain.append([budget, round(allocated["bits_per_weight"], 3)]
-                             + [_pct(allocated["domains"][n]["delta_perplexity"]) for n in names]
-                             + [_pct(allocated["delta_unseen"]), allocated["kl"], verdict])
+                             + [pct(allocated["domains"][n]["delta_perplexity"]) for n in names]
+                             + [pct(allocated["delta_unseen"]), allocated["kl"], verdict])
     table = format_table(["budget (bpw)", "allocated by KL", "allocated by proxy", "heuristic mix",
                           "best uniform GPTQ ≤ budget", "uniform GPTQ next size up", "RTN next size up"], rows)
     domain_table = format_table(
@@ -182,7 +178,7 @@ def report() -> str:
         f"plain output error tr(ΔW H ΔWᵀ) {correlation['output_error_all']:.3f} / {correlation['output_error_within_groups']:.3f}.",
         "",
         "Uniform formats added near the budgets (`mixed/uniform-extra.json`; mean Δ ppl over unseen kinds): "
-        + ("; ".join(f"{p['label']} {p['bits_per_weight']:.2f} bpw {_pct(p['delta_unseen'])} (mean KL {p['kl']:.3f})"
+        + ("; ".join(f"{p['label']} {p['bits_per_weight']:.2f} bpw {pct(p['delta_unseen'])} (mean KL {p['kl']:.3f})"
                      for p in sorted(extra, key=lambda p: (p["series"], p["bits_per_weight"]))) or "none yet") + ".",
         "",
         "Every point of the sweeps (`mixed/sweep.md`, plot `mixed/sweep.png`, page `mixed/sweep.html`):",

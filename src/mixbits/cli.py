@@ -240,8 +240,11 @@ def _sensitivity(args, loaded, menu, pins):
 
     if args.sensitivity and Path(args.sensitivity).exists():
         found = Sensitivity.load(args.sensitivity)
-        found.check(loaded, menu, args.target)
-        _check_measured_like(found, args)
+        from .corpus import MIX_NAME, resolve_text
+
+        text = MIX_NAME if args.calib_text is None else resolve_text(args.calib_text).name
+        found.check(loaded, menu, args.target, calibration=(text, args.calib_windows, args.calib_window_len),
+                    gptq=_gptq_settings(args))
         if args.damage not in found.damages:
             from .measure import SensitivityError
             raise SensitivityError(f"{args.sensitivity} holds no {args.damage} damage; use --damage proxy or measure again")
@@ -257,20 +260,6 @@ def _sensitivity(args, loaded, menu, pins):
     if args.sensitivity:
         found.save(args.sensitivity)
     return found
-
-
-def _check_measured_like(found, args) -> None:
-    """Refuse measurements taken on other calibration windows or with other GPTQ settings than these arguments ask for."""
-    from .corpus import MIX_NAME, resolve_text
-
-    c = found.calibration
-    text = MIX_NAME if args.calib_text is None else resolve_text(args.calib_text).name
-    if (c.get("text"), c.get("count"), c.get("length")) != (text, args.calib_windows, args.calib_window_len):
-        raise MixbitsError(f"{args.sensitivity} was measured on {c.get('count')} x {c.get('length')} tokens of "
-                           f"{c.get('text')}, not {args.calib_windows} x {args.calib_window_len} of {text}; measure again")
-    if c.get("gptq") != _gptq_settings(args).as_dict():
-        raise MixbitsError(f"{args.sensitivity} was measured with GPTQ settings {c.get('gptq')}; pass the same "
-                           "--damp/--shrink or measure again")
 
 
 def _print_plan(plan, sensitivity) -> None:

@@ -219,11 +219,21 @@ class Sensitivity:
     def damages(self) -> tuple[str, ...]:
         return DAMAGES if self.kl_windows else ("proxy",)
 
-    def check(self, model: LoadedModel | None, menu: list[Choice], target: str | None = None) -> None:
-        """Refuse a sensitivity measured on another model or without every option of `menu` (that `target` allows)."""
+    def check(self, model: LoadedModel | None, menu: list[Choice], target: str | None = None,
+              calibration: tuple[str, int, int] | None = None, gptq: GptqSettings | None = None) -> None:
+        """Refuse a sensitivity measured on another model, without every option of `menu` (that `target` allows),
+        or, where given, on other calibration windows ((text name, count, length)) or with other GPTQ settings."""
         if model is not None and self.model.get("sha256") not in (None, model.sha256):
             raise SensitivityError(f"the sensitivity file was measured on another model ({self.model.get('name')}, "
                                    f"sha256 {self.model['sha256'][:12]}); measure this one")
+        c = self.calibration
+        if calibration is not None and (c.get("text"), c.get("count"), c.get("length")) != tuple(calibration):
+            raise SensitivityError(f"the sensitivity file was measured on {c.get('count')} x {c.get('length')} tokens "
+                                   f"of {c.get('text')}, not {calibration[1]} x {calibration[2]} of {calibration[0]}; "
+                                   "measure again")
+        if gptq is not None and c.get("gptq") != gptq.as_dict():
+            raise SensitivityError(f"the sensitivity file was measured with GPTQ settings {c.get('gptq')}; pass the "
+                                   "same --damp/--shrink or measure again")
         for group in self.groups:
             for choice in menu:
                 if group.find(choice) is None and all(allowed(choice, tuple(s), target) for s in group.shapes):

@@ -34,10 +34,10 @@ def unpacked(package: str, version: str) -> Path:
     return root
 
 
-def fetch(package: str, version: str) -> Path:
-    """Download and unpack `package`=`version` unless it is already in the cache."""
+def fetch(package: str, version: str, force: bool = False) -> Path:
+    """Download and unpack `package`=`version` unless it is already in the cache (or `force`)."""
     root = package_root(package, version)
-    if (root / COMPLETE).exists():
+    if (root / COMPLETE).exists() and not force:
         return root
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
@@ -54,7 +54,7 @@ def fetch(package: str, version: str) -> Path:
         _run(["dpkg-deb", "-x", str(debs[0]), str(tree)], work, package, version)
         (tree / COMPLETE).write_text(f"{package} {version}\n")
         if root.exists():
-            shutil.rmtree(root)  # an earlier, incomplete unpacking
+            shutil.rmtree(root)  # an earlier or incomplete unpacking
         tree.rename(root)
     return root
 

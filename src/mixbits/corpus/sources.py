@@ -19,7 +19,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import re
-import shutil
 import subprocess
 import sysconfig
 from dataclasses import dataclass
@@ -141,7 +140,5 @@ def fetch_all(force: bool = False) -> list[tuple[str, str]]:
     """Fetch every Debian package a source reads; return the (package, version) pairs."""
     pairs = sorted({pair for s in SOURCES.values() for pair in s.packages})
     for package, version in pairs:
-        if force:
-            shutil.rmtree(debian.package_root(package, version), ignore_errors=True)
-        debian.fetch(package, version)
+        debian.fetch(package, version, force)
     return pairs

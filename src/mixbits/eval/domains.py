@@ -9,7 +9,7 @@ over to text the calibration never saw).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -58,7 +58,6 @@ def load_domains(tokenizer, names=None, windows: int = defaults.EVAL_WINDOWS,
 class DomainsEvaluation:
     domains: list[Domain]
     results: list[Evaluation]
-    extra: dict = field(default_factory=dict)
 
     def delta(self, result: Evaluation) -> float | None:
         return None if result.reference_perplexity is None else result.perplexity / result.reference_perplexity - 1
