@@ -6,7 +6,6 @@ Runs the user's commands, in this order (each quantization is a full GPTQ pass):
     mixbits sweep --bpw 2.5,3.0,3.5,4.0 --series allocated --damage proxy --out bench/results/mixed-proxy \
                   --sensitivity bench/results/mixed/sensitivity.json
 
-    mixbits quantize --format FORMAT --solver gptq --json     (FORMAT in EXTRA_UNIFORM)
     mixbits quantize --format FORMAT --solver rtn --json      (FORMAT in EXTRA_RTN)
 
 Calibration is the default mix and every plan is evaluated on the default
@@ -18,15 +17,15 @@ The first measures every (group, option) of the default menu (proxy and KL)
 and writes the sensitivity file, then quantizes and evaluates the allocated
 plan (by measured KL) and the heuristic mix at each budget and every uniform
 option in range; the second reuses the measurements to allocate by the
-Fisher-weighted proxy alone. The default menu's uniform options sit far from
-the budgets (2.28, 3.16, 3.30, 4.31 bpw), so uniform formats just above each
-budget are scored too (EXTRA_UNIFORM, kept in mixed/uniform-extra.json), and
-so is data-free round to nearest at sizes near the budgets (EXTRA_RTN), which
-every allocated plan must beat at equal or larger size.
+Fisher-weighted proxy alone. Data-free round to nearest at sizes near the
+budgets (EXTRA_RTN, kept in mixed/uniform-extra.json) is scored too: every
+allocated plan must beat it at equal size or up to a bit larger.
 Then it writes bench/results/mixed.md: per budget, the allocated plans
-against the heuristic mix and the uniform configurations just below and
-just above the budget, the time measurement and allocation took, and how
-well the proxies rank options against the measured KL.
+against the heuristic mix, the uniform configurations just below and just
+above the budget, and the plans allocated from the previous default menu
+(OLD_MENU; its points are kept in mixed-old-menu/, measured on the same
+sensitivity file); which options each plan uses; the time measurement and
+allocation took, and how well the proxies rank options against the measured KL.
 
     python bench/mixed.py [--report] [--steps sweep,proxy,extra] [--series allocated,heuristic,uniform] [--budgets 2.5,3.0]
 """
@@ -51,8 +50,8 @@ MAIN = RESULTS / "mixed"
 PROXY = RESULTS / "mixed-proxy"
 SENSITIVITY = MAIN / "sensitivity.json"
 EXTRA = MAIN / "uniform-extra.json"
-# Uniform GPTQ formats just above each budget: 2.56, 3.10, 3.59 and 4.16 bpw.
-EXTRA_UNIFORM = ("int2:g32:asym", "int3:g192:asym", "int3:g32:asym", "int4:g128:asym")
+OLD = RESULTS / "mixed-old-menu"
+OLD_MENU = ("int2:g128:asym", "int2:g64:asym", "int3:g128:asym", "int3:g64:asym", "int4:g64:asym", "int5:g64:asym", "fp16")
 # Data-free round to nearest near the budgets: 3.16, 3.30, 4.16 and 4.31 bpw.
 EXTRA_RTN = ("int3:g128:asym", "int3:g64:asym", "int4:g128:asym", "int4:g64:asym")
 
@@ -76,16 +75,16 @@ def run_sweeps(steps: tuple[str, ...], series: str, budgets: str) -> None:
 
 def run_extra() -> None:
     extra = json.loads(EXTRA.read_text()) if EXTRA.exists() else {}
-    for fmt, solver in [(f, "gptq") for f in EXTRA_UNIFORM] + [(f, "rtn") for f in EXTRA_RTN]:
-        label = f"{fmt}@{solver}"
+    for fmt in EXTRA_RTN:
+        label = f"{fmt}@rtn"
         if label in extra:
             continue
-        command = ["quantize", "--format", fmt, "--solver", solver, "--json"]
+        command = ["quantize", "--format", fmt, "--solver", "rtn", "--json"]
         print("mixbits " + " ".join(command), file=sys.stderr)
         record = json.loads(subprocess.run([sys.executable, "-m", "mixbits", *command], check=True, capture_output=True,
                                            text=True).stdout)
         quantization, evaluation = record["quantization"], record["evaluation"]
-        extra[label] = {"series": "uniform" if solver == "gptq" else "rtn", "label": label, "budget": None,
+        extra[label] = {"series": "rtn", "label": label, "budget": None,
                         "bits_per_weight": quantization["bits_per_weight"], "bits": quantization["bits"],
                         "delta_perplexity": evaluation["mean"]["delta_perplexity"],
                         "delta_unseen": evaluation["mean_unseen"]["delta_perplexity"],
@@ -99,11 +98,11 @@ def run_extra() -> None:
 def report() -> str:
     main = json.loads((MAIN / "sweep.json").read_text())
     proxy = json.loads((PROXY / "sweep.json").read_text()) if (PROXY / "sweep.json").exists() else {"points": []}
+    old = json.loads((OLD / "sweep.json").read_text()) if (OLD / "sweep.json").exists() else {"points": []}
     sensitivity = Sensitivity.load(SENSITIVITY)
     points = main["points"]
     extra = list(json.loads(EXTRA.read_text()).values()) if EXTRA.exists() else []
-    uniform = sorted([p for p in points if p["series"] == "uniform"] + [p for p in extra if p["series"] == "uniform"],
-                     key=lambda p: p["bits_per_weight"])
+    uniform = sorted((p for p in points if p["series"] == "uniform"), key=lambda p: p["bits_per_weight"])
     rtn = sorted([p for p in extra if p["series"] == "rtn"], key=lambda p: p["bits_per_weight"])
     names = [d["name"] for d in main["domains"]]
     unseen = [d["name"] for d in main["domains"] if not d["in_calibration_mix"]]
@@ -124,22 +123,41 @@ def report() -> str:
         rtn_above = [p for p in rtn if p["bits_per_weight"] >= budget]
         allocated = point("allocated", budget)
         rows.append([budget] + [cell(found) for found in (
-            allocated, point("allocated", budget, proxy["points"]), point("heuristic", budget),
+            allocated, point("allocated", budget, old["points"]), point("allocated", budget, proxy["points"]),
+            point("heuristic", budget),
             min(below, key=lambda p: p["delta_unseen"]) if below else None, above[0] if above else None,
             rtn_above[0] if rtn_above else None)])
         if allocated is not None:
-            beaten = [p for p in rtn if p["bits_per_weight"] >= allocated["bits_per_weight"]]
+            beaten = [p for p in rtn if 0 <= p["bits_per_weight"] - allocated["bits_per_weight"] < 1]
             wins = all(allocated["domains"][n]["delta_perplexity"] < p["domains"][n]["delta_perplexity"]
                        for p in beaten for n in names)
             verdict = "no RTN measured" if not beaten else ("yes" if wins else "no") + f" ({len(beaten)} RTN configs)"
-            by_domain.append([budget, round(allocated["bits_per_weight"], 3)]
+            by_domain.append([budget, "default", round(allocated["bits_per_weight"], 3)]
                              + [pct(allocated["domains"][n]["delta_perplexity"]) for n in names]
                              + [pct(allocated["delta_unseen"]), allocated["kl"], verdict])
-    table = format_table(["budget (bpw)", "allocated by KL", "allocated by proxy", "heuristic mix",
+    usage = []
+    for menu, source in (("default", points), ("old", old["points"])):
+        for p in sorted((p for p in source if p["series"] == "allocated"), key=lambda p: p["budget"]):
+            if menu == "old":
+                by_domain.append([p["budget"], "old", round(p["bits_per_weight"], 3)]
+                                 + [pct(p["domains"][n]["delta_perplexity"]) for n in names]
+                                 + [pct(p["delta_unseen"]), p["kl"], "—"])
+            counts = sorted(p["options"].items(), key=lambda item: -item[1])
+            usage.append([p["budget"], menu, f"{p['predicted_damage']:.3f}"]
+                         + [f"{p['domains'][n]['kl']:.3f}" for n in names]
+                         + [", ".join(f"{option.split('@')[0]} {count}" for option, count in counts)])
+    by_domain.sort(key=lambda row: (row[0], row[1] != "default"))
+    uniform_damage = []
+    for option in [o for o in sensitivity.groups[0].options]:
+        found = [g.find(option.choice) for g in sensitivity.groups]
+        uniform_damage.append([str(option.choice).split("@")[0], f"{sum(o.bits for o in found) / sensitivity.weights:.3f}",
+                               f"{sum(o.kl for o in found):.3f}", f"{sum(o.proxy for o in found):.3f}"])
+    uniform_damage.sort(key=lambda row: float(row[1]))
+    table = format_table(["budget (bpw)", "allocated by KL", "allocated by KL, old menu", "allocated by proxy", "heuristic mix",
                           "best uniform GPTQ ≤ budget", "uniform GPTQ next size up", "RTN next size up"], rows)
     domain_table = format_table(
-        ["budget", "bpw"] + [f"Δ ppl {n}" + ("" if n in unseen else " (in mix)") for n in names]
-        + ["mean Δ, unseen kinds", "mean KL", "beats every RTN of ≥ size on every domain"], by_domain)
+        ["budget", "menu", "bpw"] + [f"Δ ppl {n}" + ("" if n in unseen else " (in mix)") for n in names]
+        + ["mean Δ, unseen kinds", "mean KL", "beats every RTN of +0 to +1 bpw on every domain"], by_domain)
 
     timings = []
     for budget in main["budgets"]:
@@ -163,12 +181,14 @@ def report() -> str:
         "",
         table,
         "",
-        "The allocated (KL) plans on every domain, and whether each beats data-free round to nearest of equal or larger "
-        "size on every domain:",
+        "The allocated (KL) plans on every domain, and whether each beats data-free round to nearest of equal size or up "
+        "to one bit per weight larger on every domain:",
         "",
         domain_table,
         "",
-        f"Measuring {len(sensitivity.groups)} groups x {options} options took {sum(seconds.values()):.0f} s "
+        f"Measuring {len(sensitivity.groups)} groups x {options} options took {sum(seconds.values()):.0f} s, summed over "
+        "the runs that measured them (the old menu's options, then the options the default menu added; each run computes "
+        "the statistics again) "
         f"(statistics with the Fisher pass {seconds['statistics']:.0f} s, quantizing every option {seconds['quantize']:.0f} s, "
         f"KL on {sensitivity.kl_windows['count']}x{sensitivity.kl_windows['length']} tokens {seconds['kl']:.0f} s); "
         f"allocation took {max(timings) * 1000:.0f} ms at most per budget.",
@@ -177,9 +197,20 @@ def report() -> str:
         f"over its options): Fisher-weighted proxy {correlation['proxy_all']:.3f} / {correlation['proxy_within_groups']:.3f}, "
         f"plain output error tr(ΔW H ΔWᵀ) {correlation['output_error_all']:.3f} / {correlation['output_error_within_groups']:.3f}.",
         "",
-        "Uniform formats added near the budgets (`mixed/uniform-extra.json`; mean Δ ppl over unseen kinds): "
+        "Round to nearest near the budgets (`mixed/uniform-extra.json`; mean Δ ppl over unseen kinds): "
         + ("; ".join(f"{p['label']} {p['bits_per_weight']:.2f} bpw {pct(p['delta_unseen'])} (mean KL {p['kl']:.3f})"
-                     for p in sorted(extra, key=lambda p: (p["series"], p["bits_per_weight"]))) or "none yet") + ".",
+                     for p in sorted(extra, key=lambda p: p["bits_per_weight"])) or "none yet") + ".",
+        "",
+        "What the allocator predicts: each option of the sensitivity file uniform over the model (its groups' measured "
+        "KL and Fisher-weighted proxy, summed as the allocator sums them):",
+        "",
+        format_table(["option", "bpw", "summed KL", "summed proxy"], uniform_damage),
+        "",
+        "The options each allocated plan gives its layers (of 210), the KL the allocator predicted for it (the sum "
+        "of its groups' KL, each measured alone on the calibration windows) and the KL measured on each evaluation "
+        f"domain with every layer quantized (old menu: {', '.join(OLD_MENU)}):",
+        "",
+        format_table(["budget", "menu", "predicted KL"] + [f"KL {n}" for n in names] + ["layers per option"], usage),
         "",
         "Every point of the sweeps (`mixed/sweep.md`, plot `mixed/sweep.png`, page `mixed/sweep.html`):",
         "",

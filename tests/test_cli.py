@@ -156,6 +156,7 @@ def test_quantize_to_a_budget_writes_the_plan_it_applied(tmp_path):
     import json
 
     from mixbits.measure import Sensitivity
+    from mixbits.menu import parse_choice
     from mixbits.plan import Plan
 
     plan_path = tmp_path / "plan.json"
@@ -180,6 +181,21 @@ def test_quantize_to_a_budget_writes_the_plan_it_applied(tmp_path):
                     "--calib-windows", "4", "--calib-window-len", "128", *other, "--out", str(tmp_path / "p.json"),
                     "--sensitivity", str(tmp_path / "sensitivity.json"))
         assert again.returncode == 2 and "measure again" in again.stderr and not (tmp_path / "p.json").exists()
+    # Measured without the clip search, the file is refused to a plan that would measure with it.
+    clipped = run("plan", "--bpw", "3.0", "--options", "int2:g64:asym@rtn,int4:g64:asym@rtn", "--damage", "proxy",
+                  "--calib-windows", "4", "--calib-window-len", "128", "--out", str(tmp_path / "p.json"),
+                  "--sensitivity", str(tmp_path / "sensitivity.json"))
+    assert clipped.returncode == 2 and "clip search" in clipped.stderr and not (tmp_path / "p.json").exists()
+    # An option the file lacks is measured alone and added; the plan then chooses from the whole menu.
+    wider = run("quantize", "--bpw", "3.0", "--options", "int2:g64:asym@rtn,int3:g64:asym@rtn,int4:g64:asym@rtn",
+                "--damage", "proxy", "--pin", "model.layers.0.mlp.down_proj=int4:g64:asym@rtn",
+                "--calib-windows", "4", "--calib-window-len", "128", "--fisher-windows", "1", "--no-clip-search",
+                "--no-eval", "--save-plan", str(tmp_path / "p.json"), "--sensitivity", str(tmp_path / "sensitivity.json"))
+    assert wider.returncode == 0, wider.stderr
+    assert "measuring int3:g64:asym@rtn, missing from" in wider.stderr
+    extended = Sensitivity.load(tmp_path / "sensitivity.json")
+    assert all(g.find(parse_choice("int3:g64:asym@rtn")) is not None for g in extended.groups)
+    assert "int3:g64:asym" in {layer.option for layer in Plan.load(tmp_path / "p.json").layers}
 
 
 def test_checkpoint_commands_refuse_bad_input(tmp_path, tiny_llama_dir, capsys):

@@ -151,6 +151,10 @@ def test_evaluation_on_domains_equals_each_domain_scored_alone(tmp_path):
     (tmp_path / "notes.txt").write_text("some notes of mine. " * 40)
     domains = load_domains(Modulo(), ["pydoc", str(tmp_path / "notes.txt")], windows=2, window_len=32)
     assert [d.in_calibration for d in domains] == [True, False] and domains[1].kind == "user text"
+    # Calibrated on the user's file instead (--calib-text): that file is the seen one, pydoc is not.
+    own = load_domains(Modulo(), ["pydoc", str(tmp_path / "notes.txt")], windows=2, window_len=32,
+                       calibrated_on=(str(tmp_path / "notes.txt"),))
+    assert [d.in_calibration for d in own] == [False, True]
     result = evaluate_domains(model, domains, reference)
     deltas = []
     for domain, got in zip(domains, result.results):

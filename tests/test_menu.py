@@ -15,7 +15,8 @@ def test_choices_are_canonical_and_carry_their_solver():
     assert parse_choice(" fp16@gptq ") == Choice(KEEP, "rtn")  # nothing to solve: one spelling
     assert str(parse_choice("int4:g64:asym")) == "int4:g64:asym@gptq"
     assert [str(c) for c in parse_menu("int2:g64:asym, int2:g64:asym@gptq,fp16")] == ["int2:g64:asym@gptq", "fp16"]
-    assert len(parse_menu(None)) == 7
+    default = [str(c) for c in parse_menu(None)]
+    assert len(default) == 12 and default[-1] == "fp16" and "int3:ch:asym@gptq" in default and "lut3:ch@gptq" in default
 
 
 @pytest.mark.parametrize("text, message", [

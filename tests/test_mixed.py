@@ -124,6 +124,39 @@ def test_sensitivity_round_trip(measured, tmp_path):
         again.check(None, parse_menu("int3:g16:asym@rtn"))
 
 
+def test_missing_options_are_measured_alone_and_added_like_a_full_measurement(measured):
+    model, sensitivity = measured
+    menu = parse_menu(MENU + ",int3:g16:asym@rtn")
+    assert sensitivity.missing(menu) == [Choice("int3:g16:asym", "rtn")]
+    settings = dict(calibration=windows(), kl_windows=2, kl_len=16, fisher_windows=2, progress=False)
+    extra = measure(model, sensitivity.missing(menu), **settings)
+    extended = sensitivity.extended(extra)
+    assert extended.missing(menu) == []
+    full = measure(model, menu, pins=[parse_pin("*.0.mlp.down_proj=fp16")], **settings)
+    for group, reference in zip(extended.groups, full.groups):
+        got = {o.choice: (o.bits, o.kl) for o in group.options}
+        want = {o.choice: (o.bits, o.kl) for o in reference.options}
+        assert got.keys() == want.keys()
+        for choice in want:
+            assert got[choice][0] == want[choice][0]
+            assert got[choice][1] == pytest.approx(want[choice][1], rel=1e-6, abs=1e-12)
+    other = measure(model, sensitivity.missing(menu), **{**settings, "kl_windows": 1})
+    with pytest.raises(MixbitsError, match="another model, calibration or KL windows"):
+        sensitivity.extended(other)
+
+
+def test_allocation_uses_only_the_options_of_its_menu(measured):
+    _, sensitivity = measured
+    menu = parse_menu("int4:g16:asym@rtn,int8:ch:sym@gptq")
+    plan = allocated_plan(sensitivity, Budget(7.5), "kl", menu=menu)
+    pinned = "model.layers.0.mlp.down_proj"
+    assert {(l.option, l.solver) for l in plan.layers if l.name != pinned} <= {("int4:g16:asym", "rtn"), ("int8:ch:sym", "gptq")}
+    everything = allocated_plan(sensitivity, Budget(7.5), "kl")
+    assert plan.damage_total >= everything.damage_total
+    with pytest.raises(MixbitsError, match="measured none of the options"):
+        allocated_plan(sensitivity, Budget(7.5), "kl", menu=parse_menu("int3:g16:asym@rtn"))
+
+
 def test_allocated_plan_is_the_brute_force_optimum(measured):
     _, sensitivity = measured
     for bpw in (3.2, 4.0, 5.5, 7.5):  # int2:g16:asym alone is 3.125 bits per weight

@@ -233,33 +233,51 @@ def _budget(args):
 
 
 def _sensitivity(args, loaded, menu, pins):
-    """Measurements from --sensitivity if the file exists, else measured now (and saved there if named)."""
+    """Measurements from --sensitivity if the file exists (options of the menu it lacks are measured and added to
+    it), else measured now (and saved there if named)."""
     from pathlib import Path
 
-    from .measure import Sensitivity, measure
+    from .measure import Sensitivity
 
     if args.sensitivity and Path(args.sensitivity).exists():
         found = Sensitivity.load(args.sensitivity)
         from .corpus import MIX_NAME, resolve_text
 
         text = MIX_NAME if args.calib_text is None else resolve_text(args.calib_text).name
-        found.check(loaded, menu, args.target, calibration=(text, args.calib_windows, args.calib_window_len),
-                    gptq=_gptq_settings(args))
+        found.check(loaded, [], args.target, calibration=(text, args.calib_windows, args.calib_window_len),
+                    gptq=_gptq_settings(args), clip_search=getattr(args, "clip_search", True))
         if args.damage not in found.damages:
             from .measure import SensitivityError
             raise SensitivityError(f"{args.sensitivity} holds no {args.damage} damage; use --damage proxy or measure again")
-        print(f"sensitivity: reusing {args.sensitivity}", file=sys.stderr)
+        missing = found.missing(menu, args.target)
+        if not missing:
+            print(f"sensitivity: reusing {args.sensitivity}", file=sys.stderr)
+            return found
+        if found.kl_windows and found.kl_windows != {"count": args.kl_windows, "length": args.kl_window_len}:
+            from .measure import SensitivityError
+            raise SensitivityError(f"{args.sensitivity} measured its KL on {found.kl_windows['count']} x "
+                                   f"{found.kl_windows['length']} tokens; pass the same --kl-windows/--kl-window-len "
+                                   "to add options to it")
+        print(f"sensitivity: measuring {', '.join(map(str, missing))}, missing from {args.sensitivity}", file=sys.stderr)
+        found = found.extended(_measure(args, loaded, missing, pins, kl=bool(found.kl_windows)))
+        found.save(args.sensitivity)
         return found
-    found = measure(
+    found = _measure(args, loaded, menu, pins, kl=args.damage == "kl")
+    if args.sensitivity:
+        found.save(args.sensitivity)
+    return found
+
+
+def _measure(args, loaded, menu, pins, kl: bool):
+    from .measure import measure
+
+    return measure(
         loaded, menu, calibration=args.calib_text, calibration_windows=args.calib_windows,
-        calibration_len=args.calib_window_len, pins=pins, ties=args.ties, kl=args.damage == "kl",
+        calibration_len=args.calib_window_len, pins=pins, ties=args.ties, kl=kl,
         kl_windows=args.kl_windows, kl_len=args.kl_window_len, fisher_windows=args.fisher_windows, target=args.target,
         clip_search=getattr(args, "clip_search", True),  # quantize --no-clip-search: measured as it will be applied
         gptq=_gptq_settings(args),
     )
-    if args.sensitivity:
-        found.save(args.sensitivity)
-    return found
 
 
 def _print_plan(plan, sensitivity) -> None:
@@ -292,7 +310,7 @@ def _run_plan(args) -> int:
     loaded = load_model(args.model)
     check_budget(loaded.model, menu, pins, budget, args.target)
     sensitivity = _sensitivity(args, loaded, menu, pins)
-    plan = allocated_plan(sensitivity, budget, args.damage, pins)
+    plan = allocated_plan(sensitivity, budget, args.damage, pins, menu)
     plan.save(args.out)
     if args.json:
         print(json.dumps(plan.as_dict(), indent=1))
@@ -361,14 +379,14 @@ def _run_quantize(args) -> int:
         _check_gguf_target(loaded, plan, str(fmt), head_format)
     if texts is not None:
         domains = load_domains(loaded.tokenizer, texts, args.windows, args.window_len,
-                               calibrated_on_mix=calibrated and args.calib_text is None)
+                               calibrated_on=_calibration_texts(args) if calibrated else ())
         original = copy.deepcopy(loaded.model)
     if planning:
         from .mixes import allocated_plan, check_budget
 
         check_budget(loaded.model, menu, pins, budget, args.target)
         sensitivity = _sensitivity(args, loaded, menu, pins)
-        plan = allocated_plan(sensitivity, budget, args.damage, pins)
+        plan = allocated_plan(sensitivity, budget, args.damage, pins, menu)
         if args.save_plan:
             plan.save(args.save_plan)
         if not args.json:
@@ -437,7 +455,7 @@ def _run_sweep(args) -> int:
     _check_calibration(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)  # before measuring, which may write its sensitivity file there
     loaded = load_model(args.model)
-    domains = load_domains(loaded.tokenizer, texts, args.windows, args.window_len, calibrated_on_mix=args.calib_text is None)
+    domains = load_domains(loaded.tokenizer, texts, args.windows, args.window_len, calibrated_on=_calibration_texts(args))
     calibration, calibration_record = calibration_data(loaded, args.calib_text, args.calib_windows, args.calib_window_len)
     if set(series) - {"uniform"}:
         for budget in budgets:
@@ -491,6 +509,13 @@ def _run_eval(args) -> int:
         print(f"reference: {reference.name} (sha256 {reference.sha256[:12]})")
     _print_domains(result)
     return 0
+
+
+def _calibration_texts(args) -> tuple[str, ...]:
+    """Names of the texts calibration draws from: the mix's sources, or the one --calib-text."""
+    from .corpus import CALIBRATION_MIX, resolve_text
+
+    return CALIBRATION_MIX if args.calib_text is None else (resolve_text(args.calib_text).name,)
 
 
 def _eval_texts(args) -> list:

@@ -220,9 +220,11 @@ class Sensitivity:
         return DAMAGES if self.kl_windows else ("proxy",)
 
     def check(self, model: LoadedModel | None, menu: list[Choice], target: str | None = None,
-              calibration: tuple[str, int, int] | None = None, gptq: GptqSettings | None = None) -> None:
+              calibration: tuple[str, int, int] | None = None, gptq: GptqSettings | None = None,
+              clip_search: bool | None = None) -> None:
         """Refuse a sensitivity measured on another model, without every option of `menu` (that `target` allows),
-        or, where given, on other calibration windows ((text name, count, length)) or with other GPTQ settings."""
+        or, where given, on other calibration windows ((text name, count, length)), with other GPTQ settings or
+        another clip search setting."""
         if model is not None and self.model.get("sha256") not in (None, model.sha256):
             raise SensitivityError(f"the sensitivity file was measured on another model ({self.model.get('name')}, "
                                    f"sha256 {self.model['sha256'][:12]}); measure this one")
@@ -234,11 +236,36 @@ class Sensitivity:
         if gptq is not None and c.get("gptq") != gptq.as_dict():
             raise SensitivityError(f"the sensitivity file was measured with GPTQ settings {c.get('gptq')}; pass the "
                                    "same --damp/--shrink or measure again")
-        for group in self.groups:
-            for choice in menu:
-                if group.find(choice) is None and all(allowed(choice, tuple(s), target) for s in group.shapes):
-                    raise SensitivityError(f"the sensitivity file has no measurement of {choice} for {group.name}; "
-                                           "measure again with this option list")
+        if clip_search is not None and c.get("clip_search", True) != clip_search:  # files before it was recorded: on
+            raise SensitivityError("the sensitivity file was measured " + ("with" if c.get("clip_search", True) else "without")
+                                   + " the clip search; pass the same --no-clip-search or measure again")
+        missing = self.missing(menu, target)
+        if missing:
+            raise SensitivityError(f"the sensitivity file has no measurement of {missing[0]}; "
+                                   "measure again with this option list")
+
+    def missing(self, menu: list[Choice], target: str | None = None) -> list[Choice]:
+        """The options of `menu` (that `target` allows) some group was not measured under."""
+        return [choice for choice in menu
+                if any(group.find(choice) is None and all(allowed(choice, tuple(s), target) for s in group.shapes)
+                       for group in self.groups)]
+
+    def extended(self, other: "Sensitivity") -> "Sensitivity":
+        """These measurements plus `other`'s options (measured alike on the same groups) that these lack."""
+        if [g.name for g in other.groups] != [g.name for g in self.groups]:
+            raise SensitivityError("the new measurements group the layers differently (--no-ties?); measure again")
+        def settings(s: Sensitivity) -> tuple:  # files from before the clip search was recorded used it
+            return s.model, {"clip_search": True, **s.calibration}, s.kl_windows
+
+        if settings(other) != settings(self):
+            raise SensitivityError("the new measurements were taken on another model, calibration or KL windows; "
+                                   "measure again")
+        groups = [GroupSensitivity(g.name, g.layers, g.shapes, g.block,
+                                   g.options + [o for o in new.options if g.find(o.choice) is None])
+                  for g, new in zip(self.groups, other.groups)]
+        seconds = {key: self.seconds.get(key, 0.0) + other.seconds.get(key, 0.0)
+                   for key in {*self.seconds, *other.seconds}}
+        return Sensitivity(groups, self.model, self.calibration, self.kl_windows, self.other_parameters, seconds)
 
     def rank_correlation(self) -> dict[str, float | None]:
         """Spearman correlation of each proxy with the measured KL: over all (group, option) pairs,
@@ -399,5 +426,6 @@ def measure(
             groups.append(group)
     spec["fisher_windows"] = min(fisher_windows, len(windows))
     spec["gptq"] = gptq.as_dict()
+    spec["clip_search"] = clip_search
     kl_spec = {"count": min(kl_windows, len(windows)), "length": min(kl_len, windows.shape[1])} if kl else None
     return Sensitivity(groups, identity, spec, kl_spec, other_parameters(model, linears), seconds)

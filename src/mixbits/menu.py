@@ -17,11 +17,14 @@ from .errors import MixbitsError
 from .formats import parse_format
 from .plan import KEEP
 
-# From 2.15 to 5.3 bits per weight in steps of about half a bit, so the allocator can
-# land near any budget in between, and fp16 for a layer that needs it. Each option
-# costs about a minute of measuring on the default model.
+# From 2.15 to 5.3 bits per weight, with options just above 2.5, 3 and 4 bpw (int2:g32,
+# int3:ch, int4:ch: one scale per row) so plans at those budgets need not send layers a
+# whole bit down (the menu without them filled 3.0 and 4.0 bpw with int2 and int3 layers:
+# bench/results/mixed.md), and fp16 for a layer that needs it. Each option costs about
+# four minutes of measuring on the default model.
 DEFAULT_OPTIONS = (
-    "int2:g128:asym", "int2:g64:asym", "int3:g128:asym", "int3:g64:asym", "int4:g64:asym", "int5:g64:asym", KEEP,
+    "int2:g128:asym", "int2:g64:asym", "int2:g32:asym", "int3:ch:asym", "lut3:ch", "int3:g128:asym", "int3:g64:asym",
+    "int4:ch:asym", "int4:g128:asym", "int4:g64:asym", "int5:g64:asym", KEEP,
 )
 DEFAULT_SOLVER = "gptq"
 # With a target runtime, only options it can load: llama.cpp's block types (see io.gguf) and f16.

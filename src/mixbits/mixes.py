@@ -24,20 +24,25 @@ from .plan import KEEP, LayerPlan, Plan, option_bits
 BUMPED_LAYERS = ("v_proj", "down_proj")
 
 
-def allocated_plan(sensitivity: Sensitivity, budget: Budget, damage: str = "kl", pins: list[Pin] = ()) -> Plan:
-    """The least-damage plan within `budget`, by `damage` ("kl" or "proxy")."""
+def allocated_plan(sensitivity: Sensitivity, budget: Budget, damage: str = "kl", pins: list[Pin] = (),
+                   menu: list[Choice] | None = None) -> Plan:
+    """The least-damage plan within `budget`, by `damage` ("kl" or "proxy"), from the options of `menu`
+    (None: every option the sensitivity measured; a file can hold more than one menu's)."""
     if damage not in sensitivity.damages:
         raise SensitivityError(f"this sensitivity has no {damage!r} damage (it has {', '.join(sensitivity.damages)}); "
                                "measure it, or allocate by proxy")
     groups: dict[str, list[Option]] = {}
     for group in sensitivity.groups:
-        measured = group.options
+        measured = group.options if menu is None else [o for o in group.options if o.choice in menu]
         pinned = pinned_choice(group.layers, list(pins))
         if pinned is not None:
-            measured = [o for o in measured if o.choice == pinned]
+            measured = [o for o in group.options if o.choice == pinned]
             if not measured:
                 raise SensitivityError(f"group {group.name} is pinned to {pinned}, which the sensitivity file did not "
                                        "measure; measure again with the pin")
+        if not measured:
+            raise SensitivityError(f"the sensitivity file measured none of the options for {group.name}; "
+                                   "measure them, or give options it holds")
         groups[group.name] = [Option(str(o.choice), o.bits, getattr(o, damage)) for o in measured]
     chosen = allocate(groups, _budget_bits(sensitivity, budget))
     by_name = {str(o.choice): o.choice for g in sensitivity.groups for o in g.options}

@@ -40,7 +40,7 @@ class SweepPoint:
     bits: int
     predicted_damage: float | None
     delta_perplexity: float  # mean over the domains of perplexity / fp32 perplexity - 1
-    delta_unseen: float | None  # the same over the domains of kinds the calibration mix does not hold
+    delta_unseen: float | None  # the same over the domains the calibration did not draw from
     kl: float  # mean over the domains
     agreement: float  # mean over the domains
     quantize_seconds: float
@@ -116,7 +116,7 @@ def sweep(
     jobs: list[tuple[str, str, float | None, Plan]] = []
     for budget in budgets:
         if "allocated" in series:
-            jobs.append(("allocated", f"{budget:g} bpw", budget, allocated_plan(sensitivity, Budget(budget), damage, pins)))
+            jobs.append(("allocated", f"{budget:g} bpw", budget, allocated_plan(sensitivity, Budget(budget), damage, pins, menu)))
         if "heuristic" in series:
             jobs.append(("heuristic", f"{budget:g} bpw", budget, heuristic_plan(sensitivity, menu, Budget(budget), damage)))
     if "uniform" in series:

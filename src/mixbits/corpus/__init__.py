@@ -31,7 +31,7 @@ from .sources import SOURCES, Source, fetch_all, source
 MIX_NAME = "calibration mix (" + ", ".join(CALIBRATION_MIX) + ")"
 
 __all__ = ["CALIBRATION_MIX", "EVALUATION_DOMAINS", "SOURCES", "Source", "calibration_mix", "fetch_all",
-           "in_calibration_mix", "resolve_text", "source", "spread_windows"]
+           "resolve_text", "source", "spread_windows"]
 
 
 def resolve_text(spec: str | Path | Text | None) -> Text:
@@ -43,10 +43,6 @@ def resolve_text(spec: str | Path | Text | None) -> Text:
     if isinstance(spec, str) and spec in SOURCES and not Path(spec).exists():
         return SOURCES[spec].text()
     return load_text(spec)
-
-
-def in_calibration_mix(name: str) -> bool:
-    return name in CALIBRATION_MIX
 
 
 def spread_windows(tokens: torch.Tensor, count: int, length: int, name: str) -> tuple[torch.Tensor, list[int]]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import defaults
-from ..corpus import EVALUATION_DOMAINS, SOURCES, in_calibration_mix, resolve_text
+from ..corpus import CALIBRATION_MIX, EVALUATION_DOMAINS, SOURCES, resolve_text
 from ..data import Text, WindowSpec, eval_windows, tokenize
 from ..models.loader import LoadedModel
 from .metrics import Evaluation, ReferenceScores, score_windows
@@ -25,7 +25,7 @@ from .metrics import Evaluation, ReferenceScores, score_windows
 class Domain:
     name: str
     kind: str
-    in_calibration: bool  # its kind of text (here: the source itself) is in the default calibration mix
+    in_calibration: bool  # the model was calibrated on this text (on its first half)
     text: Text
     windows: torch.Tensor
     spec: WindowSpec
@@ -36,12 +36,13 @@ class Domain:
 
 
 def load_domains(tokenizer, names=None, windows: int = defaults.EVAL_WINDOWS,
-                 window_len: int = defaults.WINDOW_LEN, calibrated_on_mix: bool = True) -> list[Domain]:
+                 window_len: int = defaults.WINDOW_LEN, calibrated_on: tuple[str, ...] = CALIBRATION_MIX) -> list[Domain]:
     """The evaluation windows of each domain: source names or paths; None is `EVALUATION_DOMAINS`.
 
-    `calibrated_on_mix` says whether the model was calibrated on the default
-    mix (so a mix source counts as seen); with the user's own calibration
-    text nothing is marked as seen.
+    `calibrated_on` names the texts the model was calibrated on (default: the
+    sources of the calibration mix; one source or file for `--calib-text`;
+    none for data-free rounding): a domain among them counts as seen, and
+    the other domains' mean is the one on unseen text.
     """
     found = []
     for spec in names or EVALUATION_DOMAINS:
@@ -49,8 +50,7 @@ def load_domains(tokenizer, names=None, windows: int = defaults.EVAL_WINDOWS,
         batch, window_spec = eval_windows(tokenize(text, tokenizer), windows, window_len)
         known = SOURCES.get(text.name)
         kind = known.kind if known else "user text"
-        seen = calibrated_on_mix and known is not None and in_calibration_mix(text.name)
-        found.append(Domain(text.name, kind, seen, text, batch, window_spec))
+        found.append(Domain(text.name, kind, text.name in calibrated_on, text, batch, window_spec))
     return found
 
 
@@ -87,7 +87,7 @@ class DomainsEvaluation:
         rows = []
         for d, r in zip(self.domains, self.results):
             delta = self.delta(r)
-            rows.append([d.name + (" (in calibration mix)" if d.in_calibration else ""), d.kind, r.reference_perplexity,
+            rows.append([d.name + (" (seen in calibration)" if d.in_calibration else ""), d.kind, r.reference_perplexity,
                          r.perplexity, None if delta is None else f"{delta:+.2%}", r.kl, r.agreement])
         if self.results and self.results[0].reference_perplexity is None:
             return rows  # no reference: nothing to average that means anything across domains
