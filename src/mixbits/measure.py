@@ -236,8 +236,8 @@ class Sensitivity:
         if gptq is not None and c.get("gptq") != gptq.as_dict():
             raise SensitivityError(f"the sensitivity file was measured with GPTQ settings {c.get('gptq')}; pass the "
                                    "same --damp/--shrink or measure again")
-        if clip_search is not None and c.get("clip_search", True) != clip_search:  # files before it was recorded: on
-            raise SensitivityError("the sensitivity file was measured " + ("with" if c.get("clip_search", True) else "without")
+        if clip_search is not None and c.get("clip_search") != clip_search:
+            raise SensitivityError("the sensitivity file was measured " + ("with" if c.get("clip_search") else "without")
                                    + " the clip search; pass the same --no-clip-search or measure again")
         missing = self.missing(menu, target)
         if missing:
@@ -254,10 +254,7 @@ class Sensitivity:
         """These measurements plus `other`'s options (measured alike on the same groups) that these lack."""
         if [g.name for g in other.groups] != [g.name for g in self.groups]:
             raise SensitivityError("the new measurements group the layers differently (--no-ties?); measure again")
-        def settings(s: Sensitivity) -> tuple:  # files from before the clip search was recorded used it
-            return s.model, {"clip_search": True, **s.calibration}, s.kl_windows
-
-        if settings(other) != settings(self):
+        if (other.model, other.calibration, other.kl_windows) != (self.model, self.calibration, self.kl_windows):
             raise SensitivityError("the new measurements were taken on another model, calibration or KL windows; "
                                    "measure again")
         groups = [GroupSensitivity(g.name, g.layers, g.shapes, g.block,
@@ -320,7 +317,8 @@ class Sensitivity:
             raise SensitivityError(f"sensitivity file {path} does not exist; measure with `mixbits plan --sensitivity FILE`") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
             raise SensitivityError(f"cannot read sensitivity file {path}: {error}") from None
-        return cls(groups, data.get("model") or {}, data.get("calibration") or {}, data.get("kl_windows"),
+        calibration = {"clip_search": True, **(data.get("calibration") or {})}  # files before it was recorded used it
+        return cls(groups, data.get("model") or {}, calibration, data.get("kl_windows"),
                    int(data.get("other_parameters", 0)), data.get("seconds") or {})
 
 
