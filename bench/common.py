@@ -6,22 +6,10 @@ import json
 import os
 from pathlib import Path
 
-from mixbits import defaults
-from mixbits.data import eval_windows, load_text, tokenize
 from mixbits.models import load_model
 from mixbits.record import provenance
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def protocol(windows: int = defaults.EVAL_WINDOWS, length: int = defaults.WINDOW_LEN):
-    """(loaded model, evaluation windows, provenance record) under the benchmark protocol."""
-    loaded = load_model()
-    text = load_text()
-    batch, spec = eval_windows(tokenize(text, loaded.tokenizer), windows, length)
-    record = provenance(loaded.name, loaded.sha256, text.name, text.sha256)
-    record["windows"] = spec.as_dict()
-    return loaded, batch, record
 
 
 def domain_protocol():

@@ -2,7 +2,9 @@
 
 Part 1, model level: round-to-nearest (default magnitude-weighted clip search)
 with every format class at about 4 and 3 bits per weight: bpw of the decoder
-linears, perplexity, KL against fp32, top-1 agreement.
+linears, perplexity change on every evaluation domain and the mean over the
+kinds of text the calibration mix does not hold, mean KL against fp32 and
+top-1 agreement. RTN uses no data, so no domain is "seen".
 
 Part 2, tensor level: signal-to-quantization-noise ratio over all 210 decoder
 linear weights, MXINT8 vs MXFP8 (E4M3) and NVINT4 vs NVFP4, each with and
@@ -11,7 +13,7 @@ Plain absmax scaling (no clip search), as in "INT v.s. FP" (Chen et al.).
 
 Writes bench/results/formats.{md,json}.
 
-    python bench/formats.py [--windows 24] [--sqnr-only]
+    python bench/formats.py [--sqnr-only]
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ import time
 import torch
 
 import mixbits
-from mixbits.eval import ReferenceScores, score_windows
+from mixbits.eval import evaluate_domains, reference_scores
 from mixbits.formats import parse_format
 from mixbits.models import quantizable_linears
 from mixbits.report import format_table
 from mixbits.transforms import rotation_matrix
 
-from common import protocol, write_results
+from common import domain_cells, domain_protocol, write_results
 
 CLASSES = {
     "4-bit": ["int4:g128:asym", "int4:g64:asym", "int4:g64:sym", "fp4_e2m1:g64", "fp4_e2m1:g32:scale=fp16",
@@ -40,22 +42,24 @@ CLASSES = {
 SQNR_PAIRS = [("mxint8", "mxfp8_e4m3"), ("nvint4", "nvfp4")]
 
 
-def model_level(loaded, windows, record) -> str:
-    reference = ReferenceScores(loaded.model, windows)
-    rows, results = [["fp32", "—", 32.0, reference.perplexity, None, None, None, None]], []
-    for label, names in CLASSES.items():
-        for name in names:
+def model_level(loaded, domains, record) -> str:
+    names = [d.name for d in domains]
+    references = reference_scores(loaded.model, domains)
+    record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
+    rows, results = [], []
+    for label, formats in CLASSES.items():
+        for name in formats:
             model = copy.deepcopy(loaded.model)
             report = mixbits.quantize(model, name)
-            result = score_windows(model, windows, reference)
-            delta = result.perplexity / reference.perplexity - 1
-            rows.append([name, label, report.bits_per_weight, result.perplexity, f"{delta:+.1%}", result.kl,
-                         result.agreement, round(report.seconds, 1)])
-            results.append({"class": label, **report.as_dict(), "evaluation": result.as_dict(), "delta_perplexity": delta})
+            result = evaluate_domains(model, domains, references, progress=False).as_dict()
+            results.append({"class": label, **report.as_dict(), **result})
+            rows.append([name, label, report.bits_per_weight, *domain_cells(results[-1], names), result["mean"]["kl"],
+                         result["mean"]["agreement"], round(report.seconds, 1)])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
             del model
-    record["model_level"] = {"fp32_perplexity": reference.perplexity, "results": results}
-    return format_table(["format", "class", "bpw", "perplexity", "Δ ppl", "KL", "top-1 agree", "quantize s"], rows)
+    record["model_level"] = {"results": results}
+    return format_table(["format", "class", "bpw", *(f"Δ ppl {n}" for n in names), "mean Δ, unseen kinds", "mean KL",
+                         "top-1 agree", "quantize s"], rows)
 
 
 def tensor_level(weights: list[torch.Tensor]) -> tuple[str, dict]:
@@ -95,19 +99,20 @@ def tensor_level(weights: list[torch.Tensor]) -> tuple[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--windows", type=int, default=24)
     parser.add_argument("--sqnr-only", action="store_true", help="only the tensor-level study")
     args = parser.parse_args()
     started = time.time()
-    loaded, windows, record = protocol(args.windows)
+    loaded, domains, record = domain_protocol()
     sqnr, record["tensor_level"] = tensor_level([m.weight for _, m in quantizable_linears(loaded.model)])
     print(sqnr, flush=True)
     sections = [f"Formats on {record['model']['name']} (sha256 {record['model']['sha256'][:12]}).\n\nCommand: `{record['command']}`"]
     if not args.sqnr_only:
-        models = model_level(loaded, windows, record)
+        models = model_level(loaded, domains, record)
         print(models)
-        sections.append(f"## Round-to-nearest by format class\n\n{args.windows} windows x 512 tokens of "
-                        f"{record['text']['name']}; bpw counts the 210 decoder linears.\n\n{models}")
+        fp32 = ", ".join(f"{n} {p:.3f}" for n, p in record["fp32_perplexity"].items())
+        sections.append(f"## Round-to-nearest by format class\n\n{len(domains)} domains of 24 x 512 tokens from each "
+                        f"one's middle (fp32 perplexity {fp32}); 'unseen kinds' are the domains whose kind of text the "
+                        f"default calibration mix does not hold. bpw counts the 210 decoder linears.\n\n{models}")
     sections.append(f"## Tensor-level SQNR over the 210 decoder linear weights\n\n{sqnr}")
     record["seconds"] = time.time() - started
     write_results("formats" if not args.sqnr_only else "formats_sqnr", record, "\n\n".join(sections))

@@ -19,7 +19,7 @@ calibration here contains). Rows:
 
 Resumable: finished rows in bench/results/generalization.json are kept.
 
-    python bench/generalization.py [--only int3] [--rows rtn,mix]
+    python bench/generalization.py [--only int3] [--row rtn --row 'calib mix, shrink 0.25']
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ ROWS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="run only formats containing this text")
-    parser.add_argument("--rows", default="", help="comma-separated substrings: run only rows whose label contains one")
+    parser.add_argument("--row", action="append", default=[],
+                        help="run only this row: its label, or a text the labels to run contain (repeatable)")
     parser.add_argument("--report", action="store_true", help="only rewrite the Markdown from the committed JSON")
     args = parser.parse_args()
     if args.report:
@@ -84,13 +85,13 @@ def main() -> None:
     done = {(r["format"], r["row"]) for r in record["results"]}
     references = reference_scores(loaded.model, domains)
     record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
-    wanted = [w for w in args.rows.split(",") if w]
+    wanted = args.row
 
     for name in FORMATS:
         if args.only not in name:
             continue
         for label, options in ROWS.items():
-            if (name, label) in done or (wanted and not any(w in label for w in wanted)):
+            if (name, label) in done or (wanted and not any(w == label or (w not in ROWS and w in label) for w in wanted)):
                 continue
             model = copy.deepcopy(loaded.model)
             target = dataclasses.replace(loaded, model=model)

@@ -6,6 +6,8 @@ Runs the user's commands, in this order (each quantization is a full GPTQ pass):
     mixbits sweep --bpw 2.5,3.0,3.5,4.0 --series allocated --damage proxy --out bench/results/mixed-proxy \
                   --sensitivity bench/results/mixed/sensitivity.json
 
+    mixbits sweep --bpw 3.0,4.0 --series allocated --options OLD_MENU --calib-text pydoc --shrink 0 --kl-windows 2 \
+                  --out bench/results/mixed-old-protocol --sensitivity bench/results/mixed-old-protocol/sensitivity.json
     mixbits quantize --format FORMAT --solver rtn --json      (FORMAT in EXTRA_RTN)
 
 Calibration is the default mix and every plan is evaluated on the default
@@ -17,7 +19,11 @@ The first measures every (group, option) of the default menu (proxy and KL)
 and writes the sensitivity file, then quantizes and evaluates the allocated
 plan (by measured KL) and the heuristic mix at each budget and every uniform
 option in range; the second reuses the measurements to allocate by the
-Fisher-weighted proxy alone. Data-free round to nearest at sizes near the
+Fisher-weighted proxy alone; the third plans as mixbits did before the
+calibration mix (the old protocol: the old menu, calibration and KL on pydoc's
+first 32 x 512 and 2 x 128 tokens, GPTQ without Hessian shrinkage), with its
+own sensitivity file, so the study of causes has plans on every domain too.
+Data-free round to nearest at sizes near the
 budgets (EXTRA_RTN, kept in mixed/uniform-extra.json) is scored too: every
 allocated plan must beat it at equal size or up to a bit larger.
 Then it writes bench/results/mixed.md: per budget, the allocated plans
@@ -27,7 +33,7 @@ above the budget, and the plans allocated from the previous default menu
 sensitivity file); which options each plan uses; the time measurement and
 allocation took, and how well the proxies rank options against the measured KL.
 
-    python bench/mixed.py [--report] [--steps sweep,proxy,extra] [--series allocated,heuristic,uniform] [--budgets 2.5,3.0]
+    python bench/mixed.py [--report] [--steps sweep,proxy,old-protocol,extra] [--series allocated,heuristic,uniform] [--budgets 2.5,3.0]
 """
 
 from __future__ import annotations
@@ -52,11 +58,13 @@ SENSITIVITY = MAIN / "sensitivity.json"
 EXTRA = MAIN / "uniform-extra.json"
 OLD = RESULTS / "mixed-old-menu"
 OLD_MENU = ("int2:g128:asym", "int2:g64:asym", "int3:g128:asym", "int3:g64:asym", "int4:g64:asym", "int5:g64:asym", "fp16")
+OLD_PROTOCOL = RESULTS / "mixed-old-protocol"
+OLD_PROTOCOL_BUDGETS = "3.0,4.0"
 # Data-free round to nearest near the budgets: 3.16, 3.30, 4.16 and 4.31 bpw.
 EXTRA_RTN = ("int3:g128:asym", "int3:g64:asym", "int4:g128:asym", "int4:g64:asym")
 
 
-STEPS = ("sweep", "proxy", "extra")
+STEPS = ("sweep", "proxy", "old-protocol", "extra")
 
 
 def run_sweeps(steps: tuple[str, ...], series: str, budgets: str) -> None:
@@ -64,6 +72,9 @@ def run_sweeps(steps: tuple[str, ...], series: str, budgets: str) -> None:
         "sweep": ["sweep", "--bpw", budgets, "--series", series, "--out", str(MAIN), "--sensitivity", str(SENSITIVITY)],
         "proxy": ["sweep", "--bpw", budgets, "--series", "allocated", "--damage", "proxy", "--out", str(PROXY),
                   "--sensitivity", str(SENSITIVITY)],
+        "old-protocol": ["sweep", "--bpw", OLD_PROTOCOL_BUDGETS, "--series", "allocated", "--options", ",".join(OLD_MENU),
+                         "--calib-text", "pydoc", "--shrink", "0", "--kl-windows", "2", "--out", str(OLD_PROTOCOL),
+                         "--sensitivity", str(OLD_PROTOCOL / "sensitivity.json")],
     }
     for step in steps:
         if step in commands:
@@ -98,7 +109,8 @@ def run_extra() -> None:
 def report() -> str:
     main = json.loads((MAIN / "sweep.json").read_text())
     proxy = json.loads((PROXY / "sweep.json").read_text()) if (PROXY / "sweep.json").exists() else {"points": []}
-    old = json.loads((OLD / "sweep.json").read_text()) if (OLD / "sweep.json").exists() else {"points": []}
+    old, old_protocol = ({"points": []} if not (d / "sweep.json").exists() else json.loads((d / "sweep.json").read_text())
+                         for d in (OLD, OLD_PROTOCOL))
     sensitivity = Sensitivity.load(SENSITIVITY)
     points = main["points"]
     extra = list(json.loads(EXTRA.read_text()).values()) if EXTRA.exists() else []
@@ -116,37 +128,34 @@ def report() -> str:
         name = f", {found['label'].split('@')[0]}" if found["series"] in ("uniform", "rtn") else ""
         return f"{pct(found['delta_unseen'])} ({found['bits_per_weight']:.2f}{name})"
 
-    rows, by_domain = [], []
+    plans = (("KL, default menu", points), ("KL, old menu", old["points"]), ("proxy, default menu", proxy["points"]),
+             ("old protocol", old_protocol["points"]))
+    rows, by_domain, usage = [], [], []
     for budget in main["budgets"]:
         below = [p for p in uniform if p["bits_per_weight"] <= budget]
         above = [p for p in uniform if p["bits_per_weight"] >= budget]
         rtn_above = [p for p in rtn if p["bits_per_weight"] >= budget]
-        allocated = point("allocated", budget)
         rows.append([budget] + [cell(found) for found in (
-            allocated, point("allocated", budget, old["points"]), point("allocated", budget, proxy["points"]),
-            point("heuristic", budget),
+            point("allocated", budget), point("allocated", budget, old["points"]),
+            point("allocated", budget, proxy["points"]), point("heuristic", budget),
             min(below, key=lambda p: p["delta_unseen"]) if below else None, above[0] if above else None,
             rtn_above[0] if rtn_above else None)])
-        if allocated is not None:
-            beaten = [p for p in rtn if 0 <= p["bits_per_weight"] - allocated["bits_per_weight"] < 1]
-            wins = all(allocated["domains"][n]["delta_perplexity"] < p["domains"][n]["delta_perplexity"]
+        for plan, source in plans:
+            found = point("allocated", budget, source)
+            if found is None:
+                continue
+            beaten = [p for p in rtn if 0 <= p["bits_per_weight"] - found["bits_per_weight"] < 1]
+            wins = all(found["domains"][n]["delta_perplexity"] < p["domains"][n]["delta_perplexity"]
                        for p in beaten for n in names)
             verdict = "no RTN measured" if not beaten else ("yes" if wins else "no") + f" ({len(beaten)} RTN configs)"
-            by_domain.append([budget, "default", round(allocated["bits_per_weight"], 3)]
-                             + [pct(allocated["domains"][n]["delta_perplexity"]) for n in names]
-                             + [pct(allocated["delta_unseen"]), allocated["kl"], verdict])
-    usage = []
-    for menu, source in (("default", points), ("old", old["points"])):
-        for p in sorted((p for p in source if p["series"] == "allocated"), key=lambda p: p["budget"]):
-            if menu == "old":
-                by_domain.append([p["budget"], "old", round(p["bits_per_weight"], 3)]
-                                 + [pct(p["domains"][n]["delta_perplexity"]) for n in names]
-                                 + [pct(p["delta_unseen"]), p["kl"], "—"])
-            counts = sorted(p["options"].items(), key=lambda item: -item[1])
-            usage.append([p["budget"], menu, f"{p['predicted_damage']:.3f}"]
-                         + [f"{p['domains'][n]['kl']:.3f}" for n in names]
+            by_domain.append([budget, plan, round(found["bits_per_weight"], 3)]
+                             + [pct(found["domains"][n]["delta_perplexity"]) for n in names]
+                             + [pct(found["delta_unseen"]), found["kl"], verdict])
+            counts = sorted(found["options"].items(), key=lambda item: -item[1])
+            # A proxy plan's predicted damage is its summed proxy, not a KL.
+            predicted = "—" if plan.startswith("proxy") else f"{found['predicted_damage']:.3f}"
+            usage.append([budget, plan, predicted] + [f"{found['domains'][n]['kl']:.3f}" for n in names]
                          + [", ".join(f"{option.split('@')[0]} {count}" for option, count in counts)])
-    by_domain.sort(key=lambda row: (row[0], row[1] != "default"))
     uniform_damage = []
     for option in [o for o in sensitivity.groups[0].options]:
         found = [g.find(option.choice) for g in sensitivity.groups]
@@ -156,7 +165,7 @@ def report() -> str:
     table = format_table(["budget (bpw)", "allocated by KL", "allocated by KL, old menu", "allocated by proxy", "heuristic mix",
                           "best uniform GPTQ ≤ budget", "uniform GPTQ next size up", "RTN next size up"], rows)
     domain_table = format_table(
-        ["budget", "menu", "bpw"] + [f"Δ ppl {n}" + ("" if n in unseen else " (in mix)") for n in names]
+        ["budget", "plan", "bpw"] + [f"Δ ppl {n}" + ("" if n in unseen else " (in calibration)") for n in names]
         + ["mean Δ, unseen kinds", "mean KL", "beats every RTN of +0 to +1 bpw on every domain"], by_domain)
 
     timings = []
@@ -181,8 +190,11 @@ def report() -> str:
         "",
         table,
         "",
-        "The allocated (KL) plans on every domain, and whether each beats data-free round to nearest of equal size or up "
-        "to one bit per weight larger on every domain:",
+        "The allocated plans on every domain, and whether each beats data-free round to nearest of equal size or up "
+        "to one bit per weight larger on every domain. Plans: allocated by measured KL from the default menu and "
+        "from the old menu, by the Fisher-weighted proxy from the default menu, and the old protocol (how mixbits "
+        "planned before the calibration mix: old menu, GPTQ without Hessian shrinkage, calibration and KL on pydoc's "
+        "start, so pydoc is its seen domain too):",
         "",
         domain_table,
         "",
@@ -207,10 +219,10 @@ def report() -> str:
         format_table(["option", "bpw", "summed KL", "summed proxy"], uniform_damage),
         "",
         "The options each allocated plan gives its layers (of 210), the KL the allocator predicted for it (the sum "
-        "of its groups' KL, each measured alone on the calibration windows) and the KL measured on each evaluation "
+        "of its groups' KL, each measured alone on its calibration windows; none for proxy plans) and the KL measured on each evaluation "
         f"domain with every layer quantized (old menu: {', '.join(OLD_MENU)}):",
         "",
-        format_table(["budget", "menu", "predicted KL"] + [f"KL {n}" for n in names] + ["layers per option"], usage),
+        format_table(["budget", "plan", "predicted KL"] + [f"KL {n}" for n in names] + ["layers per option"], usage),
         "",
         "Every point of the sweeps (`mixed/sweep.md`, plot `mixed/sweep.png`, page `mixed/sweep.html`):",
         "",

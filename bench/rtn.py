@@ -3,7 +3,8 @@
 Prints a Markdown table (bits per weight of the decoder linears, perplexity
 change on every evaluation domain and the mean over the kinds of text no
 calibration holds, mean KL against fp32 and top-1 agreement) and writes
-bench/results/rtn.{md,json}. RTN uses no data, so no domain is "seen".
+bench/results/rtn.{md,json} after every row; a run resumes from the rows
+already there (same model and domains). RTN uses no data, so no domain is "seen".
 Group 32 at 4 bits is left out on purpose: the default model's weights came
 from 4-bit blocks of 32 (DESIGN.md), which would flatter that configuration.
 
@@ -26,7 +27,7 @@ from mixbits.quantize import LayerReport
 from mixbits.solvers import round_to_nearest
 from mixbits.report import format_table
 
-from common import domain_cells, domain_protocol, write_results
+from common import domain_cells, domain_protocol, earlier_results, write_results
 
 # Clip search: "weighted" (the default, magnitude-weighted error), "mse" (plain weight MSE), "none".
 CONFIGS = [(f"int{bits}:g{group}:{kind}", "weighted") for bits in (8, 4, 3, 2) for group in (128, 64) for kind in ("asym", "sym")]
@@ -53,28 +54,37 @@ def main() -> None:
     parser.parse_args()
 
     loaded, domains, record = domain_protocol()
-    names = [d.name for d in domains]
+    record["results"] = earlier_results("rtn", record, ("domains", "model"))
+    done = {(r["format"], r["clip_search"]) for r in record["results"]}
     references = reference_scores(loaded.model, domains)
     record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
-    record["results"], rows = [], []
     for fmt, search in CONFIGS:
+        if (fmt, search) in done:
+            continue
         model = copy.deepcopy(loaded.model)
         report = quantize(model, fmt, search)
         result = evaluate_domains(model, domains, references, progress=False).as_dict()
         record["results"].append({**report.as_dict(), "clip_search": search, **result})
-        rows.append([fmt, search, report.bits_per_weight, *domain_cells(record["results"][-1], names),
-                     result["mean"]["kl"], result["mean"]["agreement"], round(report.seconds, 1)])
-        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+        write_results("rtn", record, _markdown(record))
+        print(f"{fmt} {search}: mean Δ ppl on unseen kinds {result['mean_unseen']['delta_perplexity']:+.1%}", flush=True)
         del model
+    print(_markdown(record))
+
+
+def _markdown(record: dict) -> str:
+    names = [d["name"] for d in record["domains"]]
+    order = {config: i for i, config in enumerate(CONFIGS)}
+    rows = [[r["format"], r["clip_search"], r["bits_per_weight"], *domain_cells(r, names), r["mean"]["kl"],
+             r["mean"]["agreement"], round(r["seconds"], 1)]
+            for r in sorted(record["results"], key=lambda r: order.get((r["format"], r["clip_search"]), len(order)))]
     table = format_table(["format", "clip search", "bpw", *(f"Δ ppl {n}" for n in names), "mean Δ, unseen kinds",
                           "mean KL", "top-1 agree", "quantize s"], rows)
-    print(table)
     fp32 = ", ".join(f"{n} {p:.3f}" for n, p in record["fp32_perplexity"].items())
-    header = (f"RTN on {record['model']['name']} (sha256 {record['model']['sha256'][:12]}): {len(domains)} domains of "
+    header = (f"RTN on {record['model']['name']} (sha256 {record['model']['sha256'][:12]}): {len(names)} domains of "
               f"24 x 512 tokens from each one's middle (fp32 perplexity {fp32}); bpw counts the 210 decoder linears. "
               "'unseen kinds' are the domains whose kind of text the default calibration mix does not hold (RTN itself "
               f"uses no data).\n\nCommand: `{record['command']}`\n")
-    write_results("rtn", record, header + "\n" + table)
+    return header + "\n" + table
 
 
 if __name__ == "__main__":

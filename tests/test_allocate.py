@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from mixbits.allocate import BudgetError, Option, allocate
+from mixbits.allocate import BudgetError, Option, allocate, quiet_stdout
 
 
 def brute_force(groups, budget):
@@ -64,3 +64,14 @@ def test_exact_budget_boundaries():
     assert {g: o.name for g, o in allocate(instance, 10).items()} == {"a": "big", "b": "big"}
     with pytest.raises(BudgetError, match=r"below the smallest achievable 5 bits \(largest useful: 10\)"):
         allocate(instance, 4)
+
+
+def test_solver_output_on_descriptor_1_is_silenced_and_stdout_restored(capfd):
+    """HiGHS prints from C to descriptor 1; inside quiet_stdout such writes vanish, and stdout works after."""
+    import os
+
+    print("before", flush=True)
+    with quiet_stdout():
+        os.write(1, b"from C\n")
+    os.write(1, b"after\n")
+    assert capfd.readouterr().out == "before\nafter\n"

@@ -237,6 +237,7 @@ def test_gguf_round_trip_on_the_default_model(tmp_path, capsys):
     assert main(["eval", str(checkpoint), "--text", "pydoc", "--windows", "2", "--window-len", "128", "--json"]) == 0
     domains = json.loads(capsys.readouterr().out)["evaluation"]["domains"]
     assert [d["name"] for d in domains] == ["pydoc"] and 10 < domains[0]["perplexity"] < 30  # fp32: about 13 here
+    assert not domains[0]["in_calibration_mix"]  # round to nearest saw no text, so pydoc is not "seen"
     assert main(["generate", str(checkpoint), "--prompt", "The capital of France is", "-n", "12"]) == 0
     output = capsys.readouterr()
     assert output.out.startswith("The capital of France is") and "tokens/s" in output.err
@@ -262,3 +263,24 @@ def test_gguf_round_trip_on_the_default_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(["quantize", "--format", "int4:g64:asym", "--target", "gguf", "--no-eval"]) == 2
     assert "no GGML type; the nearest is q4_1" in capsys.readouterr().err
+
+
+def test_eval_counts_as_seen_only_what_a_checkpoint_was_calibrated_on(tmp_path, tiny_llama_dir):
+    """The seen domains of `mixbits eval CHECKPOINT` come from the checkpoint's record, not from the defaults."""
+    import torch
+
+    import mixbits
+    from mixbits.cli import _checkpoint_calibration
+    from mixbits.io.checkpoint import save_quantized
+    from mixbits.models import load_model
+
+    loaded = load_model(str(tiny_llama_dir))
+    report = mixbits.quantize(loaded, "int4:g16:asym")
+    save_quantized(loaded, report, tmp_path / "rtn")
+    assert _checkpoint_calibration(str(tmp_path / "rtn")) == {"calibrated_on": ()}  # no data: nothing seen
+    loaded = load_model(str(tiny_llama_dir))
+    windows = torch.randint(0, 64, (2, 16))
+    report = mixbits.quantize(loaded, "int4:g16:asym", solver="gptq", calibration=windows)
+    save_quantized(loaded, report, tmp_path / "ids")
+    assert _checkpoint_calibration(str(tmp_path / "ids")) == {}  # unknown token ids: the default, the mix counts as seen
+    assert _checkpoint_calibration(str(tiny_llama_dir)) == {}  # not a mixbits checkpoint

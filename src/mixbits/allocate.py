@@ -11,8 +11,11 @@ the budget lowered by the overshoot.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,13 +66,14 @@ def allocate(groups: dict[str, list[Option]], budget_bits: int) -> dict[str, Opt
             column += 1
     limit = budget_bits
     for _ in range(8):
-        result = milp(
-            damage,
-            integrality=np.ones(len(flat)),
-            bounds=(0, 1),
-            constraints=[LinearConstraint(one_each.tocsr(), 1, 1), LinearConstraint(bits[None, :], -np.inf, limit)],
-            options={"mip_rel_gap": 0.0},
-        )
+        with quiet_stdout():
+            result = milp(
+                damage,
+                integrality=np.ones(len(flat)),
+                bounds=(0, 1),
+                constraints=[LinearConstraint(one_each.tocsr(), 1, 1), LinearConstraint(bits[None, :], -np.inf, limit)],
+                options={"mip_rel_gap": 0.0},
+            )
         if result.x is None:
             raise BudgetError(f"the solver found no allocation within {budget_bits:,} bits ({result.message})")
         chosen = np.round(result.x).astype(bool)
@@ -79,6 +83,28 @@ def allocate(groups: dict[str, list[Option]], budget_bits: int) -> dict[str, Opt
             return picked
         limit -= max(total - budget_bits, 1)
     raise BudgetError(f"could not meet the budget of {budget_bits:,} bits exactly; loosen it slightly")
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """Send file descriptor 1 to /dev/null for a while.
+
+    HiGHS's MIP solver writes some diagnostics straight to descriptor 1, past
+    Python and past `disp=False`; they would mix into `--json` output.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 at all: nothing to protect
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 # Parameters outside the quantized layers (embedding, norms, biases) are counted at 16 bits in

@@ -26,7 +26,7 @@ from torch import nn
 from .corpus import calibration_mix, resolve_text
 from .data import calibration_windows, tokenize
 from .errors import MixbitsError
-from .models.loader import LoadedModel
+from .models.loaded import LoadedModel
 from .models.structure import transformer_blocks
 
 BATCH = 8  # windows per block forward

@@ -493,9 +493,10 @@ def _run_eval(args) -> int:
     from .record import provenance
 
     texts = _eval_texts(args)
-    loaded = load_model(_source(args))
+    source = _source(args)
+    loaded = load_model(source)
     reference = load_model(args.reference) if args.reference else None
-    domains = load_domains(loaded.tokenizer, texts, args.windows, args.window_len)
+    domains = load_domains(loaded.tokenizer, texts, args.windows, args.window_len, **_checkpoint_calibration(source))
     result = evaluate_domains(loaded, domains, reference=reference)
     record = provenance(loaded.name, loaded.sha256)
     if reference is not None:
@@ -509,6 +510,25 @@ def _run_eval(args) -> int:
         print(f"reference: {reference.name} (sha256 {reference.sha256[:12]})")
     _print_domains(result)
     return 0
+
+
+def _checkpoint_calibration(source) -> dict:
+    """load_domains' calibrated_on for a mixbits checkpoint, from what its quantization recorded; {} otherwise.
+
+    Models from elsewhere keep the default (the mix's sources count as seen), since nothing says what they saw.
+    """
+    from .io.checkpoint import checkpoint_info, is_checkpoint
+
+    if source is None or not is_checkpoint(source):
+        return {}
+    calibration = checkpoint_info(source).get("quantization", {}).get("calibration")
+    if not isinstance(calibration, dict):  # data-free rounding
+        return {"calibrated_on": ()}
+    if isinstance(calibration.get("sources"), list):
+        return {"calibrated_on": tuple(str(s.get("name")) for s in calibration["sources"] if isinstance(s, dict))}
+    if "text_sha256" in calibration:
+        return {"calibrated_on": (str(calibration.get("text")),)}
+    return {}  # token ids given: what they were is not recorded
 
 
 def _calibration_texts(args) -> tuple[str, ...]:

@@ -41,7 +41,7 @@ from .calibrate import _Accumulator, block_inputs, calibration_data, run_block
 from .errors import MixbitsError
 from .files import write_json
 from .menu import Choice, Pin, allowed, check_pins_match, group_choices, parse_menu
-from .models.loader import LoadedModel
+from .models.loaded import LoadedModel
 from .models.structure import output_head, quantizable_linears, transformer_blocks
 from .plan import option_bits
 from .solvers import GptqSettings, approximation, solve_many

@@ -30,7 +30,7 @@ from .errors import MixbitsError
 from .formats import Format, QuantizedTensor, parse_format
 from .memory import peak_bytes, reset_peak
 from .models.llama import decoder_parts
-from .models.loader import LoadedModel
+from .models.loaded import LoadedModel
 from .models.structure import output_head, quantizable_linears, untie_head
 from .plan import KEEP, LayerTotals, Plan, PlanError, option_bits
 from .solvers import GptqSettings, approximation, solve_many

@@ -17,7 +17,7 @@ from torch import nn
 from .. import defaults
 from ..corpus import CALIBRATION_MIX, EVALUATION_DOMAINS, SOURCES, resolve_text
 from ..data import Text, WindowSpec, eval_windows, tokenize
-from ..models.loader import LoadedModel
+from ..models.loaded import LoadedModel
 from .metrics import Evaluation, ReferenceScores, score_windows
 
 

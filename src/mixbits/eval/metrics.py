@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .. import defaults
 from ..corpus import resolve_text
 from ..data import Text, WindowSpec, eval_windows, tokenize
-from ..models.loader import LoadedModel
+from ..models.loaded import LoadedModel
 
 
 @dataclass

