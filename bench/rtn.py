@@ -44,7 +44,7 @@ def quantize(model, fmt: str, search: str) -> mixbits.QuantizationReport:
         for name, linear in quantizable_linears(model):
             weight = linear.weight
             weight.copy_(round_to_nearest(weight, parsed, importance=torch.ones_like(weight)).dequantize())
-            report.layers.append(LayerReport(name, tuple(weight.shape), parsed.bits(*weight.shape)))
+            report.layers.append(LayerReport(name, tuple(weight.shape), parsed.bits(*weight.shape), fmt, "rtn"))
     report.seconds = time.perf_counter() - started
     return report
 
