@@ -245,3 +245,14 @@ def calibration_data(model, source, count: int, length: int) -> tuple[torch.Tens
     text = resolve_text(source)
     windows, spec = calibration_windows(tokenize(text, tokenizer), count, length)
     return windows, {"text": text.name, "text_sha256": text.sha256, **spec.as_dict()}
+
+
+def calibrated_texts(record) -> tuple[str, ...] | None:
+    """Names of the texts a `calibration_data` record drew from: () for none (data-free), None if unknown (token ids)."""
+    if not isinstance(record, dict):
+        return ()
+    if isinstance(record.get("sources"), list):
+        return tuple(str(s.get("name")) for s in record["sources"] if isinstance(s, dict))
+    if "text_sha256" in record:
+        return (str(record.get("text")),)
+    return None

@@ -515,20 +515,16 @@ def _run_eval(args) -> int:
 def _checkpoint_calibration(source) -> dict:
     """load_domains' calibrated_on for a mixbits checkpoint, from what its quantization recorded; {} otherwise.
 
-    Models from elsewhere keep the default (the mix's sources count as seen), since nothing says what they saw.
+    Models from elsewhere, and calibration on token ids, keep the default (the mix's sources count as seen),
+    since nothing says what they saw.
     """
+    from .calibrate import calibrated_texts
     from .io.checkpoint import checkpoint_info, is_checkpoint
 
     if source is None or not is_checkpoint(source):
         return {}
-    calibration = checkpoint_info(source).get("quantization", {}).get("calibration")
-    if not isinstance(calibration, dict):  # data-free rounding
-        return {"calibrated_on": ()}
-    if isinstance(calibration.get("sources"), list):
-        return {"calibrated_on": tuple(str(s.get("name")) for s in calibration["sources"] if isinstance(s, dict))}
-    if "text_sha256" in calibration:
-        return {"calibrated_on": (str(calibration.get("text")),)}
-    return {}  # token ids given: what they were is not recorded
+    texts = calibrated_texts(checkpoint_info(source).get("quantization", {}).get("calibration"))
+    return {} if texts is None else {"calibrated_on": texts}
 
 
 def _calibration_texts(args) -> tuple[str, ...]:
