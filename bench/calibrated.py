@@ -36,8 +36,9 @@ from mixbits.report import format_table
 
 from common import RESULTS, domain_cells, domain_protocol, earlier_results, write_results
 
-FORMATS = ["int3:g128:asym", "int3:g64:asym", "int4:g128:asym", "int4:g64:asym", "int2:g128:asym", "int2:g64:asym",
-           "fp4_e2m1:g32:scale=fp16", "mxfp4", "nvfp4", "nf4:g64"]
+# In the order they run: the formats the study and the allocator's menu lean on first.
+FORMATS = ["int4:g64:asym", "int3:g64:asym", "int2:g64:asym", "nf4:g64", "nvfp4", "mxfp4", "fp4_e2m1:g32:scale=fp16",
+           "int4:g128:asym", "int3:g128:asym", "int2:g128:asym"]
 METHODS = {
     "rtn": {},
     "gptq": {"solver": "gptq"},

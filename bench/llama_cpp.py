@@ -13,7 +13,7 @@ Files (the embedding Q8_0 in all; llama.cpp's files reuse it as the output
 matrix, mixbits' holds a Q8_0 output matrix of its own):
 
 - mixbits Q4_0: `mixbits quantize --format q4_0 --solver gptq --head-format
-  q8_0 --target gguf --out DIR` (GPTQ on the default calibration mix), then
+  q8_0 --embedding-format q8_0 --target gguf --out DIR` (GPTQ on the default calibration mix), then
   `mixbits export DIR --to gguf`.
 - llama.cpp: `llama-quantize --allow-requantize --output-tensor-type q8_0
   --token-embedding-type q8_0` of the source GGUF to Q4_0, and to Q4_0, Q4_K_M
@@ -100,7 +100,7 @@ def build_files(calib_path: Path) -> dict[str, Path]:
         checkpoint = WORK / "mixbits-q4_0-gptq"
         if not is_checkpoint(checkpoint):
             run(sys.executable, "-m", "mixbits", "quantize", "--format", "q4_0", "--solver", "gptq", "--head-format",
-                "q8_0", "--target", "gguf", "--no-eval", "--out", str(checkpoint))
+                "q8_0", "--embedding-format", "q8_0", "--target", "gguf", "--no-eval", "--out", str(checkpoint))
         run(sys.executable, "-m", "mixbits", "export", str(checkpoint), "--to", "gguf", "--out", str(ours))
     files["mixbits Q4_0 (GPTQ)"] = ours
     matrix = WORK / "imatrix-mix.gguf"

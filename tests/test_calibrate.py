@@ -72,3 +72,36 @@ def test_later_blocks_see_the_modified_earlier_blocks(tiny):
     for name, x in inputs.items():
         x = x.double()
         assert torch.allclose(collected[name].hessian.double(), x.T @ x / len(x), rtol=1e-4, atol=1e-6), name
+
+
+def block_inputs_of_a_direct_forward(model, windows):
+    """Each block's hidden-state input over a plain forward of all windows at once."""
+    from mixbits.models.structure import transformer_blocks
+
+    seen = []
+    _, blocks = transformer_blocks(model)
+    handles = [b.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+        (args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True) for b in blocks]
+    with torch.no_grad():
+        model(windows, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_each_block_gets_its_own_mask_and_rotary():
+    """Sliding-window and global layers alternate (Gemma 3) with windows four times the sliding window:
+    block by block, every block's inputs equal transformers' own forward."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention"] * 2)
+    model = Gemma3ForCausalLM(config).eval()
+    batch = windows(count=3, length=16)
+    expected = block_inputs_of_a_direct_forward(model, batch)
+    sequence = SequentialCalibration(model, batch)
+    got = [block.inputs.clone() for block in sequence] + [sequence.outputs]
+    for index, (a, b) in enumerate(zip(got[1:], expected[1:])):
+        assert torch.allclose(a, b, atol=1e-5), f"inputs of block {index + 1}"

@@ -72,6 +72,42 @@ def test_saved_model_computes_what_the_fake_quantized_one_did(tmp_path, fmt, hea
     assert not any(isinstance(m, torch.nn.Linear) for m in loaded.model.layers.modules())  # all packed
 
 
+@pytest.mark.parametrize("embedding", [None, "q8_0", "int4:g16:asym", "nf4:g32", "int8:ch:sym"])
+def test_embedding_is_stored_in_16_bits_or_quantized_and_looked_up_from_codes(tmp_path, embedding):
+    from safetensors.torch import load_file
+
+    from mixbits.runtime import QuantizedEmbedding
+
+    original = tiny_llama().model.embed_tokens.weight.detach().clone()
+    model, report = quantized_copy(embedding_format=embedding)
+    table = model.model.embed_tokens.weight.detach()
+    if embedding is None:
+        assert torch.equal(table, original.half().float())
+    else:  # what plain rounding of the float table gives, row by row
+        assert torch.equal(table, round_to_nearest(original, parse_format(embedding)).dequantize())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied: the head computes with the same values
+    save_quantized(model, report, tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt").model
+    assert torch.allclose(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)
+    embed = loaded.model.embed_tokens
+    if embedding is None:
+        assert isinstance(embed, torch.nn.Embedding) and torch.equal(embed.weight, table)
+    else:
+        assert isinstance(embed, QuantizedEmbedding) and not isinstance(loaded.lm_head, torch.nn.Linear)
+        assert torch.equal(embed(PROMPT), table[PROMPT])
+    # The two tensor files hold what the report counts: every stored bit, up to each tensor's last byte.
+    stored = sum(t.numel() * t.element_size() for name in ("quantized.safetensors", "float.safetensors")
+                 for t in load_file(str(tmp_path / "ckpt" / name)).values())
+    tensors = len(load_file(str(tmp_path / "ckpt" / "quantized.safetensors"))) + len(
+        load_file(str(tmp_path / "ckpt" / "float.safetensors")))
+    assert 0 <= stored * 8 - report.model_bits < 8 * tensors
+
+
+def test_quantizing_the_embedding_in_a_format_without_row_lookup_is_refused():
+    with pytest.raises(mixbits.MixbitsError, match="row by row"):
+        quantized_copy(embedding_format="int8:tensor:sym")
+
+
 def test_mixed_plan_with_16_bit_layers_round_trips(tmp_path):
     model = tiny_llama()
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]

@@ -231,8 +231,8 @@ def test_gguf_round_trip_on_the_default_model(tmp_path, capsys):
     from mixbits.cli import main
 
     checkpoint, path = tmp_path / "ckpt", tmp_path / "model.gguf"
-    assert main(["quantize", "--format", "q4_0", "--head-format", "q8_0", "--target", "gguf", "--no-eval", "--no-clip-search",
-                 "--out", str(checkpoint)]) == 0
+    assert main(["quantize", "--format", "q4_0", "--head-format", "q8_0", "--embedding-format", "q8_0", "--target", "gguf",
+                 "--no-eval", "--no-clip-search", "--out", str(checkpoint)]) == 0
     capsys.readouterr()
     assert main(["eval", str(checkpoint), "--text", "pydoc", "--windows", "2", "--window-len", "128", "--json"]) == 0
     domains = json.loads(capsys.readouterr().out)["evaluation"]["domains"]
@@ -250,12 +250,14 @@ def test_gguf_round_trip_on_the_default_model(tmp_path, capsys):
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert len(types) == 1 + 1 + 1 + 30 * 9  # embedding, head, final norm, 30 blocks of 7 matrices and 2 norms
     assert types["output.weight"] == "Q8_0" and types["blk.29.ffn_down.weight"] == "Q4_0"
-    # The embedding came from a Q8_0 GGUF, so Q8_0 holds it exactly: written so, 2 bytes a value less than float32.
-    from safetensors.torch import load_file
+    # The embedding is written from its Q8_0 codes: llama.cpp reads the rows mixbits looks up.
+    import torch
+
+    import mixbits
 
     embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
     assert types["token_embd.weight"] == "Q8_0"
-    expected = load_file(str(checkpoint / "float.safetensors"))["model.embed_tokens.weight"]
+    expected = mixbits.load_model(checkpoint).model.model.embed_tokens(torch.arange(49152))
     assert np.array_equal(gguf.quants.dequantize(embedding.data, embedding.tensor_type).reshape(expected.shape),
                           expected.numpy())
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"  # copied from the source GGUF

@@ -3,7 +3,7 @@ import hashlib
 import pytest
 import torch
 
-from mixbits.data import calibration_windows, eval_windows, load_text
+from mixbits.data import bos_token_id, calibration_windows, eval_windows, load_text
 from mixbits.errors import TextError
 
 
@@ -52,3 +52,49 @@ def test_bad_text_sources(tmp_path):
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(TextError, match="not UTF-8"):
         load_text(tmp_path / "binary.txt")
+
+
+def letter_tokenizer(adds_bos: bool):
+    """A tokenizers-backed tokenizer of single letters, with BOS id 0, adding it or not."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="<unk>")
+    tokenizer.add_bos_token = adds_bos
+    return tokenizer
+
+
+def test_windows_of_a_model_that_takes_a_bos_start_with_it():
+    assert bos_token_id(letter_tokenizer(True)) == 0
+    assert bos_token_id(letter_tokenizer(False)) is None
+    tokens = torch.arange(10, 110)
+    windows, spec = eval_windows(tokens, 3, 10, bos=0)
+    assert windows[:, 0].tolist() == [0, 0, 0]
+    assert windows[:, 1:].reshape(-1).tolist() == list(range(60, 87))  # 9 text tokens each, from the middle on
+    assert spec.as_dict() == {"count": 3, "length": 10, "start": 50, "bos_token_id": 0}
+    calib, calib_spec = calibration_windows(tokens, 5, 10, bos=0)
+    assert calib.shape == (5, 10) and calib[:, 0].eq(0).all()
+    assert calib[:, 1:].reshape(-1).tolist() == list(range(10, 55))
+    assert "bos_token_id" not in eval_windows(tokens, 3, 10)[1].as_dict()  # records without a BOS are unchanged
+
+
+def test_a_bos_window_scores_its_text_tokens_as_transformers_does():
+    """The BOS is never a target: perplexity equals exp of transformers' own loss on the same windows."""
+    import math
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mixbits.eval.metrics import score_windows
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    windows, _ = eval_windows(torch.randint(1, 64, (200,), generator=torch.Generator().manual_seed(2)), 4, 16, bos=0)
+    result = score_windows(model, windows, progress=False)
+    with torch.no_grad():
+        loss = model(input_ids=windows, labels=windows).loss
+    assert result.predictions == 4 * 15
+    assert math.isclose(result.perplexity, math.exp(loss.item()), rel_tol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mixbits
-from mixbits.data import eval_windows, load_text, tokenize
+from mixbits.data import bos_token_id, eval_windows, load_text, tokenize
 from mixbits.eval import ReferenceScores, score_windows
 from mixbits.hashing import sha256_file
 from mixbits.cache import cache_root
@@ -38,6 +38,25 @@ def test_default_model_shape(loaded):
     config = loaded.model.config
     assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (30, 576, 1536)
     assert loaded.sha256 == sha256_file(default_gguf_path())
+    assert bos_token_id(loaded.tokenizer) is None  # its GGUF says add_bos_token false: protocol windows are text only
+
+
+def test_a_gguf_that_asks_for_a_bos_gets_one(tmp_path, monkeypatch):
+    """transformers ignores tokenizer.ggml.add_bos_token; the loader honours it, as llama.cpp does."""
+    import shutil
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("MIXBITS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "with-bos.gguf"
+    shutil.copyfile(default_gguf_path(), path)
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_set_metadata", str(path), "tokenizer.ggml.add_bos_token",
+                    "1", "--force"], check=True, capture_output=True)
+    with_bos = mixbits.load_model(path)
+    bos = with_bos.tokenizer.bos_token_id
+    assert bos_token_id(with_bos.tokenizer) == bos is not None
+    assert with_bos.tokenizer("hello")["input_ids"][0] == bos
+    assert mixbits.load_model(path).tokenizer("hello")["input_ids"][0] == bos  # and so does the cache it left
 
 
 def test_fp32_perplexity_is_sane(reference):

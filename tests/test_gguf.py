@@ -33,7 +33,8 @@ def exported(tmp_path_factory):
     names = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     layers = [LayerPlan(name, name, OPTIONS[i % len(OPTIONS)], "rtn", tuple(modules[name].weight.shape))
               for i, name in enumerate(names)]
-    report = mixbits.quantize(model, plan=Plan(layers), calibration=torch.randint(0, 64, (4, 32)), progress=False)
+    report = mixbits.quantize(model, plan=Plan(layers), calibration=torch.randint(0, 64, (4, 32)),
+                              embedding_format="q8_0", progress=False)
     root = tmp_path_factory.mktemp("gguf")
     save_quantized(model, report, root / "ckpt")
     # The tiny model has no tokenizer of its own: borrow the default model's metadata.
@@ -62,9 +63,10 @@ def test_every_tensor_dequantizes_to_the_weights_mixbits_computed_with(exported)
         assert np.array_equal(values, weight.numpy()), layer.name
     assert types == {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "MXFP4", "F16"}
     assert {"token_embd.weight", "output_norm.weight", "blk.1.ffn_norm.weight", "blk.0.attn_norm.weight"} <= set(tensors)
-    embedding = tensors["token_embd.weight"]  # random floats: Q8_0 would not hold them exactly, so float32
-    assert embedding.tensor_type.name == "F32"
-    assert np.array_equal(embedding.data.reshape(config.vocab_size, -1), model.model.embed_tokens.weight.detach().numpy())
+    embedding = tensors["token_embd.weight"]  # written from its Q8_0 codes; the tied output is not written
+    assert embedding.tensor_type.name == "Q8_0"
+    values = gguf.quants.dequantize(embedding.data, embedding.tensor_type).reshape(config.vocab_size, -1)
+    assert np.array_equal(values, model.model.embed_tokens.weight.detach().numpy())
     assert len(tensors) == 2 + 2 * 9  # embedding, final norm; per block 7 matrices and 2 norms (output tied)
     for key in LLAMA_KEYS:
         assert key in reader.fields, key

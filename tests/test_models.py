@@ -36,7 +36,8 @@ def test_quantize_touches_only_block_linears_and_counts_their_bits(tiny_llama_di
     assert len(names) == 14 and names[0] == "model.layers.0.self_attn.q_proj"
     fmt = parse_format("int3:g16:asym")
     assert report.bits == sum(fmt.bits(*m.weight.shape) for _, m in quantizable_linears(model))
-    assert torch.equal(model.model.embed_tokens.weight, embed)
+    assert torch.equal(model.model.embed_tokens.weight, embed.half().float())  # the embedding is stored in 16 bits
+    assert [(layer.name, layer.bits) for layer in report.outer] == [("model.embed_tokens", 16 * embed.numel())]
     new_up = model.model.layers[1].mlp.up_proj.weight
     assert not torch.equal(new_up, up)
     # Each group of 16 now holds at most 2^3 distinct values.
@@ -61,8 +62,8 @@ def test_quantizing_the_head_unties_it_from_the_embedding(tiny_llama_dir):
     embed = model.model.embed_tokens.weight.clone()
     report = mixbits.quantize(model, "int4:g16:sym", include_head=True, progress=False)
     assert report.layers[-1].name == "lm_head"
-    assert torch.equal(model.model.embed_tokens.weight, embed)
-    assert not torch.equal(model.lm_head.weight, embed)
+    assert torch.equal(model.model.embed_tokens.weight, embed.half().float())
+    assert not torch.equal(model.lm_head.weight, embed.half().float())
 
 
 def test_model_without_blocks_is_rejected():

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .corpus import calibration_mix, resolve_text
-from .data import calibration_windows, tokenize
+from .data import bos_token_id, calibration_windows, tokenize
 from .errors import MixbitsError
 from .models.loaded import LoadedModel
 from .models.structure import transformer_blocks
@@ -72,23 +72,29 @@ class Stage:
     linears: list[nn.Linear]
 
 
-def block_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Inputs of the first block for every window ([N, T, hidden]) and the keyword arguments blocks get.
+def block_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Inputs of the first block for every window ([N, T, hidden]) and the keyword arguments of each block.
 
-    The keyword arguments (position embeddings, masks) come from a one-window
-    call and broadcast over batches of windows of the same length.
+    Blocks need not share their call: models that alternate sliding-window
+    and global attention pass each layer its own mask and rotary embedding.
+    The keyword arguments of every block come from one full forward of the
+    first window; they broadcast over batches of windows of the same length.
     """
     _, blocks = transformer_blocks(model)
     captured: list[torch.Tensor] = []
-    call: dict[str, Any] = {}
+    calls: list[dict[str, Any] | None] = [None] * len(blocks)
 
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(hidden.detach())
-        call.setdefault("kwargs", {k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _StopBlock
+    def grab(index):
+        def hook(module, args, kwargs):
+            if index == 0:
+                captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+            if calls[index] is None:
+                calls[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            elif index == 0:
+                raise _StopBlock  # later windows only need block 0's input
+        return hook
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [block.register_forward_pre_hook(grab(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
         with torch.no_grad():
             for window in windows:
@@ -97,8 +103,11 @@ def block_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor,
                 except _StopBlock:
                     pass
     finally:
-        handle.remove()
-    return torch.cat(captured), call["kwargs"]
+        for handle in handles:
+            handle.remove()
+    if any(call is None for call in calls):
+        raise MixbitsError("the model's forward skipped some of its blocks; block-wise calibration needs every block")
+    return torch.cat(captured), calls
 
 
 def _run(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) -> Iterator[torch.Tensor | None]:
@@ -122,7 +131,7 @@ class BlockCalibration:
     """Statistics and outputs of one block for a fixed set of inputs."""
 
     def __init__(self, block: nn.Module, prefix: str, inputs: torch.Tensor, kwargs: dict[str, Any]):
-        self.block, self.prefix, self.inputs, self.kwargs = block, prefix, inputs, kwargs
+        self.block, self.prefix, self.inputs, self.kwargs = block, prefix, inputs, kwargs  # kwargs: this block's call
 
     def stages(self) -> list[Stage]:
         """Linears grouped by the input tensor they read, in forward order (from one window)."""
@@ -199,9 +208,9 @@ class SequentialCalibration:
 
     def __iter__(self) -> Iterator[BlockCalibration]:
         prefix, blocks = transformer_blocks(self.model)
-        inputs, kwargs = block_inputs(self.model, self.windows)
+        inputs, calls = block_inputs(self.model, self.windows)
         for index, block in enumerate(blocks):
-            calibration = BlockCalibration(block, f"{prefix}.{index}", inputs, kwargs)
+            calibration = BlockCalibration(block, f"{prefix}.{index}", inputs, calls[index])
             yield calibration
             inputs = calibration.outputs()
         self.outputs = inputs
@@ -243,7 +252,7 @@ def calibration_data(model, source, count: int, length: int) -> tuple[torch.Tens
     if source is None:
         return calibration_mix(tokenizer, count, length)
     text = resolve_text(source)
-    windows, spec = calibration_windows(tokenize(text, tokenizer), count, length)
+    windows, spec = calibration_windows(tokenize(text, tokenizer), count, length, bos_token_id(tokenizer))
     return windows, {"text": text.name, "text_sha256": text.sha256, **spec.as_dict()}
 
 

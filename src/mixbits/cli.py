@@ -50,6 +50,9 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--head", action="store_true", help="quantize the output head too (untied from the embedding)")
     q.add_argument("--head-format", help="format of the output head, e.g. int8:ch:sym (implies --head; default: --format; "
                                          "with a plan, outside the plan's budget)")
+    q.add_argument("--embedding-format",
+                   help="format of the input embedding, looked up row by row from its codes, e.g. q8_0 or int4:g64:asym "
+                        "(default: 16 bits; a head tied to it computes with the same values)")
     q.add_argument("--solver", choices=defaults.SOLVERS,
                    help="rtn: round to nearest, no data; gptq: error compensation from calibration data "
                         "(default: rtn for one --format, gptq for the options of a plan)")
@@ -360,6 +363,11 @@ def _run_quantize(args) -> int:
     plan = Plan.load(args.plan) if args.plan else None
     fmt = parse_format(args.format)
     head_format = parse_format(args.head_format) if args.head_format else None
+    embedding_format = parse_format(args.embedding_format) if args.embedding_format else None
+    if embedding_format is not None:
+        from .runtime.embedding import check_lookup_format
+
+        check_lookup_format(embedding_format)
     if args.out:
         from .io.checkpoint import check_output_directory
 
@@ -376,7 +384,7 @@ def _run_quantize(args) -> int:
         _check_calibration(args)
     loaded = load_model(args.model)
     if args.target and not planning:
-        _check_gguf_target(loaded, plan, str(fmt), head_format)
+        _check_gguf_target(loaded, plan, str(fmt), head_format, embedding_format)
     if texts is not None:
         domains = load_domains(loaded.tokenizer, texts, args.windows, args.window_len,
                                calibrated_on=_calibration_texts(args) if calibrated else ())
@@ -395,7 +403,7 @@ def _run_quantize(args) -> int:
         loaded, fmt, solver=solver, awq=args.awq, rotate=args.rotate, online_hadamard=args.online_hadamard,
         calibration=args.calib_text, calibration_windows=args.calib_windows,
         calibration_len=args.calib_window_len, clip_search=args.clip_search, include_head=args.head, head_format=head_format,
-        plan=plan, gptq=_gptq_settings(args),
+        embedding_format=embedding_format, plan=plan, gptq=_gptq_settings(args),
     )
     saved = None
     if args.out:
@@ -422,8 +430,11 @@ def _run_quantize(args) -> int:
         where = f"from token {c['start']}" if "start" in c else "spread over the first half of each source"
         print(f"calibration: {c['text']}, {c['count']} windows x {c['length']} tokens {where}")
     if saved is not None:
-        print(f"checkpoint: {saved.path}, {sum(saved.files.values()) / 1e6:.2f} MB in all; quantized layers "
-              f"{saved.quantized_bytes / 1e6:.2f} MB ({saved.quantized_bits / 8e6:.2f} MB of codes and parameters)")
+        print(f"checkpoint: {saved.path}, {sum(saved.files.values()) / 1e6:.2f} MB in all (model counted at "
+              f"{report.model_bits / 8e6:.2f} MB); quantized layers {saved.quantized_bytes / 1e6:.2f} MB "
+              f"({saved.quantized_bits / 8e6:.2f} MB of codes and parameters)")
+        for layer in report.outer:
+            print(f"  {layer.name}: {layer.option}, {layer.bits / 8e6:.2f} MB")
     if report.rotation:
         print(f"rotation: residual {report.rotation['residual']}, down_proj input {report.rotation['down_proj'] or 'none'}")
     if texts is None:
@@ -554,7 +565,7 @@ def _print_domains(result) -> None:
     print(format_table(HEADERS, result.rows()))
 
 
-def _check_gguf_target(loaded, plan, fmt: str, head_format) -> None:
+def _check_gguf_target(loaded, plan, fmt: str, head_format, embedding_format=None) -> None:
     """Refuse, before quantizing, a format or plan llama.cpp cannot load (gguf is the only --target)."""
     from .io.gguf import ggml_type_name
     from .models.structure import output_head, quantizable_linears
@@ -566,6 +577,9 @@ def _check_gguf_target(loaded, plan, fmt: str, head_format) -> None:
     head = output_head(loaded.model)
     if head_format is not None and head is not None:
         layers.append((str(head_format), tuple(head[1].weight.shape)))
+    embed = loaded.model.get_input_embeddings()
+    if embedding_format is not None and embed is not None:
+        layers.append((str(embedding_format), tuple(embed.weight.shape)))
     for option, shape in layers:
         ggml_type_name(option, shape)  # raises with the reason and the nearest type
 

@@ -4,6 +4,11 @@ The default text is CPython's `pydoc_data.topics`, joined in sorted key order
 (named text sources and the default calibration mix live in `corpus`).
 Evaluation windows start halfway through the token stream; calibration
 windows of a single text come from its first half, so the two never overlap.
+
+A model whose tokenizer adds a BOS to what it encodes sees every input start
+with it in use, so its windows do too: BOS + length-1 text tokens. The BOS
+is never a target (each window's first token is not predicted), so every
+window scores length-1 text tokens either way.
 """
 
 from __future__ import annotations
@@ -28,14 +33,18 @@ class Text:
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """`count` windows of `length` tokens, back to back from token `start`."""
+    """`count` windows of `length` tokens from token `start`; with `bos`, each is BOS + length-1 text tokens."""
 
     count: int
     length: int
     start: int
+    bos: int | None = None
 
     def as_dict(self) -> dict:
-        return {"count": self.count, "length": self.length, "start": self.start}
+        found = {"count": self.count, "length": self.length, "start": self.start}
+        if self.bos is not None:  # absent: windows are text tokens only (records from before BOS support match)
+            found["bos_token_id"] = self.bos
+        return found
 
 
 def load_text(source: str | Path | None = None) -> Text:
@@ -78,29 +87,51 @@ def tokenize(text: Text, tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def eval_windows(tokens: torch.Tensor, count: int, length: int) -> tuple[torch.Tensor, WindowSpec]:
-    """`count` non-overlapping windows of `length` tokens starting at `len(tokens) // 2`."""
+def bos_token_id(tokenizer) -> int | None:
+    """The BOS token id if `tokenizer` adds one to the text it encodes, else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if tokenizer is None or bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """[count, text tokens] windows with the BOS column in front (unchanged without a BOS)."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((len(windows), 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def text_length(length: int, bos: int | None) -> int:
+    """Text tokens in a window of `length` tokens."""
+    return length - (bos is not None)
+
+
+def eval_windows(tokens: torch.Tensor, count: int, length: int, bos: int | None = None) -> tuple[torch.Tensor, WindowSpec]:
+    """`count` non-overlapping windows of `length` tokens whose text starts at `len(tokens) // 2`."""
     check_window_counts(count, length)
-    start = len(tokens) // 2
-    needed = start + count * length
+    start, step = len(tokens) // 2, text_length(length, bos)
+    needed = start + count * step
     if needed > len(tokens):
         raise TextError(
             f"the text has {len(tokens)} tokens but {count} evaluation windows of {length} from its middle need "
-            f"{2 * count * length}; give more text or fewer/shorter windows"
+            f"{2 * count * step}; give more text or fewer/shorter windows"
         )
-    return tokens[start:needed].reshape(count, length), WindowSpec(count, length, start)
+    return with_bos(tokens[start:needed].reshape(count, step), bos), WindowSpec(count, length, start, bos)
 
 
-def calibration_windows(tokens: torch.Tensor, count: int, length: int) -> tuple[torch.Tensor, WindowSpec]:
+def calibration_windows(tokens: torch.Tensor, count: int, length: int,
+                        bos: int | None = None) -> tuple[torch.Tensor, WindowSpec]:
     """`count` windows of `length` tokens from the start, before the evaluation half."""
     check_window_counts(count, length)
-    needed = count * length
+    needed = count * text_length(length, bos)
     if needed > len(tokens) // 2:
         raise TextError(
             f"the text has {len(tokens)} tokens but {count} calibration windows of {length} need at least "
             f"{2 * needed} (calibration uses only the first half); give more text or fewer/shorter windows"
         )
-    return tokens[:needed].reshape(count, length), WindowSpec(count, length, 0)
+    return with_bos(tokens[:needed].reshape(count, -1), bos), WindowSpec(count, length, 0, bos)
 
 
 def check_window_counts(count: int, length: int) -> None:

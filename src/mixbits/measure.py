@@ -142,10 +142,10 @@ class KLMeter:
             raise MixbitsError("measuring KL needs a decoder with a final norm and a Linear output head; use --damage proxy")
         self.head = found[1]
         with torch.no_grad():
-            first, self.kwargs = block_inputs(model, windows)
+            first, self.calls = block_inputs(model, windows)
             self.inputs = [first]
-            for block in self.blocks:
-                self.inputs.append(run_block(block, self.inputs[-1], self.kwargs))
+            for block, call in zip(self.blocks, self.calls):
+                self.inputs.append(run_block(block, self.inputs[-1], call))
             self.reference = self._logits(self.inputs.pop())
             self.probs = torch.softmax(self.reference.double(), dim=-1)
 
@@ -155,8 +155,8 @@ class KLMeter:
     @torch.no_grad()
     def measure(self, block_index: int) -> float:
         hidden = self.inputs[block_index]
-        for block in self.blocks[block_index:]:
-            hidden = run_block(block, hidden, self.kwargs)
+        for block, call in zip(self.blocks[block_index:], self.calls[block_index:]):
+            hidden = run_block(block, hidden, call)
         # With d = logits - reference logits, KL(p || q) = log sum_v p_v e^(d_v) - sum_v p_v d_v. The logits
         # are ~30 and a group's KL can be 1e-5 nats: a float32 log-softmax is off by ~1e-3 here, so the sums
         # over the vocabulary run in float64.

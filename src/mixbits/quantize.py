@@ -11,6 +11,14 @@ Two paths:
 
 A rotation (`rotate=True`) is applied to the float model before either path.
 With a `plan`, each layer gets its own option and solver (`plan.Plan`).
+
+The input embedding, and an output head that is neither tied to it nor
+quantized as a layer, are the report's `outer` layers: rounded to 16 bits
+by default, or the embedding quantized by round to nearest to
+`embedding_format` (each row on its own, so the runtime looks rows up from
+their codes). A head tied to the embedding computes with the same values.
+They are counted in `model_bits`, never in `bits_per_weight`, which stays
+the quantized blocks' (and a quantized head's) measure.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from .models.llama import decoder_parts
 from .models.loaded import LoadedModel
 from .models.structure import output_head, quantizable_linears, untie_head
 from .plan import KEEP, LayerTotals, Plan, PlanError, option_bits
-from .solvers import GptqSettings, approximation, solve_many
+from .solvers import GptqSettings, approximation, round_to_nearest, solve_many
 from .transforms.rotation import rotate as rotate_model
 from .transforms.scaling import ScaledGroup, scale_layer
 
@@ -66,6 +74,13 @@ class QuantizationReport(LayerTotals):
     peak_memory_bytes: int = 0
     # Codes and parameters of every quantized layer by name (None: kept in 16 bits), for saving.
     tensors: dict[str, QuantizedTensor | None] = field(default_factory=dict, repr=False)
+    outer: list[LayerReport] = field(default_factory=list)  # embedding and a float head, stored apart from `layers`
+    other_parameters: int = 0  # parameters in neither (norms, biases), stored in float32
+
+    @property
+    def model_bits(self) -> int:
+        """Bits of every stored parameter: layers and outer layers as stored, the rest in float32."""
+        return self.bits + sum(layer.bits for layer in self.outer) + 32 * self.other_parameters
 
     @property
     def method(self) -> str:
@@ -89,6 +104,9 @@ class QuantizationReport(LayerTotals):
             "weights": self.weights,
             "bits": self.bits,
             "bits_per_weight": self.bits_per_weight,
+            "outer": [{"name": layer.name, "option": layer.option, "shape": list(layer.shape), "bits": layer.bits}
+                      for layer in self.outer],
+            "model_bits": self.model_bits,
             "seconds": self.seconds,
             "peak_memory_bytes": self.peak_memory_bytes,
             "awq_scales": [asdict(group) for group in self.scaled],
@@ -110,6 +128,7 @@ def quantize(
     clip_search: bool = True,
     include_head: bool = False,
     head_format: str | Format | None = None,
+    embedding_format: str | Format | None = None,
     plan: Plan | None = None,
     gptq: GptqSettings = GptqSettings(),
     progress: bool = True,
@@ -126,9 +145,10 @@ def quantize(
     ids; `gptq` sets GPTQ's damping, Hessian shrinkage and column order.
     `clip_search` searches a clip ratio per group. With `include_head` the
     output head is quantized too (untied from the input embedding first,
-    which stays float), in `head_format` if given (which implies it). A `plan` gives every layer its own option and solver
-    instead of `format` and `solver`. Returns the exact bit count of
-    everything quantized.
+    which stays float), in `head_format` if given (which implies it).
+    `embedding_format` quantizes the input embedding (None: 16 bits). A
+    `plan` gives every layer its own option and solver instead of `format`
+    and `solver`. Returns the exact bit count of everything quantized.
     """
     if solver not in defaults.SOLVERS:
         raise MixbitsError(f"unknown solver {solver!r}; use one of {', '.join(defaults.SOLVERS)}")
@@ -144,6 +164,8 @@ def quantize(
             raise MixbitsError("this model has no Linear output head to quantize; drop the head format")
         if plan is not None and any(layer.name == head[0] for layer in plan.layers):
             raise MixbitsError(f"the plan already sets the option of {head[0]}; drop the head format")
+    embedding_option = KEEP if embedding_format in (None, KEEP) else str(parse_format(embedding_format))
+    _check_embedding(module, embedding_option)
     if plan is not None:
         choices = _plan_choices(plan, module, [name for name, _ in quantizable_linears(module, include_head and head is None)])
     else:  # every layer alike, whatever its name becomes after a rotation
@@ -179,6 +201,7 @@ def quantize(
     else:
         for name, linear in tqdm(quantizable_linears(module, include_head), desc="quantize", disable=not progress, leave=False):
             _solve([name], [linear], None, choices, report)
+    _quantize_outer(module, embedding_option, report)
     report.seconds = time.perf_counter() - start
     report.peak_memory_bytes = peak_bytes()
     return report
@@ -235,6 +258,39 @@ def _solve(names: list[str], linears: list[nn.Linear], hessian: torch.Tensor | N
             report.tensors[names[i]] = tensor
             rows, cols = weight.shape
             report.layers.append(LayerReport(names[i], (rows, cols), option_bits(option, rows, cols), option, solver))
+
+
+def _check_embedding(module: nn.Module, option: str) -> None:
+    from .runtime.embedding import check_lookup_format
+
+    if option == KEEP:
+        return
+    if not isinstance(module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None, nn.Embedding):
+        raise MixbitsError("this model has no nn.Embedding input embedding to quantize; drop the embedding format")
+    check_lookup_format(parse_format(option))
+
+
+def _quantize_outer(module: nn.Module, embedding_option: str, report: QuantizationReport) -> None:
+    """The embedding (and a head that is neither tied to it nor a layer) in 16 bits or `embedding_option`."""
+    names = {id(m): n for n, m in module.named_modules()}
+    found = []
+    embed = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    if isinstance(embed, nn.Embedding):
+        found.append((names[id(embed)], embed, embedding_option))
+    head = output_head(module)
+    if head is not None and head[0] not in report.tensors and (embed is None or head[1].weight is not embed.weight):
+        found.append((head[0], head[1], KEEP))
+    quantized_names = {layer.name for layer in report.layers}
+    for name, layer, option in found:
+        weight = layer.weight
+        tensor = None if option == KEEP else round_to_nearest(weight, parse_format(option), report.clip_search)
+        weight.copy_(approximation(weight, tensor).to(weight.dtype))
+        report.tensors[name] = tensor
+        rows, cols = weight.shape
+        report.outer.append(LayerReport(name, (rows, cols), option_bits(option, rows, cols), option, "rtn"))
+    counted = quantized_names | {layer.name for layer in report.outer}
+    report.other_parameters = sum(p.numel() for n, p in module.named_parameters()
+                                  if not (n.rpartition(".")[0] in counted and n.endswith(".weight")))
 
 
 def _final_norm(module: nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@ Recipe of the calibration mix: the sources in `CALIBRATION_MIX` (technical
 documentation, source code, quotations and dialogue, expository prose) share
 the windows equally (the first sources take one more when the count does not
 divide). Each source is tokenized whole, without special tokens, and its
-windows are spread evenly, without overlap, over the *first half* of its
+windows (after a BOS for models that take one, `data.with_bos`) are spread evenly, without overlap, over the *first half* of its
 tokens; the mix interleaves the sources window by window, so any prefix of it
 (the Fisher and KL passes of `mixbits plan` use the first windows) covers
 every kind. Evaluation windows of any source start at its middle token
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import Text, check_window_counts, load_text, tokenize
+from ..data import Text, bos_token_id, check_window_counts, load_text, text_length, tokenize, with_bos
 from ..defaults import CALIBRATION_MIX, EVALUATION_DOMAINS
 from ..errors import TextError
 from .sources import SOURCES, Source, fetch_all, source
@@ -61,15 +61,18 @@ def calibration_mix(tokenizer, count: int, length: int, names: tuple[str, ...] =
     check_window_counts(count, length)
     if count < len(names):
         raise TextError(f"the calibration mix has {len(names)} sources; ask for at least {len(names)} windows")
+    bos = bos_token_id(tokenizer)
     shares = [count // len(names) + (i < count % len(names)) for i in range(len(names))]
     per_source, described = [], []
     for name, share in zip(names, shares):
         text = source(name).text()
-        windows, starts = spread_windows(tokenize(text, tokenizer), share, length, name)
-        per_source.append(windows)
+        windows, starts = spread_windows(tokenize(text, tokenizer), share, text_length(length, bos), name)
+        per_source.append(with_bos(windows, bos))
         described.append({**source(name).describe(), "sha256": text.sha256, "windows": share, "starts": starts})
     order = [(i, k) for k in range(max(shares)) for i in range(len(names)) if k < shares[i]]
     windows = torch.stack([per_source[i][k] for i, k in order])
     record = {"text": MIX_NAME, "count": count, "length": length, "sources": described,
               "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
+    if bos is not None:
+        record["bos_token_id"] = bos
     return windows, record

@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import defaults
 from ..corpus import CALIBRATION_MIX, EVALUATION_DOMAINS, SOURCES, resolve_text
-from ..data import Text, WindowSpec, eval_windows, tokenize
+from ..data import Text, WindowSpec, bos_token_id, eval_windows, tokenize
 from ..models.loaded import LoadedModel
 from .metrics import Evaluation, ReferenceScores, score_windows
 
@@ -47,7 +47,7 @@ def load_domains(tokenizer, names=None, windows: int = defaults.EVAL_WINDOWS,
     found = []
     for spec in names or EVALUATION_DOMAINS:
         text = resolve_text(spec)
-        batch, window_spec = eval_windows(tokenize(text, tokenizer), windows, window_len)
+        batch, window_spec = eval_windows(tokenize(text, tokenizer), windows, window_len, bos_token_id(tokenizer))
         known = SOURCES.get(text.name)
         kind = known.kind if known else "user text"
         found.append(Domain(text.name, kind, text.name in calibrated_on, text, batch, window_spec))

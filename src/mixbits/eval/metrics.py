@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .. import defaults
 from ..corpus import resolve_text
-from ..data import Text, WindowSpec, eval_windows, tokenize
+from ..data import Text, WindowSpec, bos_token_id, eval_windows, tokenize
 from ..models.loaded import LoadedModel
 
 
@@ -80,7 +80,7 @@ def evaluate(
     module, own_tokenizer = (model.model, model.tokenizer) if isinstance(model, LoadedModel) else (model, None)
     text = resolve_text(text)
     tokens = tokenize(text, tokenizer or own_tokenizer)
-    batch, spec = eval_windows(tokens, windows, window_len)
+    batch, spec = eval_windows(tokens, windows, window_len, bos_token_id(tokenizer or own_tokenizer))
     ref = reference.model if isinstance(reference, LoadedModel) else reference
     result = score_windows(module, batch, ref, progress=progress)
     result.windows, result.text_name, result.text_sha256 = spec, text.name, text.sha256

@@ -2,10 +2,11 @@
 
 A checkpoint is a directory:
 
-    mixbits.json          format version, every quantized layer (format, shape, solver, bits), the plan
+    mixbits.json          format version, every quantized layer (format, shape, solver, bits), the
+                          outer layers (embedding, a float head), the plan
     quantized.safetensors codes packed at their width and parameters in their stored dtypes
-                          (`formats.storage`), and 16-bit layers as float16
-    float.safetensors     every other tensor of the model (embeddings, norms, biases) as it was
+                          (`formats.storage`), and 16-bit layers and outer layers as float16
+    float.safetensors     every other tensor of the model (norms, biases) as it was
     config.json, tokenizer files   the Hugging Face architecture and tokenizer
     manifest.json         sha256 and size of every other file
 
@@ -13,8 +14,11 @@ It is written under a temporary name and renamed into place, so a reader sees
 a whole checkpoint or none. Loading checks the version and every file's size
 and hash before reading any tensor, reads only JSON and safetensors (nothing
 is unpickled), and rebuilds the model with runtime modules that compute from
-the stored codes (`runtime`). Its outputs equal those of the fake-quantized
-model that was saved, up to float summation order.
+the stored codes (`runtime`; a quantized embedding looks its rows up from
+the codes, and a head tied to it computes from the same codes). Its outputs
+equal those of the fake-quantized model that was saved, up to float
+summation order. Version 1 checkpoints (embedding in float.safetensors, no
+outer layers) still load.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from ..hashing import sha256_file
 from ..models.loaded import LoadedModel
 from ..plan import KEEP
 
-VERSION = 1
+VERSION = 2  # 2: outer layers (the embedding in 16 bits or quantized)
+READABLE = (1, 2)
 INFO, MANIFEST = "mixbits.json", "manifest.json"
 QUANTIZED, FLOAT = "quantized.safetensors", "float.safetensors"
 
@@ -81,27 +86,33 @@ def save_quantized(model: nn.Module | LoadedModel, report, directory: str | Path
         raise MixbitsError("saving a checkpoint needs a Hugging Face model (one with a .config); save the state dict instead")
     if any(type(m).__name__ == "RotatedInput" for m in model.modules()):
         raise MixbitsError("checkpoints cannot hold an online Hadamard rotation yet; quantize without --online-hadamard to save")
-    if not report.tensors:
+    if not report.layers:
         raise MixbitsError("the report holds no quantized layers; quantize the model before saving it")
     check_output_directory(directory)
 
     modules = dict(model.named_modules())
     quantized: dict[str, torch.Tensor] = {}
-    layers = []
-    for layer in report.layers:
-        tensor = report.tensors[layer.name]
-        if tensor is None:
-            quantized[f"{layer.name}.weight"] = modules[layer.name].weight.detach().half().contiguous()
-        else:
-            quantized.update({f"{layer.name}.{key}": value for key, value in store(tensor).items()})
-        layers.append({"name": layer.name, "option": layer.option, "solver": layer.solver,
-                       "shape": list(layer.shape), "bits": layer.bits})
-    replaced = {f"{layer['name']}.weight" for layer in layers}
+    entries: dict[str, list[dict]] = {"layers": [], "outer": []}
+    layer_bytes = 0  # of the quantized layers alone
+    for kind, reports in (("layers", report.layers), ("outer", report.outer)):
+        for layer in reports:
+            tensor = report.tensors[layer.name]
+            if tensor is None:
+                stored = {"weight": modules[layer.name].weight.detach().half().contiguous()}
+            else:
+                stored = store(tensor)
+            quantized.update({f"{layer.name}.{key}": value for key, value in stored.items()})
+            layer_bytes += stored_bytes(stored) if kind == "layers" else 0
+            entries[kind].append({"name": layer.name, "option": layer.option, "solver": layer.solver,
+                                  "shape": list(layer.shape), "bits": layer.bits})
+    layers = entries["layers"]
+    replaced = {f"{layer['name']}.weight" for layer in layers + entries["outer"]}
     floats, tied = _float_tensors(model, replaced)
     info = {
         "mixbits_checkpoint": VERSION,
         "source": source,
         "layers": layers,
+        "outer": entries["outer"],
         "tied": tied,
         "quantization": {key: value for key, value in report.as_dict().items() if key != "awq_scales"},
         "plan": None if plan is None else plan.as_dict(),
@@ -126,14 +137,12 @@ def save_quantized(model: nn.Module | LoadedModel, report, directory: str | Path
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     sizes = {name: entry["bytes"] for name, entry in files.items()}
-    return SavedCheckpoint(directory, sizes, sum(layer["bits"] for layer in layers), stored_bytes(quantized))
+    return SavedCheckpoint(directory, sizes, sum(layer["bits"] for layer in layers), layer_bytes)
 
 
 def load_quantized(directory: str | Path) -> LoadedModel:
     """The model saved in `directory`, with runtime modules for its quantized layers; CheckpointError if damaged."""
     from safetensors.torch import load_file
-
-    from ..runtime import quantized_linear
 
     directory = Path(directory)
     info = _checked_info(directory)
@@ -143,30 +152,27 @@ def load_quantized(directory: str | Path) -> LoadedModel:
     except Exception as error:  # safetensors raises its own error types on malformed files
         raise CheckpointError(f"cannot read the tensors in {directory}: {error}; write the checkpoint again") from error
     model = _empty_model(directory)
-    layer_names = {layer["name"] for layer in info["layers"]}
+    outer = info.get("outer", [])
+    layer_names = {layer["name"] for layer in info["layers"] + outer}
     expected = {key for key in model.state_dict() if key.rpartition(".")[0] not in layer_names}
     modules = dict(model.named_modules())
-    for layer in info["layers"]:
+    built: dict[str, nn.Module] = {}
+    for layer in info["layers"] + outer:
         name, shape = layer["name"], tuple(layer["shape"])
         target = modules.get(name)
-        if not isinstance(target, nn.Linear) or tuple(target.weight.shape) != shape:
+        embedding = isinstance(target, nn.Embedding)
+        if not (isinstance(target, nn.Linear) or embedding and layer in outer) or tuple(target.weight.shape) != shape:
             raise CheckpointError(f"layer {name} of {directory} does not match its config.json; write the checkpoint again")
         bias = floats.pop(f"{name}.bias", None)
         tensors = layer_tensors(quantized, name)
-        if layer["option"] == KEEP:
-            if "weight" not in tensors:
-                raise CheckpointError(f"{directory} has no weight for 16-bit layer {name}; write the checkpoint again")
-            module = nn.Linear(shape[1], shape[0], bias=bias is not None)
-            module.weight = nn.Parameter(tensors["weight"].float(), requires_grad=False)
-            if bias is not None:
-                module.bias = nn.Parameter(bias.float(), requires_grad=False)
-        else:
-            try:
-                module = quantized_linear(restore(parse_format(layer["option"]), shape, tensors), bias)
-            except MixbitsError as error:
-                raise CheckpointError(f"layer {name} of {directory}: {error}") from error
+        try:
+            module = _stored_module(layer["option"], shape, tensors, bias, embedding)
+        except MixbitsError as error:
+            raise CheckpointError(f"layer {name} of {directory}: {error}") from error
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, module)
+        built[name] = module
+    expected -= _tie_to_quantized(model, info["tied"], built, directory)
     _load_floats(model, expected, floats, info["tied"], directory)
     del quantized
     _return_freed_memory()
@@ -175,6 +181,51 @@ def load_quantized(directory: str | Path) -> LoadedModel:
     # The manifest holds every other file's hash, so its own hash identifies the checkpoint.
     return LoadedModel(model.eval(), tokenizer, f"{directory} ({source.get('name', 'unknown source')})",
                        sha256_file(directory / MANIFEST))
+
+
+def _stored_module(option: str, shape: tuple[int, int], tensors: dict[str, torch.Tensor], bias, embedding: bool):
+    """The runtime module of one stored layer: float (from its 16-bit weight) or computing from its codes."""
+    from ..runtime import QuantizedEmbedding, quantized_linear
+
+    if option == KEEP:
+        if "weight" not in tensors:
+            raise MixbitsError("no 16-bit weight is stored for it; write the checkpoint again")
+        weight = nn.Parameter(tensors["weight"].float(), requires_grad=False)
+        if embedding:
+            module = nn.Embedding(*shape, _weight=weight)
+            module.weight.requires_grad_(False)
+            return module
+        module = nn.Linear(shape[1], shape[0], bias=bias is not None)
+        module.weight = weight
+        if bias is not None:
+            module.bias = nn.Parameter(bias.float(), requires_grad=False)
+        return module
+    stored = restore(parse_format(option), shape, tensors)
+    return QuantizedEmbedding(stored) if embedding else quantized_linear(stored, bias)
+
+
+def _tie_to_quantized(model: nn.Module, tied: dict[str, str], built: dict[str, nn.Module], directory: Path) -> set[str]:
+    """A weight tied to a quantized embedding (the output head): its module computes from the same codes.
+
+    Returns the aliases so replaced (taken out of `tied`).
+    """
+    from ..runtime import QuantizedEmbedding, quantized_linear
+
+    replaced = set()
+    for alias, kept in list(tied.items()):
+        owner = built.get(kept.rpartition(".")[0])
+        if owner is None or not isinstance(owner, QuantizedEmbedding):
+            continue
+        module_name, _, attribute = alias.rpartition(".")
+        target = model.get_submodule(module_name) if module_name else None
+        if attribute != "weight" or not isinstance(target, nn.Linear) or target.bias is not None:
+            raise CheckpointError(f"{alias} in {directory} is tied to the quantized {kept} but is not a bias-free "
+                                  "Linear's weight; write the checkpoint again")
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, quantized_linear(owner.quantized()))
+        del tied[alias]
+        replaced.add(alias)
+    return replaced
 
 
 def layer_tensors(quantized: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -189,18 +240,25 @@ def checkpoint_info(directory: str | Path) -> dict:
 
 
 def _float_tensors(model: nn.Module, replaced: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every state-dict tensor not in `replaced`, each storage once; `tied` maps a duplicate name to the one kept."""
+    """Every state-dict tensor not in `replaced`, each storage once; `tied` maps a duplicate name to the one kept.
+
+    A tensor sharing its storage with a replaced one (a head tied to a stored embedding) is tied to it.
+    """
+    state = model.state_dict(keep_vars=False)
+
+    def key(tensor):
+        return tensor.data_ptr(), tensor.numel(), tuple(tensor.shape)
+
+    seen: dict[tuple[int, int, tuple], str] = {key(state[name]): name for name in replaced if name in state}
     floats: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple], str] = {}
-    for name, tensor in model.state_dict(keep_vars=False).items():
+    for name, tensor in state.items():
         if name in replaced:
             continue
-        key = (tensor.data_ptr(), tensor.numel(), tuple(tensor.shape))
-        if key in seen:
-            tied[name] = seen[key]
+        if key(tensor) in seen:
+            tied[name] = seen[key(tensor)]
             continue
-        seen[key] = name
+        seen[key(tensor)] = name
         floats[name] = tensor.detach().contiguous()
     return floats, tied
 
@@ -228,9 +286,9 @@ def _manifest(directory: Path) -> dict[str, dict]:
         raise CheckpointError(f"{directory} has no {MANIFEST}; it is not a complete mixbits checkpoint") from None
     except (ValueError, KeyError, TypeError, AssertionError):
         raise CheckpointError(f"{directory / MANIFEST} is not a valid manifest; write the checkpoint again") from None
-    if manifest.get("mixbits_checkpoint") != VERSION:
+    if manifest.get("mixbits_checkpoint") not in READABLE:
         raise CheckpointError(f"{directory} is a version {manifest.get('mixbits_checkpoint')!r} checkpoint; this mixbits "
-                              f"reads version {VERSION}: quantize again with this version")
+                              f"reads versions {' and '.join(map(str, READABLE))}: quantize again with this version")
     for name in (INFO, QUANTIZED, FLOAT, "config.json"):
         if name not in files:
             raise CheckpointError(f"{directory}'s manifest lists no {name}; write the checkpoint again")
@@ -250,9 +308,11 @@ def _checked_info(directory: Path) -> dict:
         if sha256_file(path) != entry.get("sha256"):
             raise CheckpointError(f"{path} does not match its sha256 in the manifest; the file is damaged, write the checkpoint again")
     info = json.loads((directory / INFO).read_text())
-    if info.get("mixbits_checkpoint") != VERSION:
-        raise CheckpointError(f"{directory / INFO} is version {info.get('mixbits_checkpoint')!r}, expected {VERSION}; "
-                              "quantize again with this version")
+    if info.get("mixbits_checkpoint") not in READABLE:
+        raise CheckpointError(f"{directory / INFO} is version {info.get('mixbits_checkpoint')!r}, this mixbits reads "
+                              f"{' and '.join(map(str, READABLE))}; quantize again with this version")
+    if not isinstance(info.get("outer", []), list):
+        raise CheckpointError(f"{directory / INFO} has a malformed list of outer layers; write the checkpoint again")
     return info
 
 

@@ -12,9 +12,12 @@ exactly the weights mixbits computed with:
     mxfp4                          MXFP4: E8M0 exponent, 16 bytes of E2M1 nibbles
     fp16 (kept)                    F16
 
-K-quants need rows that are whole 256-value super-blocks. Other tensors
-(embedding, norms) are written as float32, as the model holds them, or as
-Q8_0 where that holds them exactly (an embedding from a Q8_0 GGUF). q_proj
+K-quants need rows that are whole 256-value super-blocks. The embedding (an
+outer layer of the checkpoint) is written the same way, from its codes or
+its 16-bit values; a head tied to it is not written (llama.cpp reuses
+token_embd). Other tensors (norms; the embedding of a version 1 checkpoint)
+are written as float32, as the model holds them, or as Q8_0 where that
+holds them exactly (an embedding from a Q8_0 GGUF). q_proj
 and k_proj rows are permuted to GGML's rotary layout, as llama.cpp's
 converter does. The tokenizer's metadata is copied from the GGUF the model
 came from when that file is known, else converted from the Hugging Face
@@ -88,7 +91,7 @@ def export_gguf(directory: str | Path, out: str | Path, *, tokenizer_gguf: str |
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     if config.model_type != "llama":
         raise ExportError(f"GGUF export supports LLaMA models; this one is {config.model_type!r}")
-    layers = {layer["name"]: layer for layer in info["layers"]}
+    layers = {layer["name"]: layer for layer in info["layers"] + info.get("outer", [])}
     types = {name: ggml_type_name(layer["option"], tuple(layer["shape"])) for name, layer in layers.items()}
     quantized, floats = load_file(str(directory / QUANTIZED)), load_file(str(directory / FLOAT))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)

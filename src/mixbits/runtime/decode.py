@@ -128,7 +128,7 @@ class Decoder:
                 getattr(block.self_attn, "q_norm", None), getattr(block.self_attn, "k_norm", None), layer.o,
                 layer.post_norm.weight, stack_linears([layer.gate, layer.up]), block.mlp.down_proj))
         self.act = model.model.layers[0].mlp.act_fn
-        self.dtype = parts.embed.weight.dtype
+        self.dtype = parts.final_norm.weight.dtype  # the embedding may hold codes, not a float weight
         # The native block steps take float32, SiLU MLPs and no per-head q/k norms; otherwise PyTorch operators.
         native_kernels = native()
         plain = (self.dtype == torch.float32 and getattr(config, "hidden_act", None) == "silu"

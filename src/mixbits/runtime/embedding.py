@@ -1,0 +1,60 @@
+"""An input embedding that holds quantized rows and looks up only the rows it is asked for.
+
+Groups run along each row (the hidden dimension), so every token's row
+dequantizes on its own: a lookup decodes `len(ids)` rows, never the matrix.
+Formats whose parameters are per row or per group (not per tensor) qualify.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import MixbitsError
+from ..formats import Format, QuantizedTensor
+
+
+def check_lookup_format(fmt: Format) -> None:
+    """Refuse a format whose rows cannot be decoded on their own (per-tensor parameters)."""
+    if not QuantizedEmbedding.supports(fmt):
+        raise MixbitsError(f"an embedding in {fmt} cannot be looked up row by row; use groups or per-channel scales, "
+                           "e.g. q8_0, int8:ch:sym or int4:g64:asym")
+
+
+class QuantizedEmbedding(nn.Module):
+    """E[ids] decoded from codes [rows, groups, group] and per-row parameters."""
+
+    def __init__(self, quantized: QuantizedTensor):
+        super().__init__()
+        check_lookup_format(quantized.format)
+        self.format: Format = quantized.format
+        self.num_embeddings, self.embedding_dim = quantized.shape
+        self.register_buffer("codes", quantized.codes)
+        self.param_names = list(quantized.params)
+        for name, value in quantized.params.items():
+            self.register_buffer(f"param_{name}", value)
+
+    @staticmethod
+    def supports(fmt: Format) -> bool:
+        return fmt.granularity.kind in ("channel", "group")
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Float32 rows `ids` (any shape of indices) as [..., embedding_dim]."""
+        flat = ids.reshape(-1)
+        params = {}
+        for name in self.param_names:
+            value = getattr(self, f"param_{name}")
+            params[name] = value[flat] if value.shape[0] == self.num_embeddings else value
+        values = self.format.decode(self.codes[flat], params).reshape(len(flat), -1)[:, :self.embedding_dim]
+        return values.reshape(*ids.shape, self.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(ids)
+
+    def quantized(self) -> QuantizedTensor:
+        """The stored matrix (sharing this module's tensors), e.g. for an output head tied to it."""
+        params = {name: getattr(self, f"param_{name}") for name in self.param_names}
+        return QuantizedTensor(self.format, (self.num_embeddings, self.embedding_dim), self.codes, params)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.format}"
