@@ -43,7 +43,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             saved = save_quantized(model, report, Path(scratch) / "ckpt", tokenizer=loaded.tokenizer,
                                    source={"name": loaded.name, "sha256": loaded.sha256})
-            files = dict(saved.files)
+            files = {p.name: p.stat().st_size for p in sorted(saved.path.iterdir())}
             shutil.rmtree(saved.path)
         tensors = files["quantized.safetensors"] + files["float.safetensors"]
         result = evaluate_domains(model, domains, references, progress=False).as_dict()

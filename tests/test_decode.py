@@ -153,7 +153,7 @@ def test_unsupported_models_are_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=1, n_head=2, n_positions=32))
-    with pytest.raises(DecodeUnsupported, match="LLaMA-style"):
+    with pytest.raises(DecodeUnsupported, match="needs an architecture adapter"):
         Decoder(model)
     window = tiny("llama")
     window.config.sliding_window = 8

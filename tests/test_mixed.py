@@ -15,6 +15,7 @@ from mixbits.formats import parse_format
 from mixbits.measure import GroupSensitivity, KLMeter, LayerStats, OptionDamage, Sensitivity, layer_statistics, measure, proxy_damage
 from mixbits.menu import Choice, parse_menu, parse_pin
 from mixbits.mixes import allocated_plan, check_budget, heuristic_plan, uniform_plan
+from mixbits.models.llama import LLAMA
 from mixbits.plan import KEEP, PlanError
 from mixbits.solvers import solve, solve_many
 
@@ -209,7 +210,7 @@ def synthetic_sensitivity(blocks=16):
 def test_heuristic_mix_bumps_v_down_and_edge_blocks_within_budget():
     sensitivity, menu = synthetic_sensitivity()
     for bpw in (2.5, 3.0, 3.5, 4.5):
-        plan = heuristic_plan(sensitivity, menu, Budget(bpw))
+        plan = heuristic_plan(sensitivity, menu, Budget(bpw), bumped=LLAMA.bumped)
         assert plan.bits <= Budget(bpw).layer_bits(sensitivity.weights, 0)
         assert plan.bits_per_weight > bpw - 0.5  # it uses the budget
         bits = {l.name: parse_format(l.option).code_bits for l in plan.layers}
@@ -218,11 +219,11 @@ def test_heuristic_mix_bumps_v_down_and_edge_blocks_within_budget():
         assert bits[f"b.{middle}.self_attn.v_proj"] >= bits[f"b.{middle}.self_attn.o_proj"]
         assert bits["b.0.mlp.gate_proj"] >= bits[f"b.{middle}.mlp.gate_proj"]
         assert bits["b.15.self_attn.o_proj"] >= bits[f"b.{middle}.self_attn.o_proj"]
-    plan = heuristic_plan(sensitivity, menu, Budget(3.0))
+    plan = heuristic_plan(sensitivity, menu, Budget(3.0), bumped=LLAMA.bumped)
     bits = {l.name: parse_format(l.option).code_bits for l in plan.layers}
     assert bits["b.8.mlp.down_proj"] > bits["b.8.mlp.gate_proj"]  # the bump is real at a middle budget
     with pytest.raises(BudgetError):
-        heuristic_plan(sensitivity, menu, Budget(2.0))
+        heuristic_plan(sensitivity, menu, Budget(2.0), bumped=LLAMA.bumped)
 
 
 def test_quantize_applies_a_plan_layer_by_layer(measured):

@@ -11,7 +11,7 @@ from mixbits.calibrate import SequentialCalibration
 from mixbits.data import load_text, tokenize
 from mixbits.errors import TransformError
 from mixbits.formats import parse_format
-from mixbits.models.llama import decoder_parts
+from mixbits.models.adapter import adapter_for
 from mixbits.transforms.rotation import RotatedInput, rotate
 from mixbits.transforms.scaling import scale_layer
 
@@ -74,12 +74,30 @@ def test_rotation_keeps_the_default_model_equal_on_real_text():
 
 def test_unsupported_architecture_is_named():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(TransformError, match="rotation supports LLaMA-style decoders .*this model is gpt2"):
+    with pytest.raises(TransformError, match="rotation needs an architecture adapter; gpt2 has none .*llama"):
         rotate(model)
-    with pytest.raises(mixbits.MixbitsError, match="activation-aware scaling supports"):
+    with pytest.raises(mixbits.MixbitsError, match="activation-aware scaling needs an architecture adapter"):
         mixbits.quantize(model, "int4:g16:asym", awq=True, calibration=tokens())
-    with pytest.raises(mixbits.MixbitsError, match="rotation supports"):
+    with pytest.raises(mixbits.MixbitsError, match="rotation needs an architecture adapter"):
         mixbits.quantize(model, "int4:g16:asym", rotate=True)
+
+
+
+def test_a_family_without_adapter_still_quantizes_saves_and_loads(tmp_path):
+    """GPT-NeoX has no adapter: the generic path finds its blocks and Linears (fused query_key_value too)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from mixbits.io.checkpoint import load_quantized, save_quantized
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=64, max_position_embeddings=64)).eval()
+    report = mixbits.quantize(model, "int4:g16:asym", solver="gptq", calibration=tokens(), progress=False)
+    assert len(report.layers) == 2 * 4 and report.layers[0].name.endswith("query_key_value")
+    save_quantized(model, report, tmp_path / "ckpt")
+    ids = tokens(1, 12)
+    with torch.no_grad():
+        assert torch.allclose(load_quantized(tmp_path / "ckpt").model(ids).logits, model(ids).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])  # with grouped-query attention v -> o is not scalable
@@ -88,14 +106,14 @@ def test_awq_scaling_keeps_the_function_and_never_raises_the_error(kv_heads):
     x = tokens()
     with torch.no_grad():
         before = model(x).logits
-    decoder = decoder_parts(model, "test")
+    decoder = adapter_for(model).layout(model, "test")
     fmt = parse_format("int3:g16:asym")
     groups = []
     for index, block in enumerate(SequentialCalibration(model, x)):
         stages = block.stages()
         linears = [linear for stage in stages for linear in stage.linears]
         names = {linear: name for stage in stages for name, linear in zip(stage.names, stage.linears)}
-        groups += scale_layer(decoder.layers[index], block.stats(linears), fmt, names)
+        groups += scale_layer(decoder.blocks[index], block.stats(linears), fmt, names)
     with torch.no_grad():
         after = model(x).logits
     assert (after - before).abs().max() < 1e-4

@@ -57,7 +57,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="rtn: round to nearest, no data; gptq: error compensation from calibration data "
                         "(default: rtn for one --format, gptq for the options of a plan)")
     q.add_argument("--awq", action="store_true", help="activation-aware scaling searched on calibration data")
-    q.add_argument("--rotate", action="store_true", help="Hadamard rotation of the residual stream (LLaMA-style models)")
+    q.add_argument("--rotate", action="store_true", help="Hadamard rotation of the residual stream (llama, mistral, qwen2, qwen3, phi3, gemma)")
     q.add_argument("--online-hadamard", action="store_true", help="with --rotate, also rotate every down_proj input at run time")
     _add_calibration_args(q)
     mixed = q.add_argument_group("mixed precision (instead of --format)")

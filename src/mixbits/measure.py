@@ -42,7 +42,8 @@ from .errors import MixbitsError
 from .files import write_json
 from .menu import Choice, Pin, allowed, check_pins_match, group_choices, parse_menu
 from .models.loaded import LoadedModel
-from .models.structure import output_head, quantizable_linears, transformer_blocks
+from .models.adapter import adapter_for
+from .models.structure import quantizable_linears, transformer_blocks
 from .plan import option_bits
 from .solvers import GptqSettings, approximation, solve_many
 
@@ -135,12 +136,7 @@ class KLMeter:
 
     def __init__(self, model: nn.Module, windows: torch.Tensor):
         _, self.blocks = transformer_blocks(model)
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        self.norm = getattr(decoder, "norm", None)
-        found = output_head(model)
-        if found is None or self.norm is None:
-            raise MixbitsError("measuring KL needs a decoder with a final norm and a Linear output head; use --damage proxy")
-        self.head = found[1]
+        self.model, self.adapter = model, adapter_for(model)
         with torch.no_grad():
             first, self.calls = block_inputs(model, windows)
             self.inputs = [first]
@@ -150,7 +146,7 @@ class KLMeter:
             self.probs = torch.softmax(self.reference.double(), dim=-1)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(hidden)).float()
+        return self.adapter.logits(self.model, hidden).float()
 
     @torch.no_grad()
     def measure(self, block_index: int) -> float:

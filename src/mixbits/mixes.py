@@ -5,8 +5,10 @@
 - `uniform_plan`: one option everywhere.
 - `heuristic_plan`: what llama.cpp's quant mixes do, as the baseline a
   measured allocation must beat. The ladder has one rung per code width (the
-  smallest option of that width). Groups holding v_proj or down_proj get one
-  rung more, and so do groups in the first and last eighth of the blocks;
+  smallest option of that width). Groups holding the layers the
+  architecture's adapter names (`bumped`: v_proj and down_proj for llama, as
+  llama.cpp bumps attn_v and ffn_down) get one rung more, and so do groups in
+  the first and last eighth of the blocks;
   the base rung is the largest whose mix fits the budget, and the remaining
   bits raise groups one rung each in that priority order.
 """
@@ -20,9 +22,6 @@ from .measure import GroupSensitivity, Sensitivity, SensitivityError, other_para
 from .menu import Choice, Pin, check_pins_match, group_choices, pinned_choice
 from .models.structure import quantizable_linears
 from .plan import KEEP, LayerPlan, Plan, option_bits
-
-BUMPED_LAYERS = ("v_proj", "down_proj")
-
 
 def allocated_plan(sensitivity: Sensitivity, budget: Budget, damage: str = "kl", pins: list[Pin] = (),
                    menu: list[Choice] | None = None) -> Plan:
@@ -53,8 +52,9 @@ def uniform_plan(sensitivity: Sensitivity, choice: Choice, damage: str = "proxy"
     return _plan(sensitivity, {g.name: choice for g in sensitivity.groups}, damage, None)
 
 
-def heuristic_plan(sensitivity: Sensitivity, menu: list[Choice], budget: Budget, damage: str = "proxy") -> Plan:
-    """llama.cpp-style fixed mix at `budget` (see the module docstring)."""
+def heuristic_plan(sensitivity: Sensitivity, menu: list[Choice], budget: Budget, damage: str = "proxy",
+                   bumped: tuple[str, ...] = ()) -> Plan:
+    """llama.cpp-style fixed mix at `budget` (see the module docstring); `bumped`: the adapter's layer names."""
     groups = sensitivity.groups
 
     def size(choice: Choice) -> int:
@@ -73,7 +73,7 @@ def heuristic_plan(sensitivity: Sensitivity, menu: list[Choice], budget: Budget,
     limit = _budget_bits(sensitivity, budget)
     blocks = max(g.block for g in groups) + 1
     edge = max(1, blocks // 8)
-    extra = {g.name: int(any(layer.endswith(BUMPED_LAYERS) for layer in g.layers))
+    extra = {g.name: int(any(layer.endswith(tuple(bumped)) for layer in g.layers) if bumped else 0)
              + int(g.block < edge or g.block >= blocks - edge) for g in groups}
     top = len(ladder) - 1
 

@@ -37,7 +37,7 @@ from .calibrate import SequentialCalibration, calibration_data, input_stats
 from .errors import MixbitsError
 from .formats import Format, QuantizedTensor, parse_format
 from .memory import peak_bytes, reset_peak
-from .models.llama import decoder_parts
+from .models.adapter import adapter_for
 from .models.loaded import LoadedModel
 from .models.structure import output_head, quantizable_linears, untie_head
 from .plan import KEEP, LayerTotals, Plan, PlanError, option_bits
@@ -176,9 +176,9 @@ def quantize(
         include_head = True
     # Refuse unsupported architectures and short texts before changing anything.
     if rotate:
-        decoder_parts(module, "rotation")
+        adapter_for(module).layout(module, "rotation")
     if awq:
-        decoder_parts(module, "activation-aware scaling")
+        adapter_for(module).layout(module, "activation-aware scaling")
     solvers = {s for o, s in choices.values() if o != KEEP} or {"rtn"} if plan is not None else {solver}
     # A plan's damage was measured with calibration statistics (RTN's clip search on the output error too),
     # so plans always run calibrated.
@@ -227,20 +227,20 @@ def _plan_choices(plan: Plan, module: nn.Module, names: list[str]) -> dict[str, 
 def _quantize_calibrated(module: nn.Module, choices: dict[str, tuple[str, str]], windows, report: QuantizationReport,
                          include_head: bool, progress: bool) -> None:
     fmt = parse_format(report.format) if report.awq else None  # AWQ runs without a plan: one format
-    decoder = decoder_parts(module, "activation-aware scaling") if report.awq else None
+    decoder = adapter_for(module).layout(module, "activation-aware scaling") if report.awq else None
     sequence = SequentialCalibration(module, windows)
     for index, block in enumerate(tqdm(sequence, desc=f"{report.method} blocks", disable=not progress, leave=False)):
         stages = block.stages()
         if decoder is not None:
             linears = [linear for stage in stages for linear in stage.linears]
             names = {linear: name for stage in stages for name, linear in zip(stage.names, stage.linears)}
-            report.scaled += scale_layer(decoder.layers[index], block.stats(linears), fmt, names)
+            report.scaled += scale_layer(decoder.blocks[index], block.stats(linears), fmt, names)
         for stage in stages:
             stats = block.stats(stage.linears)
             _solve(stage.names, stage.linears, stats[stage.linears[0]].hessian, choices, report)
     if include_head:
         name, head = output_head(module)
-        norm = _final_norm(module)
+        norm = adapter_for(module).final_norm(module)
         _solve([name], [head], input_stats(norm(sequence.outputs)).hessian, choices, report)
 
 
@@ -291,12 +291,3 @@ def _quantize_outer(module: nn.Module, embedding_option: str, report: Quantizati
     counted = quantized_names | {layer.name for layer in report.outer}
     report.other_parameters = sum(p.numel() for n, p in module.named_parameters()
                                   if not (n.rpartition(".")[0] in counted and n.endswith(".weight")))
-
-
-def _final_norm(module: nn.Module) -> nn.Module:
-    """The norm between the last block and the output head (needed for the head's calibration)."""
-    decoder = module.get_decoder() if hasattr(module, "get_decoder") else None
-    norm = getattr(decoder, "norm", None)
-    if norm is None:
-        raise MixbitsError("calibrated quantization of the head needs a decoder with a final `norm`; quantize the head with rtn")
-    return norm

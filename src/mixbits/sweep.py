@@ -22,6 +22,7 @@ from .eval import Domain, ReferenceScores, evaluate_domains, reference_scores
 from .measure import Sensitivity
 from .menu import Choice, Pin
 from .mixes import allocated_plan, heuristic_plan, uniform_plan
+from .models.adapter import adapter_for
 from .models.loaded import LoadedModel
 from .plan import KEEP, Plan
 from .quantize import quantize
@@ -118,7 +119,8 @@ def sweep(
         if "allocated" in series:
             jobs.append(("allocated", f"{budget:g} bpw", budget, allocated_plan(sensitivity, Budget(budget), damage, pins, menu)))
         if "heuristic" in series:
-            jobs.append(("heuristic", f"{budget:g} bpw", budget, heuristic_plan(sensitivity, menu, Budget(budget), damage)))
+            jobs.append(("heuristic", f"{budget:g} bpw", budget, heuristic_plan(sensitivity, menu, Budget(budget), damage,
+                                                                             adapter_for(model.model).bumped)))
     if "uniform" in series:
         for choice in menu:
             if choice.option == KEEP:

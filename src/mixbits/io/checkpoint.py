@@ -166,7 +166,7 @@ def load_quantized(directory: str | Path) -> LoadedModel:
         bias = floats.pop(f"{name}.bias", None)
         tensors = layer_tensors(quantized, name)
         try:
-            module = _stored_module(layer["option"], shape, tensors, bias, embedding)
+            module = _stored_module(layer["option"], shape, tensors, bias, target if embedding else None)
         except MixbitsError as error:
             raise CheckpointError(f"layer {name} of {directory}: {error}") from error
         parent, _, child = name.rpartition(".")
@@ -183,25 +183,31 @@ def load_quantized(directory: str | Path) -> LoadedModel:
                        sha256_file(directory / MANIFEST))
 
 
-def _stored_module(option: str, shape: tuple[int, int], tensors: dict[str, torch.Tensor], bias, embedding: bool):
-    """The runtime module of one stored layer: float (from its 16-bit weight) or computing from its codes."""
+def _stored_module(option: str, shape: tuple[int, int], tensors: dict[str, torch.Tensor], bias,
+                   embedding: nn.Embedding | None):
+    """The runtime module of one stored layer: float (from its 16-bit weight) or computing from its codes.
+
+    An `embedding` (the model's own module) keeps its class with a float weight, so whatever its forward adds
+    (Gemma's sqrt(hidden) scale) stays; held as codes, its `embed_scale` goes with them.
+    """
     from ..runtime import QuantizedEmbedding, quantized_linear
 
     if option == KEEP:
         if "weight" not in tensors:
             raise MixbitsError("no 16-bit weight is stored for it; write the checkpoint again")
         weight = nn.Parameter(tensors["weight"].float(), requires_grad=False)
-        if embedding:
-            module = nn.Embedding(*shape, _weight=weight)
-            module.weight.requires_grad_(False)
-            return module
+        if embedding is not None:
+            embedding.weight = weight
+            return embedding
         module = nn.Linear(shape[1], shape[0], bias=bias is not None)
         module.weight = weight
         if bias is not None:
             module.bias = nn.Parameter(bias.float(), requires_grad=False)
         return module
     stored = restore(parse_format(option), shape, tensors)
-    return QuantizedEmbedding(stored) if embedding else quantized_linear(stored, bias)
+    if embedding is not None:
+        return QuantizedEmbedding(stored, getattr(embedding, "embed_scale", None))
+    return quantized_linear(stored, bias)
 
 
 def _tie_to_quantized(model: nn.Module, tied: dict[str, str], built: dict[str, nn.Module], directory: Path) -> set[str]:

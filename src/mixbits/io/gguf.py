@@ -17,9 +17,10 @@ outer layer of the checkpoint) is written the same way, from its codes or
 its 16-bit values; a head tied to it is not written (llama.cpp reuses
 token_embd). Other tensors (norms; the embedding of a version 1 checkpoint)
 are written as float32, as the model holds them, or as Q8_0 where that
-holds them exactly (an embedding from a Q8_0 GGUF). q_proj
-and k_proj rows are permuted to GGML's rotary layout, as llama.cpp's
-converter does. The tokenizer's metadata is copied from the GGUF the model
+holds them exactly (an embedding from a Q8_0 GGUF). Rows are
+permuted where GGML's layout differs (q_proj and k_proj's rotary pairs for
+llama), as llama.cpp's converter does; the adapter says where
+(`models.adapter`). The tokenizer's metadata is copied from the GGUF the model
 came from when that file is known, else converted from the Hugging Face
 tokenizer files in the checkpoint.
 """
@@ -36,6 +37,7 @@ import torch
 from ..errors import MixbitsError
 from ..formats import parse_format
 from ..hashing import sha256_file
+from ..models.adapter import adapter_for, exportable_types
 from ..packing import unpack
 from ..plan import KEEP
 from .checkpoint import FLOAT, QUANTIZED, checkpoint_info, layer_tensors
@@ -89,24 +91,28 @@ def export_gguf(directory: str | Path, out: str | Path, *, tokenizer_gguf: str |
     directory, out = Path(directory), Path(out)
     info = checkpoint_info(directory)
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    if config.model_type != "llama":
-        raise ExportError(f"GGUF export supports LLaMA models; this one is {config.model_type!r}")
+    adapter = adapter_for(config)
+    arch = adapter.gguf_architecture(config)
+    if arch is None:
+        raise ExportError(f"GGUF export has no writer for {config.model_type!r} models yet (it writes: "
+                          f"{', '.join(exportable_types())}); use the mixbits checkpoint")
     layers = {layer["name"]: layer for layer in info["layers"] + info.get("outer", [])}
     types = {name: ggml_type_name(layer["option"], tuple(layer["shape"])) for name, layer in layers.items()}
     quantized, floats = load_file(str(directory / QUANTIZED)), load_file(str(directory / FLOAT))
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
 
     temporary = out.with_name(out.name + f".tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(temporary), "llama")
+    writer = gguf.GGUFWriter(str(temporary), arch)
     try:
-        _add_metadata(writer, config, info, directory, tokenizer_gguf)
+        _add_metadata(writer, adapter, config, info, directory, tokenizer_gguf)
         for name, tensor in floats.items():
             if name in info["tied"] or name.rpartition(".")[0] in layers:
-                continue  # a tied copy (llama.cpp reuses token_embd), or a quantized layer's bias (none in LLaMA)
+                continue  # a tied copy (llama.cpp reuses token_embd), or a quantized layer's bias (none in llama)
             data, raw_type = _float_tensor(tensor)
             writer.add_tensor(_gguf_name(names, name), data, raw_dtype=raw_type)
         for name, layer in layers.items():
-            data, raw_type = _blocks(types[name], layer, layer_tensors(quantized, name), config)
+            order = adapter.row_permutation(name, layer["shape"][0], config)
+            data, raw_type = _blocks(types[name], layer, layer_tensors(quantized, name), order)
             writer.add_tensor(_gguf_name(names, name + ".weight"), data, raw_dtype=raw_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -141,31 +147,15 @@ def _gguf_name(names, name: str) -> str:
     base, _, suffix = name.rpartition(".")
     mapped = names.get_name(base)
     if mapped is None:
-        raise ExportError(f"no GGUF name for tensor {name}; only LLaMA's standard modules can be exported")
+        raise ExportError(f"no GGUF name for tensor {name}; only the architecture's standard modules can be exported")
     return f"{mapped}.{suffix}"
 
 
-def _row_permutation(layer: str, rows: int, config) -> torch.Tensor | None:
-    """GGML's row order of q_proj/k_proj (rotary pairs interleaved per head), as llama.cpp's converter permutes.
-
-    q/k are always stored layers (every block Linear is), so only layers need it.
-    """
-    if layer.endswith("self_attn.q_proj"):
-        heads = config.num_attention_heads
-    elif layer.endswith("self_attn.k_proj"):
-        heads = config.num_key_value_heads
-    else:
-        return None
-    index = torch.arange(rows)
-    return index.reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
-
-
-def _blocks(kind: str, layer: dict, stored: dict[str, torch.Tensor], config) -> tuple[np.ndarray, object]:
-    """GGML block bytes [rows, bytes per row] of one layer, and its GGML type."""
+def _blocks(kind: str, layer: dict, stored: dict[str, torch.Tensor], order: torch.Tensor | None) -> tuple[np.ndarray, object]:
+    """GGML block bytes [rows, bytes per row] of one layer (rows in `order` if given), and its GGML type."""
     import gguf
 
     rows, cols = layer["shape"]
-    order = _row_permutation(layer["name"], rows, config)
     if kind == "f16":
         weight = stored["weight"] if order is None else stored["weight"][order]
         return weight.numpy(), None
@@ -235,21 +225,12 @@ def _k_scales(scales: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, second, third], dim=-1).to(torch.uint8)
 
 
-def _add_metadata(writer, config, info: dict, directory: Path, tokenizer_gguf) -> None:
+def _add_metadata(writer, adapter, config, info: dict, directory: Path, tokenizer_gguf) -> None:
     import gguf
 
     source = info.get("source") or {}
     writer.add_name(str(source.get("name") or directory.name))
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    adapter.gguf_metadata(writer, config)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     reference = Path(tokenizer_gguf) if tokenizer_gguf else _source_gguf(source)
     if reference is not None:

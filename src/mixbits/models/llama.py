@@ -1,69 +1,79 @@
-"""The parts of a LLaMA-style decoder that weight transforms rewrite.
+"""The adapter for LLaMA-style decoders: llama, mistral, qwen2, qwen3.
 
-Rotation and activation-aware scaling fold factors into neighbouring weights,
-so they must know which operation feeds which Linear. LLaMA-style decoders
-(llama, mistral, qwen2, qwen3: RMSNorm before attention and MLP, q/k/v/o and
-gate/up/down projections) share one layout; other architectures get an error
-naming what is supported rather than a silent skip.
+One layout: RMSNorm before attention (q/k/v, then o) and before the MLP
+(gate/up, then down), SiLU-gated MLP, rotary attention with grouped-query
+heads; qwen3 adds per-head RMSNorms on queries and keys, mistral and qwen2
+may set a sliding window. GGUF export writes llama only (llama.cpp's llama
+architecture, q/k rows in its rotary order).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import torch
 from torch import nn
 
 from ..errors import TransformError
-
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-
-
-@dataclass
-class DecoderLayer:
-    input_norm: nn.Module
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
-    o: nn.Linear
-    post_norm: nn.Module
-    gate: nn.Linear
-    up: nn.Linear
-    down: nn.Linear  # the Linear itself, also when wrapped by an input rotation
-    mlp: nn.Module
+from .adapter import Adapter, BlockLayout, Layout, register
 
 
-@dataclass
-class Decoder:
-    embed: nn.Embedding
-    layers: list[DecoderLayer]
-    final_norm: nn.Module
-    head: nn.Linear
+class LlamaAdapter(Adapter):
+    name = "llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    gguf_model_types = ("llama",)
+    bumped = ("v_proj", "down_proj")  # llama.cpp's mixes give attn_v and ffn_down more bits
+
+    def layout(self, model: nn.Module, purpose: str) -> Layout:
+        unsupported = TransformError(f"{purpose} found this {model.config.model_type} model's modules not laid out as "
+                                     "LLaMA's (model.layers[i].self_attn.q_proj, ..., RMSNorms); run without it")
+        try:
+            inner = model.model
+            blocks = [
+                BlockLayout(
+                    layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+                    layer.self_attn.o_proj, layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj],
+                    getattr(layer.mlp.down_proj, "linear", layer.mlp.down_proj), layer.mlp,
+                    v=layer.self_attn.v_proj, up=layer.mlp.up_proj,
+                    q_norm=getattr(layer.self_attn, "q_norm", None), k_norm=getattr(layer.self_attn, "k_norm", None),
+                )
+                for layer in inner.layers
+            ]
+            attention = inner.layers[0].self_attn
+            config = model.config
+            facts = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+                     "head_dim": attention.head_dim, "scaling": attention.scaling,
+                     "sliding_window": getattr(config, "sliding_window", None), "eps": inner.norm.variance_epsilon,
+                     "rope": lambda x, positions, index, rotary=inner.rotary_emb: rotary(x, positions)}
+            layout = Layout(inner.embed_tokens, blocks, inner.norm, model.lm_head,
+                            getattr(config, "hidden_act", "silu"), facts)
+        except AttributeError:
+            raise unsupported from None
+        norms = [layout.final_norm] + [n for b in blocks for n in (b.input_norm, b.post_norm)]
+        if not all(type(n).__name__.endswith("RMSNorm") for n in norms):
+            raise unsupported
+        return layout
+
+    def row_permutation(self, layer: str, rows: int, config) -> torch.Tensor | None:
+        """GGML's row order of q_proj/k_proj (rotary pairs interleaved per head), as llama.cpp's converter permutes."""
+        if layer.endswith("self_attn.q_proj"):
+            heads = config.num_attention_heads
+        elif layer.endswith("self_attn.k_proj"):
+            heads = config.num_key_value_heads
+        else:
+            return None
+        index = torch.arange(rows)
+        return index.reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
+
+    def gguf_metadata(self, writer, config) -> None:
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+        writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_vocab_size(config.vocab_size)
 
 
-def decoder_parts(model: nn.Module, purpose: str) -> Decoder:
-    """The LLaMA-style parts of `model`, or a TransformError saying `purpose` needs one."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    unsupported = TransformError(
-        f"{purpose} supports LLaMA-style decoders ({', '.join(SUPPORTED)}); this model is "
-        f"{model_type or type(model).__name__}; quantize without it"
-    )
-    if model_type not in SUPPORTED:
-        raise unsupported
-    try:
-        inner = model.model
-        layers = [
-            DecoderLayer(
-                layer.input_layernorm, layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                layer.self_attn.o_proj, layer.post_attention_layernorm, layer.mlp.gate_proj, layer.mlp.up_proj,
-                getattr(layer.mlp.down_proj, "linear", layer.mlp.down_proj), layer.mlp,
-            )
-            for layer in inner.layers
-        ]
-        decoder = Decoder(inner.embed_tokens, layers, inner.norm, model.lm_head)
-    except AttributeError:
-        raise unsupported from None
-    norms = [decoder.final_norm] + [n for layer in layers for n in (layer.input_norm, layer.post_norm)]
-    if not all(type(n).__name__.endswith("RMSNorm") for n in norms):
-        raise unsupported
-    return decoder
+LLAMA = register(LlamaAdapter())

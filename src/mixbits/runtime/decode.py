@@ -1,4 +1,4 @@
-"""Batch-1 generation for LLaMA-style decoders: a lean decode step over the model's own weights.
+"""Batch-1 generation for decoders whose adapter gives a layout: a lean decode step over the model's own weights.
 
 A decode step of the transformers model runs several hundred small operators
 plus Python dispatch (cache objects, mask building, attention interfaces); on
@@ -20,7 +20,7 @@ per block:
 
 Logits equal the transformers forward up to float summation order, and greedy
 tokens equal `model.generate`'s (tests/test_decode.py). Models it cannot run
-(other architectures, sliding windows shorter than the generation) raise
+(no adapter layout, sliding windows shorter than the generation) raise
 DecodeUnsupported; `mixbits generate` then falls back to `model.generate`.
 """
 
@@ -34,9 +34,12 @@ from torch.nn import functional as F
 from torch.nn.utils import skip_init
 
 from ..errors import MixbitsError, TransformError
-from ..models.llama import decoder_parts
+from ..models.adapter import adapter_for
 from .kernels import native
 from .linear import KERNEL_ROWS, IntLinear, stack_rows
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
 
 
 class DecodeUnsupported(MixbitsError):
@@ -53,6 +56,8 @@ class Block:
     post_norm: torch.Tensor
     gate_up: nn.Module
     down: nn.Module  # as the block calls it: an online input rotation (RotatedInput) included
+    post_attention_norm: torch.Tensor | None = None  # norm weights on attention's and the MLP's outputs (Gemma)
+    post_mlp_norm: torch.Tensor | None = None
     # the same four products as plain functions, for decode steps (see `matvec`)
     qkv_step: object = field(init=False, repr=False)
     o_step: object = field(init=False, repr=False)
@@ -101,44 +106,60 @@ def matvec(module: nn.Module):
 
 
 class Decoder:
-    """Greedy or sampled generation, one sequence at a time, for a LLaMA-style causal LM."""
+    """Greedy or sampled generation, one sequence at a time, for a causal LM with an adapter layout."""
 
     def __init__(self, model: nn.Module):
         try:
-            parts = decoder_parts(model, "the fast decoder")
+            parts = adapter_for(model).layout(model, "the fast decoder")
         except TransformError as error:
             raise DecodeUnsupported(str(error)) from None
-        config = model.config
-        attention = model.model.layers[0].self_attn
-        self.head_dim = attention.head_dim
-        self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
-        self.scaling = attention.scaling
-        self.sliding_window = getattr(config, "sliding_window", None)
+        facts = parts.facts
+        if facts.get("rotary_fraction", 1.0) != 1.0:
+            raise DecodeUnsupported(f"the fast decoder rotates whole heads; this model rotates "
+                                    f"{facts['rotary_fraction']:g} of each; use model.generate")
+        self.head_dim, self.heads, self.kv_heads = facts["head_dim"], facts["heads"], facts["kv_heads"]
+        self.scaling, self.sliding_window, self.eps = facts["scaling"], facts["sliding_window"], facts["eps"]
+        self.rope = facts["rope"]
+        self.attention_softcap, self.logit_softcap = facts.get("attention_softcap"), facts.get("logit_softcap")
         self.embed = parts.embed
-        self.rotary = model.model.rotary_emb
-        self.final_norm = parts.final_norm
+        self.final_norm = parts.final_norm.weight + parts.norm_offset  # what RMSNorm scales by
         self.head = parts.head
         self.head_step = matvec(parts.head)
-        self.eps = parts.final_norm.variance_epsilon
         self.blocks = []
-        for layer, block in zip(parts.layers, model.model.layers):
+        for layer in parts.blocks:
+            def weight(norm, offset=layer.norm_offset):
+                return None if norm is None else norm.weight + offset
             self.blocks.append(Block(
-                layer.input_norm.weight, stack_linears([layer.q, layer.k, layer.v]),
-                getattr(block.self_attn, "q_norm", None), getattr(block.self_attn, "k_norm", None), layer.o,
-                layer.post_norm.weight, stack_linears([layer.gate, layer.up]), block.mlp.down_proj))
-        self.act = model.model.layers[0].mlp.act_fn
+                weight(layer.input_norm), stack_linears(layer.attention_in), layer.q_norm, layer.k_norm, layer.o,
+                weight(layer.post_norm), stack_linears(layer.mlp_in), layer.down_call,
+                weight(layer.post_attention_norm), weight(layer.post_mlp_norm)))
+        self.act = ACTIVATIONS.get(parts.activation)
+        if self.act is None:
+            raise DecodeUnsupported(f"the fast decoder has no {parts.activation!r} activation; use model.generate")
         self.dtype = parts.final_norm.weight.dtype  # the embedding may hold codes, not a float weight
-        # The native block steps take float32, SiLU MLPs and no per-head q/k norms; otherwise PyTorch operators.
+        # The native block steps take float32, SiLU MLPs, LLaMA's blocks (no per-head q/k norms, no norms on
+        # block outputs) and no softcapping; otherwise PyTorch operators.
         native_kernels = native()
-        plain = (self.dtype == torch.float32 and getattr(config, "hidden_act", None) == "silu"
-                 and all(b.q_norm is None for b in self.blocks))
+        plain = (self.dtype == torch.float32 and parts.activation == "silu" and not parts.sandwich
+                 and all(b.q_norm is None for b in self.blocks) and self.attention_softcap is None)
         self.native = native_kernels if plain else None
 
-    def _rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each block's rotary cos and sin for positions 0..length-1 ([length, head_dim] each).
+
+        Blocks with equal tables share one pair (all of a LLaMA's; Gemma 3 has two), so a step slices each once.
+        """
         positions = torch.arange(length).unsqueeze(0)
-        cos, sin = self.rotary(torch.empty(1, dtype=self.dtype), positions)
-        return cos[0], sin[0]  # [length, head_dim]
+        tables: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.rope_of_block = []
+        for index in range(len(self.blocks)):
+            cos, sin = self.rope(torch.empty(1, dtype=self.dtype), positions, index)
+            same = next((i for i, (c, s) in enumerate(tables) if torch.equal(c, cos[0]) and torch.equal(s, sin[0])), None)
+            if same is None:
+                tables.append((cos[0], sin[0]))
+                same = len(tables) - 1
+            self.rope_of_block.append(same)
+        return [c for c, _ in tables], [s for _, s in tables]
 
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
@@ -196,7 +217,7 @@ class Decoder:
     def _forward(self, ids, start, cos, sin, keys, values, every_position=False) -> torch.Tensor:
         n = ids.numel()
         end = start + n
-        cos, sin = cos[start:end], sin[start:end]
+        cos, sin = [c[start:end] for c in cos], [s[start:end] for s in sin]
         mask = None
         if n > 1 and self.native is None:  # causal over the cached prefix and the new tokens
             mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
@@ -205,22 +226,28 @@ class Decoder:
         for index, block in enumerate(self.blocks):
             qkv = (block.qkv_step if step else block.qkv)(self._norm(h, block.input_norm))
             if self.native is not None:
-                attended = self.native.attend(qkv, cos, sin, keys[index], values[index], start, self.heads,
-                                              self.kv_heads, self.scaling)
+                table = self.rope_of_block[index]
+                attended = self.native.attend(qkv, cos[table], sin[table], keys[index], values[index], start,
+                                              self.heads, self.kv_heads, self.scaling)
             else:
-                attended = self._attend(block, qkv, cos, sin, keys[index], values[index], start, mask)
-            h = h + (block.o_step if step else block.o)(attended)
+                table = self.rope_of_block[index]
+                attended = self._attend(block, qkv, cos[table], sin[table], keys[index], values[index], start, mask)
+            out = (block.o_step if step else block.o)(attended)
+            h = h + (out if block.post_attention_norm is None else self._norm(out, block.post_attention_norm))
             gate_up = (block.gate_up_step if step else block.gate_up)(self._norm(h, block.post_norm))
             if self.native is not None:
                 activated = self.native.silu_mul(gate_up)
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
                 activated = self.act(gate) * up
-            h = h + (block.down_step if step else block.down)(activated)
+            out = (block.down_step if step else block.down)(activated)
+            h = h + (out if block.post_mlp_norm is None else self._norm(out, block.post_mlp_norm))
         if not every_position:
             h = h[-1:]
-        h = self._norm(h, self.final_norm.weight)
+        h = self._norm(h, self.final_norm)
         logits = (self.head_step if h.shape[0] <= KERNEL_ROWS else self.head)(h)
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits if every_position else logits[0]
 
     def _attend(self, block, qkv, cos, sin, keys, values, start, mask) -> torch.Tensor:
@@ -235,7 +262,16 @@ class Decoder:
         qk = qk * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
         keys[:, start:end] = qk[:, self.heads:].transpose(0, 1)
         values[:, start:end] = qkv[:, q_size + kv_size:].reshape(n, self.kv_heads, self.head_dim).transpose(0, 1)
-        attended = F.scaled_dot_product_attention(
-            qk[:, :self.heads].transpose(0, 1).unsqueeze(0), keys[:, :end].unsqueeze(0), values[:, :end].unsqueeze(0),
-            attn_mask=mask, scale=self.scaling, enable_gqa=True)
-        return attended[0].transpose(0, 1).reshape(n, q_size)
+        query, key, value = qk[:, :self.heads].transpose(0, 1), keys[:, :end], values[:, :end]
+        if self.attention_softcap is None:
+            attended = F.scaled_dot_product_attention(query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0),
+                                                      attn_mask=mask, scale=self.scaling, enable_gqa=True)[0]
+        else:  # scores capped by tanh before the softmax (Gemma 2): written out, SDPA has no softcap
+            group = self.heads // self.kv_heads
+            key, value = key.repeat_interleave(group, 0), value.repeat_interleave(group, 0)
+            scores = query @ key.transpose(1, 2) * self.scaling
+            scores = torch.tanh(scores / self.attention_softcap) * self.attention_softcap
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            attended = torch.softmax(scores.float(), dim=-1).to(value.dtype) @ value
+        return attended.transpose(0, 1).reshape(n, q_size)

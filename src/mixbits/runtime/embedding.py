@@ -22,11 +22,14 @@ def check_lookup_format(fmt: Format) -> None:
 
 
 class QuantizedEmbedding(nn.Module):
-    """E[ids] decoded from codes [rows, groups, group] and per-row parameters."""
+    """E[ids] decoded from codes [rows, groups, group] and per-row parameters, times `scale` if given."""
 
-    def __init__(self, quantized: QuantizedTensor):
+    def __init__(self, quantized: QuantizedTensor, scale: torch.Tensor | None = None):
         super().__init__()
         check_lookup_format(quantized.format)
+        # A factor the model's own embedding applies in its forward (Gemma: sqrt(hidden)); not stored, rebuilt from
+        # the config like the model's.
+        self.register_buffer("embed_scale", None if scale is None else torch.as_tensor(scale).float(), persistent=False)
         self.format: Format = quantized.format
         self.num_embeddings, self.embedding_dim = quantized.shape
         self.register_buffer("codes", quantized.codes)
@@ -49,7 +52,8 @@ class QuantizedEmbedding(nn.Module):
         return values.reshape(*ids.shape, self.embedding_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.rows(ids)
+        rows = self.rows(ids)
+        return rows if self.embed_scale is None else rows * self.embed_scale
 
     def quantized(self) -> QuantizedTensor:
         """The stored matrix (sharing this module's tensors), e.g. for an output head tied to it."""

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.llama import Decoder, decoder_parts
+from ..errors import TransformError
+from ..models.adapter import Layout, adapter_for
 from ..models.structure import untie_head
 from .hadamard import hadamard_transform, rotation_matrix
 
@@ -51,8 +52,11 @@ class Rotation:
 
 @torch.no_grad()
 def rotate(model: nn.Module, online_down: bool = False, seed: int = 0) -> Rotation:
-    """Rotate `model` in place (LLaMA-style decoders only); its outputs stay equal up to rounding."""
-    decoder = decoder_parts(model, "rotation")
+    """Rotate `model` in place (families whose adapter has a layout); its outputs stay equal up to rounding."""
+    decoder = adapter_for(model).layout(model, "rotation")
+    if decoder.sandwich:
+        raise TransformError(f"rotation cannot pass the norms {model.config.model_type} applies to attention and MLP "
+                             "outputs before the residual add; quantize without --rotate")
     untie_head(model)
     _fold_norms(decoder)
     hidden = decoder.embed.weight.shape[1]
@@ -62,33 +66,34 @@ def rotate(model: nn.Module, online_down: bool = False, seed: int = 0) -> Rotati
 
     _right(decoder.embed, q)
     _right(decoder.head, q)
-    for layer in decoder.layers:
-        for linear in (layer.q, layer.k, layer.v, layer.gate, layer.up):
+    for block in decoder.blocks:
+        for linear in block.attention_in + block.mlp_in:
             _right(linear, q)
-        for linear in (layer.o, layer.down):
+        for linear in (block.o, block.down):
             _left(linear, q)
     down_kind = None
     if online_down:
-        for layer in decoder.layers:
-            if isinstance(layer.mlp.down_proj, RotatedInput):
+        for block in decoder.blocks:
+            if isinstance(block.down_call, RotatedInput):
                 continue
-            width = layer.down.weight.shape[1]
+            width = block.down.weight.shape[1]
             rotation, down_kind = rotation_matrix(width, seed)
-            _right(layer.down, rotation.double())  # W x = (W R)(R^T x), and x @ R is R^T x per token
-            layer.mlp.down_proj = RotatedInput(layer.down, seed)
+            _right(block.down, rotation.double())  # W x = (W R)(R^T x), and x @ R is R^T x per token
+            setattr(block.mlp, block.down_attribute, RotatedInput(block.down, seed))
     return Rotation(kind, down_kind)
 
 
-def _fold_norms(decoder: Decoder) -> None:
+def _fold_norms(decoder: Layout) -> None:
     """Fold each RMSNorm's weight into the Linears it feeds; the norm's weight becomes 1."""
-    pairs = [(decoder.final_norm, [decoder.head])]
-    for layer in decoder.layers:
-        pairs += [(layer.input_norm, [layer.q, layer.k, layer.v]), (layer.post_norm, [layer.gate, layer.up])]
-    for norm, linears in pairs:
-        gamma = norm.weight.double()
+    pairs = [(decoder.final_norm, [decoder.head], decoder.norm_offset)]
+    for block in decoder.blocks:
+        pairs += [(block.input_norm, block.attention_in, block.norm_offset),
+                  (block.post_norm, block.mlp_in, block.norm_offset)]
+    for norm, linears, offset in pairs:  # the norm scales by offset + weight (Gemma's 1 + w)
+        gamma = norm.weight.double() + offset
         for linear in linears:
             linear.weight.copy_((linear.weight.double() * gamma[None, :]).to(linear.weight.dtype))
-        norm.weight.fill_(1.0)
+        norm.weight.fill_(1.0 - offset)
 
 
 def _right(module: nn.Module, q: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..calibrate import InputStats
 from ..formats import Format
-from ..models.llama import DecoderLayer
+from ..models.adapter import BlockLayout
 
 ALPHAS = tuple(i / 20 for i in range(20))  # 0, 0.05, ..., 0.95
 
@@ -40,22 +40,22 @@ class ScaledGroup:
 
 @torch.no_grad()
 def scale_layer(
-    layer: DecoderLayer, stats: dict[nn.Linear, InputStats], fmt: Format, names: dict[nn.Linear, str]
+    layer: BlockLayout, stats: dict[nn.Linear, InputStats], fmt: Format, names: dict[nn.Linear, str]
 ) -> list[ScaledGroup]:
-    """Search and fold scales for every scalable input of one decoder layer, in place."""
-    groups: list[tuple[nn.Module, list[nn.Linear]]] = [
-        (layer.input_norm, [layer.q, layer.k, layer.v]),
-        (layer.post_norm, [layer.gate, layer.up]),
+    """Search and fold scales for every scalable input of one decoder block, in place."""
+    groups: list[tuple[nn.Module, list[nn.Linear], float]] = [
+        (layer.input_norm, layer.attention_in, layer.norm_offset),
+        (layer.post_norm, layer.mlp_in, layer.norm_offset),
     ]
-    if layer.mlp.down_proj is layer.down:  # an online rotation between up and down blocks folding
-        groups.append((layer.up, [layer.down]))
-    if layer.v.out_features == layer.o.in_features:
-        groups.append((layer.v, [layer.o]))
+    if layer.up is not None and layer.down_call is layer.down:  # an online rotation between up and down blocks folding
+        groups.append((layer.up, [layer.down], 0.0))
+    if layer.v is not None and layer.v.out_features == layer.o.in_features:
+        groups.append((layer.v, [layer.o], 0.0))
     found = []
-    for producer, linears in groups:
+    for producer, linears, offset in groups:
         scales, group = search_scales([linear.weight for linear in linears], stats[linears[0]], fmt)
         group.linears = [names[linear] for linear in linears]
-        fold_scales(producer, linears, scales)
+        fold_scales(producer, linears, scales, offset)
         found.append(group)
     return found
 
@@ -81,11 +81,15 @@ def search_scales(weights: list[torch.Tensor], stats: InputStats, fmt: Format) -
     return scales, ScaledGroup([], alpha, unscaled, error)
 
 
-def fold_scales(producer: nn.Module, linears: list[nn.Linear], scales: torch.Tensor) -> None:
-    """Linears' input columns times s, the producer's output (norm weight or Linear rows) divided by s."""
+def fold_scales(producer: nn.Module, linears: list[nn.Linear], scales: torch.Tensor, offset: float = 0.0) -> None:
+    """Linears' input columns times s, the producer's output (norm weight or Linear rows) divided by s.
+
+    A norm that scales by (offset + weight) gets offset + weight divided by s.
+    """
     for linear in linears:
         linear.weight.mul_(scales.to(linear.weight.dtype)[None, :])
-    producer.weight.div_(scales.to(producer.weight.dtype).reshape(-1, *[1] * (producer.weight.dim() - 1)))
+    weight = producer.weight
+    weight.copy_((weight + offset) / scales.to(weight.dtype).reshape(-1, *[1] * (weight.dim() - 1)) - offset)
     bias = getattr(producer, "bias", None)
     if bias is not None:
         bias.div_(scales.to(bias.dtype))

@@ -1,0 +1,83 @@
+"""The adapter for Gemma decoders: gemma, gemma2, gemma3 (text).
+
+What differs from LLaMA's layout:
+
+- RMSNorms scale by (1 + w), not w (`norm_offset` 1): AWQ folds its 1/s
+  into (1 + w), rotation folds (1 + w) into the Linears and leaves w = 0;
+- the embedding is multiplied by sqrt(hidden) in its own forward (the
+  embedding module keeps doing so, also when it holds codes);
+- gemma2 and gemma3 add a norm after attention and after the MLP, before
+  each residual add ("sandwich" norms): a rotation of the residual stream
+  cannot pass through them, so it is refused;
+- gemma2 caps attention scores and the final logits with tanh softcapping;
+  gemma3 has per-head q/k norms and its own rotary base for sliding-window
+  layers (each block's rotary comes from the model's rotary module with the
+  block's layer type);
+- sliding-window and global attention layers alternate (`layer_types`).
+
+GELU (tanh) MLPs, gated like LLaMA's. No GGUF writer yet.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import TransformError
+from .adapter import Adapter, BlockLayout, Layout, register
+
+
+class GemmaAdapter(Adapter):
+    name = "gemma"
+    model_types = ("gemma", "gemma2", "gemma3_text")
+    bumped = ("v_proj", "down_proj")
+
+    def layout(self, model: nn.Module, purpose: str) -> Layout:
+        config = model.config
+        sandwich = config.model_type != "gemma"
+        try:
+            inner = model.model
+            blocks = []
+            for layer in inner.layers:
+                attention, mlp = layer.self_attn, layer.mlp
+                blocks.append(BlockLayout(
+                    layer.input_layernorm, [attention.q_proj, attention.k_proj, attention.v_proj], attention.o_proj,
+                    layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm,
+                    [mlp.gate_proj, mlp.up_proj], getattr(mlp.down_proj, "linear", mlp.down_proj), mlp,
+                    v=attention.v_proj, up=mlp.up_proj, q_norm=getattr(attention, "q_norm", None),
+                    k_norm=getattr(attention, "k_norm", None), norm_offset=1.0,
+                    post_attention_norm=layer.post_attention_layernorm if sandwich else None,
+                    post_mlp_norm=layer.post_feedforward_layernorm if sandwich else None))
+            first = inner.layers[0].self_attn
+            types = getattr(config, "layer_types", None)
+            rotary = inner.rotary_emb
+            if config.model_type == "gemma3_text":
+                def rope(x, positions, index, rotary=rotary, types=types):
+                    return rotary(x, positions, types[index])
+            else:
+                def rope(x, positions, index, rotary=rotary):
+                    return rotary(x, positions)
+            window = getattr(config, "sliding_window", None)
+            facts = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+                     "head_dim": first.head_dim, "scaling": first.scaling,
+                     "sliding_window": window if types is None or "sliding_attention" in types else None,
+                     "eps": inner.norm.eps, "rope": rope,
+                     "attention_softcap": getattr(config, "attn_logit_softcapping", None),
+                     "logit_softcap": getattr(config, "final_logit_softcapping", None)}
+        except AttributeError:
+            raise TransformError(f"{purpose} found this {config.model_type} model's modules not laid out as Gemma's; "
+                                 "run without it") from None
+        activation = getattr(config, "hidden_activation", None) or config.hidden_act
+        return Layout(inner.embed_tokens, blocks, inner.norm, model.lm_head, activation, facts, norm_offset=1.0,
+                      sandwich=sandwich)
+
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        logits = model.lm_head(model.model.norm(hidden))
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.norm
+
+
+GEMMA = register(GemmaAdapter())

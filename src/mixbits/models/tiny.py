@@ -1,0 +1,42 @@
+"""Tiny random models of each supported family, built from its transformers config.
+
+No model hub is reachable here, so every family mixbits has an adapter for
+is exercised on a two-block model of its real architecture with random
+weights (norm weights randomised too, so folding them matters). Used by the
+tests and by `bench/architectures.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+COMMON = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128)
+FAMILIES = {  # model_type: (config class, model class, settings beyond COMMON)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 64}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 64,
+                                                     "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 64}),
+}
+
+
+def tiny_model(family: str, seed: int = 0, **settings) -> nn.Module:
+    """A two-block random model of `family` (a key of FAMILIES), in eval mode."""
+    import transformers
+
+    config_name, model_name, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**{**COMMON, **extra, **settings})
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # uneven norm weights about their identity (Gemma's norms scale by 1 + w, from w = 0)
+        centre = 0.0 if family.startswith("gemma") else 1.0
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_(torch.rand_like(parameter) - 0.5 + centre)
+    return model
