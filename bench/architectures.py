@@ -1,6 +1,7 @@
 """Which features run on which architecture: a tiny random model of every family, each feature tried.
 
-For each family with an adapter, and GPT-NeoX and GPT-2, which have none,
+For each family with an adapter (mixture-of-experts ones with four experts,
+two per token), and GPT-NeoX and GPT-2, which have none,
 the script builds a two-block model from its transformers config
 (`models.tiny`) and runs: GPTQ int4 with a quantized embedding, save and
 load (the loaded logits must equal the fake-quantized model's); AWQ (scales
@@ -26,7 +27,7 @@ import mixbits
 from mixbits.errors import MixbitsError
 from mixbits.io.checkpoint import load_quantized, save_quantized
 from mixbits.models.adapter import adapter_for
-from mixbits.models.tiny import FAMILIES, tiny_model
+from mixbits.models.tiny import FAMILIES, MOE_FAMILIES, tiny_model
 from mixbits.record import provenance
 from mixbits.report import format_table
 
@@ -126,7 +127,7 @@ def gpt2():
 
 
 def main() -> None:
-    builders = {family: (lambda f=family: tiny_model(f)) for family in FAMILIES}
+    builders = {family: (lambda f=family: tiny_model(f)) for family in {**FAMILIES, **MOE_FAMILIES}}
     builders["gpt_neox (no adapter)"] = gpt_neox
     builders["gpt2 (no adapter)"] = gpt2
     rows, results = [], []

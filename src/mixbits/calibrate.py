@@ -62,6 +62,11 @@ class _Accumulator:
         return InputStats((self.gram / self.tokens).float(), (self.abs_sum / self.tokens).float(), self.abs_max, self.tokens)
 
 
+def _no_tokens(linear: nn.Linear) -> InputStats:
+    channels = linear.in_features
+    return InputStats(torch.zeros(channels, channels), torch.zeros(channels), torch.zeros(channels), 0)
+
+
 class _StopBlock(Exception):
     """Raised by a hook once the Linears of interest have run: the rest of the block is skipped."""
 
@@ -154,13 +159,17 @@ class BlockCalibration:
             else:
                 stages.append(Stage([names[module]], [module]))
             last_input = x
+        called = {linear for stage in stages for linear in stage.linears}
+        # Linears the first window did not reach (experts its tokens were not routed to), each on its own, last.
+        stages += [Stage([name], [module]) for module, name in names.items() if module not in called]
         return stages
 
     def stats(self, linears: list[nn.Linear]) -> dict[nn.Linear, InputStats]:
         """Input statistics of `linears` under the block's current weights.
 
         Each Linear's input is accumulated once even when several share it;
-        the block stops after the last of them has run.
+        the block stops after the last of them has run. A Linear no window
+        reaches (an expert nothing is routed to) gets statistics of 0 tokens.
         """
         accumulators: dict[nn.Linear, _Accumulator] = {}
         remaining: set[nn.Linear] = set()
@@ -188,7 +197,7 @@ class BlockCalibration:
         finally:
             for handle in handles:
                 handle.remove()
-        return {linear: accumulators[linear].stats() for linear in linears}
+        return {linear: accumulators[linear].stats() if linear in accumulators else _no_tokens(linear) for linear in linears}
 
     def outputs(self) -> torch.Tensor:
         return run_block(self.block, self.inputs, self.kwargs)

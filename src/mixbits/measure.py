@@ -369,6 +369,7 @@ def measure(
     windows, spec = calibration_data(model, calibration, calibration_windows, calibration_len)
     identity = {"name": model.name, "sha256": model.sha256} if isinstance(model, LoadedModel) else {}
     model = model.model if isinstance(model, LoadedModel) else model
+    adapter_for(model).prepare(model)
     linears = quantizable_linears(model)
     modules = dict(linears)
     check_pins_match(list(pins), [name for name, _ in linears])

@@ -24,6 +24,7 @@ the quantized blocks' (and a quantized head's) measure.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,10 @@ from .plan import KEEP, LayerTotals, Plan, PlanError, option_bits
 from .solvers import GptqSettings, approximation, round_to_nearest, solve_many
 from .transforms.rotation import rotate as rotate_model
 from .transforms.scaling import ScaledGroup, scale_layer
+
+# A layer whose calibration input is fewer tokens than this (an expert the router hardly chose) is rounded to nearest:
+# a Hessian of rank < 32 describes its inputs too poorly for GPTQ to trust. A choice, not a measured optimum.
+MIN_ROUTED_TOKENS = 32
 
 
 @dataclass
@@ -75,6 +80,7 @@ class QuantizationReport(LayerTotals):
     # Codes and parameters of every quantized layer by name (None: kept in 16 bits), for saving.
     tensors: dict[str, QuantizedTensor | None] = field(default_factory=dict, repr=False)
     outer: list[LayerReport] = field(default_factory=list)  # embedding and a float head, stored apart from `layers`
+    rounded_for_lack_of_tokens: list[str] = field(default_factory=list)  # calibrated layers rounded to nearest instead
     other_parameters: int = 0  # parameters in neither (norms, biases), stored in float32
 
     @property
@@ -110,6 +116,7 @@ class QuantizationReport(LayerTotals):
             "seconds": self.seconds,
             "peak_memory_bytes": self.peak_memory_bytes,
             "awq_scales": [asdict(group) for group in self.scaled],
+            "rounded_for_lack_of_tokens": self.rounded_for_lack_of_tokens,
         }
 
 
@@ -157,6 +164,7 @@ def quantize(
     if plan is not None and (awq or rotate):
         raise MixbitsError("plans are measured on the model as it is: --awq and --rotate do not combine with a plan yet")
     module = model.model if isinstance(model, LoadedModel) else model
+    adapter_for(module).prepare(module)  # stacked experts become Linears (same function)
     head = None
     if head_format is not None:
         head = output_head(module)
@@ -236,8 +244,19 @@ def _quantize_calibrated(module: nn.Module, choices: dict[str, tuple[str, str]],
             names = {linear: name for stage in stages for name, linear in zip(stage.names, stage.linears)}
             report.scaled += scale_layer(decoder.blocks[index], block.stats(linears), fmt, names)
         for stage in stages:
-            stats = block.stats(stage.linears)
-            _solve(stage.names, stage.linears, stats[stage.linears[0]].hessian, choices, report)
+            stats = block.stats(stage.linears)[stage.linears[0]]
+            routed = stats.tokens < block.inputs.shape[0] * block.inputs.shape[1]  # not every token: an expert
+            if routed and stats.tokens < MIN_ROUTED_TOKENS:  # one the router hardly chose: no Hessian worth trusting
+                rounded = {name: (choices[name][0], "rtn") for name in stage.names}
+                _solve(stage.names, stage.linears, None, rounded, report)
+                report.rounded_for_lack_of_tokens += stage.names
+                continue
+            _solve(stage.names, stage.linears, stats.hessian, choices, report)
+    if report.rounded_for_lack_of_tokens:
+        warnings.warn(f"{len(report.rounded_for_lack_of_tokens)} layers saw fewer than {MIN_ROUTED_TOKENS} calibration "
+                      f"tokens (experts the router hardly chose) and were rounded to nearest instead: "
+                      f"{', '.join(report.rounded_for_lack_of_tokens[:8])}"
+                      + (", ..." if len(report.rounded_for_lack_of_tokens) > 8 else ""), stacklevel=3)
     if include_head:
         name, head = output_head(module)
         norm = adapter_for(module).final_norm(module)

@@ -36,6 +36,7 @@ from ..errors import MixbitsError, ModelLoadError
 from ..formats import parse_format
 from ..formats.storage import restore, store, stored_bytes
 from ..hashing import sha256_file
+from ..models.adapter import adapter_for
 from ..models.loaded import LoadedModel
 from ..plan import KEEP
 
@@ -330,9 +331,11 @@ def _empty_model(directory: Path) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         with no_init_weights():
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as error:
         raise CheckpointError(f"cannot build the model of {directory / 'config.json'}: {error}") from error
+    adapter_for(model).prepare(model)  # the layers as they were saved (stacked experts as Linears)
+    return model
 
 
 def _load_floats(model: nn.Module, expected: set[str], floats: dict[str, torch.Tensor], tied: dict[str, str],

@@ -11,6 +11,8 @@ An adapter, registered by the Hugging Face `model_type`s it serves, declares
 - `logits`: the output distribution from the last block's output (final
   norm, head, and whatever the family adds), for KL measurement;
 - `bumped`: the layers llama.cpp-style mixes give one step more;
+- `prepare`: turns weights a family stores otherwise (stacked MoE experts)
+  into ordinary nn.Linears, in place, keeping the function;
 - GGUF: the architecture, metadata and row order llama.cpp expects
   (`gguf_architecture` None: no export).
 
@@ -76,6 +78,10 @@ class Adapter:
     model_types: tuple[str, ...] = ()
     gguf_model_types: tuple[str, ...] = ()  # those GGUF export writes (as llama.cpp's architecture of that name)
     bumped: tuple[str, ...] = ()
+
+    def prepare(self, model: nn.Module) -> None:
+        """Make the model's weights ordinary layers where the family stores them otherwise (in place, same
+        function); idempotent. Called on loading and before quantizing."""
 
     def layout(self, model: nn.Module, purpose: str) -> Layout:
         raise TransformError(f"{purpose} needs an architecture adapter; {model_type(model) or type(model).__name__} "
@@ -143,4 +149,4 @@ def exportable_types() -> list[str]:
 
 
 def _register_families() -> None:
-    from . import gemma, llama, phi3  # noqa: F401  (each registers its adapter on import)
+    from . import gemma, llama, moe, phi3  # noqa: F401  (each registers its adapter on import)

@@ -25,6 +25,7 @@ from ..cache import cache_root
 from ..data import bos_token_id
 from ..errors import ModelLoadError
 from ..hashing import sha256_file, sha256_files, sha256_state_dict
+from .adapter import adapter_for
 from .loaded import LoadedModel
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -44,7 +45,9 @@ def load_model(source: str | Path | nn.Module | LoadedModel | None = None, *, to
     if isinstance(source, LoadedModel):
         return source
     if isinstance(source, nn.Module):
-        return LoadedModel(source.eval(), tokenizer, type(source).__name__, sha256_state_dict(source))
+        loaded = LoadedModel(source.eval(), tokenizer, type(source).__name__, sha256_state_dict(source))
+        adapter_for(source).prepare(source)
+        return loaded
     path = default_gguf_path() if source is None else Path(source)
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist; give a Hugging Face model directory or a .gguf file")
@@ -55,6 +58,7 @@ def load_model(source: str | Path | nn.Module | LoadedModel | None = None, *, to
     if path.is_dir():
         loaded = _load_hf_dir(path, name=str(path))
         loaded.sha256 = sha256_files(_weight_files(path))
+        adapter_for(loaded.model).prepare(loaded.model)
         return loaded
     if not os.access(path, os.R_OK):
         raise ModelLoadError(f"cannot read {path}; check its permissions")
@@ -63,7 +67,9 @@ def load_model(source: str | Path | nn.Module | LoadedModel | None = None, *, to
     if not is_gguf:
         raise ModelLoadError(f"{path} is not a GGUF file (no GGUF header); give a complete .gguf file or a model directory")
     name = DEFAULT_MODEL_NAME if source is None else str(path)
-    return _load_gguf(path, name)
+    loaded = _load_gguf(path, name)
+    adapter_for(loaded.model).prepare(loaded.model)
+    return loaded
 
 
 def default_gguf_path() -> Path:

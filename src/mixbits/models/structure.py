@@ -1,7 +1,7 @@
 """Which modules of a model get quantized.
 
-The transformer blocks are the largest `nn.ModuleList` in the model; every
-`nn.Linear` inside them is quantizable. Embeddings and the output head stay
+The transformer blocks are the largest `nn.ModuleList` of non-Linear modules
+holding Linears; every `nn.Linear` inside them is quantizable. Embeddings and the output head stay
 outside unless asked for.
 """
 
@@ -13,10 +13,14 @@ from ..errors import MixbitsError
 
 
 def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The name and module of the model's repeated blocks."""
+    """The name and module of the model's repeated blocks.
+
+    The largest list of modules that are not themselves Linears but hold some: a list of bare Linears (one per
+    expert of a mixture-of-experts block) can be longer than the list of blocks, and is not it.
+    """
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and any(
+        if isinstance(module, nn.ModuleList) and not any(isinstance(block, nn.Linear) for block in module) and any(
             isinstance(m, nn.Linear) for block in module for m in block.modules()
         ):
             if best is None or len(module) > len(best[1]):

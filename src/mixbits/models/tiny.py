@@ -24,13 +24,21 @@ FAMILIES = {  # model_type: (config class, model class, settings beyond COMMON)
                                                      "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 64}),
 }
+MOE_FAMILIES = {  # mixture-of-experts: four experts, two per token
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                                             "moe_intermediate_size": 48}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,
+                                                            "moe_intermediate_size": 48,
+                                                            "shared_expert_intermediate_size": 64}),
+}
 
 
 def tiny_model(family: str, seed: int = 0, **settings) -> nn.Module:
-    """A two-block random model of `family` (a key of FAMILIES), in eval mode."""
+    """A two-block random model of `family` (a key of FAMILIES or MOE_FAMILIES), in eval mode."""
     import transformers
 
-    config_name, model_name, extra = FAMILIES[family]
+    config_name, model_name, extra = {**FAMILIES, **MOE_FAMILIES}[family]
     torch.manual_seed(seed)
     config = getattr(transformers, config_name)(**{**COMMON, **extra, **settings})
     model = getattr(transformers, model_name)(config).eval()
