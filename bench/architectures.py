@@ -59,17 +59,11 @@ def quantize_save_load(model, scratch: Path) -> str:
 
 
 def awq(model, scratch: Path) -> str:
-    from mixbits.calibrate import SequentialCalibration
     from mixbits.formats import parse_format
-    from mixbits.transforms.scaling import scale_layer
+    from mixbits.transforms.scaling import scale_model
 
     before = logits(model)
-    layout = adapter_for(model).layout(model, "activation-aware scaling")
-    for index, block in enumerate(SequentialCalibration(model, CALIBRATION)):
-        stages = block.stages()
-        linears = [linear for stage in stages for linear in stage.linears]
-        names = {linear: name for stage in stages for name, linear in zip(stage.names, stage.linears)}
-        scale_layer(layout.blocks[index], block.stats(linears), parse_format("int3:g16:asym"), names)
+    scale_model(model, CALIBRATION, parse_format("int3:g16:asym"))
     return check((logits(model) - before).abs().max() < 1e-4, "logits moved")
 
 

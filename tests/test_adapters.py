@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import mixbits
-from mixbits.calibrate import SequentialCalibration
 from mixbits.errors import TransformError
 from mixbits.formats import parse_format
 from mixbits.io.checkpoint import load_quantized, save_quantized
@@ -17,7 +16,7 @@ from mixbits.models.adapter import GENERIC, adapter_for
 from mixbits.models.tiny import FAMILIES, tiny_model
 from mixbits.runtime.decode import Decoder
 from mixbits.transforms.rotation import rotate
-from mixbits.transforms.scaling import scale_layer
+from mixbits.transforms.scaling import scale_model
 
 ROTATES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"}
 PROMPT = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(3))
@@ -51,14 +50,7 @@ def test_saved_checkpoint_computes_the_fake_quantized_logits(tmp_path, family):
 def test_awq_scales_fold_without_changing_the_function(family):
     model = tiny_model(family)
     before = logits(model)
-    layout = adapter_for(model).layout(model, "test")
-    fmt = parse_format("int3:g16:asym")
-    groups = []
-    for index, block in enumerate(SequentialCalibration(model, CALIBRATION)):
-        stages = block.stages()
-        linears = [linear for stage in stages for linear in stage.linears]
-        names = {linear: name for stage in stages for name, linear in zip(stage.names, stage.linears)}
-        groups += scale_layer(layout.blocks[index], block.stats(linears), fmt, names)
+    groups = scale_model(model, CALIBRATION, parse_format("int3:g16:asym"))
     assert any(g.alpha > 0 for g in groups)
     assert (logits(model) - before).abs().max() < 1e-4
 

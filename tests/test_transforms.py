@@ -7,13 +7,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import mixbits
-from mixbits.calibrate import SequentialCalibration
 from mixbits.data import load_text, tokenize
 from mixbits.errors import TransformError
 from mixbits.formats import parse_format
-from mixbits.models.adapter import adapter_for
 from mixbits.transforms.rotation import RotatedInput, rotate
-from mixbits.transforms.scaling import scale_layer
+from mixbits.transforms.scaling import scale_model
 
 
 def tiny_llama(kv_heads=4, layers=2):
@@ -106,14 +104,7 @@ def test_awq_scaling_keeps_the_function_and_never_raises_the_error(kv_heads):
     x = tokens()
     with torch.no_grad():
         before = model(x).logits
-    decoder = adapter_for(model).layout(model, "test")
-    fmt = parse_format("int3:g16:asym")
-    groups = []
-    for index, block in enumerate(SequentialCalibration(model, x)):
-        stages = block.stages()
-        linears = [linear for stage in stages for linear in stage.linears]
-        names = {linear: name for stage in stages for name, linear in zip(stage.names, stage.linears)}
-        groups += scale_layer(decoder.blocks[index], block.stats(linears), fmt, names)
+    groups = scale_model(model, x, parse_format("int3:g16:asym"))
     with torch.no_grad():
         after = model(x).logits
     assert (after - before).abs().max() < 1e-4

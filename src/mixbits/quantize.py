@@ -44,7 +44,7 @@ from .models.structure import output_head, quantizable_linears, untie_head
 from .plan import KEEP, LayerTotals, Plan, PlanError, option_bits
 from .solvers import GptqSettings, approximation, round_to_nearest, solve_many
 from .transforms.rotation import rotate as rotate_model
-from .transforms.scaling import ScaledGroup, scale_layer
+from .transforms.scaling import ScaledGroup, scale_block
 
 # A layer whose calibration input is fewer tokens than this (an expert the router hardly chose) is rounded to nearest:
 # a Hessian of rank < 32 describes its inputs too poorly for GPTQ to trust. A choice, not a measured optimum.
@@ -240,9 +240,7 @@ def _quantize_calibrated(module: nn.Module, choices: dict[str, tuple[str, str]],
     for index, block in enumerate(tqdm(sequence, desc=f"{report.method} blocks", disable=not progress, leave=False)):
         stages = block.stages()
         if decoder is not None:
-            linears = [linear for stage in stages for linear in stage.linears]
-            names = {linear: name for stage in stages for name, linear in zip(stage.names, stage.linears)}
-            report.scaled += scale_layer(decoder.blocks[index], block.stats(linears), fmt, names)
+            report.scaled += scale_block(decoder.blocks[index], block, fmt, stages)
         for stage in stages:
             stats = block.stats(stage.linears)[stage.linears[0]]
             routed = stats.tokens < block.inputs.shape[0] * block.inputs.shape[1]  # not every token: an expert

@@ -71,6 +71,18 @@ class Layout:
     sandwich: bool = False  # norms between attention / MLP outputs and the residual add: no rotation through them
 
 
+def attention_facts(config, attention: nn.Module, eps: float, rope, **more) -> dict:
+    """`Layout.facts` from the config and the first block's attention module; `more` adds or overrides."""
+    return {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+            "head_dim": attention.head_dim, "scaling": attention.scaling,
+            "sliding_window": getattr(config, "sliding_window", None), "eps": eps, "rope": rope, **more}
+
+
+def shared_rope(rotary: nn.Module):
+    """A `rope` for models whose blocks share one rotary module: (x, positions, block index) -> (cos, sin)."""
+    return lambda x, positions, index: rotary(x, positions)
+
+
 class Adapter:
     """The generic fallback: nothing beyond the structure every model has."""
 

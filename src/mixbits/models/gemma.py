@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import TransformError
-from .adapter import Adapter, BlockLayout, Layout, register
+from .adapter import Adapter, BlockLayout, Layout, attention_facts, register, shared_rope
 
 
 class GemmaAdapter(Adapter):
@@ -55,15 +55,12 @@ class GemmaAdapter(Adapter):
                 def rope(x, positions, index, rotary=rotary, types=types):
                     return rotary(x, positions, types[index])
             else:
-                def rope(x, positions, index, rotary=rotary):
-                    return rotary(x, positions)
+                rope = shared_rope(rotary)
             window = getattr(config, "sliding_window", None)
-            facts = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-                     "head_dim": first.head_dim, "scaling": first.scaling,
-                     "sliding_window": window if types is None or "sliding_attention" in types else None,
-                     "eps": inner.norm.eps, "rope": rope,
-                     "attention_softcap": getattr(config, "attn_logit_softcapping", None),
-                     "logit_softcap": getattr(config, "final_logit_softcapping", None)}
+            facts = attention_facts(config, first, inner.norm.eps, rope,
+                                    sliding_window=window if types is None or "sliding_attention" in types else None,
+                                    attention_softcap=getattr(config, "attn_logit_softcapping", None),
+                                    logit_softcap=getattr(config, "final_logit_softcapping", None))
         except AttributeError:
             raise TransformError(f"{purpose} found this {config.model_type} model's modules not laid out as Gemma's; "
                                  "run without it") from None

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import TransformError
-from .adapter import Adapter, BlockLayout, Layout, register
+from .adapter import Adapter, BlockLayout, Layout, attention_facts, register, shared_rope
 
 
 class LlamaAdapter(Adapter):
@@ -39,10 +39,7 @@ class LlamaAdapter(Adapter):
             ]
             attention = inner.layers[0].self_attn
             config = model.config
-            facts = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-                     "head_dim": attention.head_dim, "scaling": attention.scaling,
-                     "sliding_window": getattr(config, "sliding_window", None), "eps": inner.norm.variance_epsilon,
-                     "rope": lambda x, positions, index, rotary=inner.rotary_emb: rotary(x, positions)}
+            facts = attention_facts(config, attention, inner.norm.variance_epsilon, shared_rope(inner.rotary_emb))
             layout = Layout(inner.embed_tokens, blocks, inner.norm, model.lm_head,
                             getattr(config, "hidden_act", "silu"), facts)
         except AttributeError:

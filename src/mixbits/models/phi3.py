@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import TransformError
-from .adapter import Adapter, BlockLayout, Layout, register
+from .adapter import Adapter, BlockLayout, Layout, attention_facts, register, shared_rope
 
 
 class Phi3Adapter(Adapter):
@@ -29,11 +29,9 @@ class Phi3Adapter(Adapter):
                                   getattr(layer.mlp.down_proj, "linear", layer.mlp.down_proj), layer.mlp)
                       for layer in inner.layers]
             attention = inner.layers[0].self_attn
-            facts = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-                     "head_dim": attention.head_dim, "scaling": attention.scaling,
-                     "sliding_window": getattr(config, "sliding_window", None), "eps": inner.norm.variance_epsilon,
-                     "rope": lambda x, positions, index, rotary=inner.rotary_emb: rotary(x, positions),
-                     "rotary_fraction": (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)}
+            fraction = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+            facts = attention_facts(config, attention, inner.norm.variance_epsilon, shared_rope(inner.rotary_emb),
+                                    rotary_fraction=fraction)
         except AttributeError:
             raise TransformError(f"{purpose} found this phi3 model's modules not laid out as Phi-3's; run without it") from None
         return Layout(inner.embed_tokens, blocks, inner.norm, model.lm_head, config.hidden_act, facts)

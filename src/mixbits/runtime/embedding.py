@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import MixbitsError
 from ..formats import Format, QuantizedTensor
+from .linear import held_params, hold_codes
 
 
 def check_lookup_format(fmt: Format) -> None:
@@ -30,12 +31,8 @@ class QuantizedEmbedding(nn.Module):
         # A factor the model's own embedding applies in its forward (Gemma: sqrt(hidden)); not stored, rebuilt from
         # the config like the model's.
         self.register_buffer("embed_scale", None if scale is None else torch.as_tensor(scale).float(), persistent=False)
-        self.format: Format = quantized.format
+        hold_codes(self, quantized)
         self.num_embeddings, self.embedding_dim = quantized.shape
-        self.register_buffer("codes", quantized.codes)
-        self.param_names = list(quantized.params)
-        for name, value in quantized.params.items():
-            self.register_buffer(f"param_{name}", value)
 
     @staticmethod
     def supports(fmt: Format) -> bool:
@@ -44,10 +41,8 @@ class QuantizedEmbedding(nn.Module):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 rows `ids` (any shape of indices) as [..., embedding_dim]."""
         flat = ids.reshape(-1)
-        params = {}
-        for name in self.param_names:
-            value = getattr(self, f"param_{name}")
-            params[name] = value[flat] if value.shape[0] == self.num_embeddings else value
+        params = {name: value[flat] if value.shape[0] == self.num_embeddings else value
+                  for name, value in held_params(self).items()}
         values = self.format.decode(self.codes[flat], params).reshape(len(flat), -1)[:, :self.embedding_dim]
         return values.reshape(*ids.shape, self.embedding_dim)
 
@@ -57,8 +52,7 @@ class QuantizedEmbedding(nn.Module):
 
     def quantized(self) -> QuantizedTensor:
         """The stored matrix (sharing this module's tensors), e.g. for an output head tied to it."""
-        params = {name: getattr(self, f"param_{name}") for name in self.param_names}
-        return QuantizedTensor(self.format, (self.num_embeddings, self.embedding_dim), self.codes, params)
+        return QuantizedTensor(self.format, (self.num_embeddings, self.embedding_dim), self.codes, held_params(self))
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.format}"

@@ -30,22 +30,31 @@ RUN = 32  # the kernel's step along the inputs: inputs and groups must be multip
 KERNEL_ROWS = 8
 
 
+def hold_codes(module: nn.Module, quantized: QuantizedTensor) -> None:
+    """Give `module` the stored matrix as buffers: its format, `codes` and one `param_NAME` per parameter."""
+    module.format = quantized.format
+    module.register_buffer("codes", quantized.codes)
+    module.param_names = list(quantized.params)
+    for name, value in quantized.params.items():
+        module.register_buffer(f"param_{name}", value)
+
+
+def held_params(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters `hold_codes` gave `module`, by name."""
+    return {name: getattr(module, f"param_{name}") for name in module.param_names}
+
+
 class DequantLinear(nn.Module):
     """y = x Wᵀ + b with W dequantized from codes and parameters at every call."""
 
     def __init__(self, quantized: QuantizedTensor, bias: torch.Tensor | None):
         super().__init__()
-        self.format: Format = quantized.format
+        hold_codes(self, quantized)
         self.out_features, self.in_features = quantized.shape
-        self.register_buffer("codes", quantized.codes)
-        self.param_names = list(quantized.params)
-        for name, value in quantized.params.items():
-            self.register_buffer(f"param_{name}", value)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
     def weight_values(self) -> torch.Tensor:
-        params = {name: getattr(self, f"param_{name}") for name in self.param_names}
-        return ungroup(self.format.decode(self.codes, params), (self.out_features, self.in_features))
+        return ungroup(self.format.decode(self.codes, held_params(self)), (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_values().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calibrate import InputStats
+from ..calibrate import BlockCalibration, InputStats, SequentialCalibration, Stage
 from ..formats import Format
-from ..models.adapter import BlockLayout
+from ..models.adapter import BlockLayout, adapter_for
 
 ALPHAS = tuple(i / 20 for i in range(20))  # 0, 0.05, ..., 0.95
 
@@ -58,6 +58,23 @@ def scale_layer(
         fold_scales(producer, linears, scales, offset)
         found.append(group)
     return found
+
+
+def scale_block(layer: BlockLayout, block: BlockCalibration, fmt: Format,
+                stages: list[Stage] | None = None) -> list[ScaledGroup]:
+    """`scale_layer` on one calibrated block, its statistics taken from the block's stages."""
+    stages = block.stages() if stages is None else stages
+    linears = [linear for stage in stages for linear in stage.linears]
+    names = {linear: name for stage in stages for name, linear in zip(stage.names, stage.linears)}
+    return scale_layer(layer, block.stats(linears), fmt, names)
+
+
+@torch.no_grad()
+def scale_model(model: nn.Module, windows: torch.Tensor, fmt: Format) -> list[ScaledGroup]:
+    """Search and fold AWQ scales block by block over calibration `windows` (no quantization); in place."""
+    layout = adapter_for(model).layout(model, "activation-aware scaling")
+    return [group for index, block in enumerate(SequentialCalibration(model, windows))
+            for group in scale_block(layout.blocks[index], block, fmt)]
 
 
 def search_scales(weights: list[torch.Tensor], stats: InputStats, fmt: Format) -> tuple[torch.Tensor, ScaledGroup]:
