@@ -53,6 +53,24 @@ def test_missing_model_path(tmp_path, capsys):
     assert "does not exist" in refused(capsys, "eval", "--model", str(tmp_path / "missing"))
 
 
+def test_every_model_argument_is_checked_before_a_model_loads(tmp_path, capsys, monkeypatch):
+    import mixbits.models
+
+    def slow(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(mixbits.models, "load_model", slow)
+    (tmp_path / "notes.txt").write_text("not a model")
+    missing, text = str(tmp_path / "missing"), str(tmp_path / "notes.txt")
+    assert "does not exist" in refused(capsys, "eval", "--reference", missing)
+    assert "not a GGUF file" in refused(capsys, "eval", "--reference", text)
+    assert "not a GGUF file" in refused(capsys, "quantize", "--model", text, "--no-eval")
+    assert "does not exist" in refused(capsys, "plan", "--bpw", "3", "--out", str(tmp_path / "p.json"), "--model", missing)
+    assert "does not exist" in refused(capsys, "generate", missing, "--prompt", "hello")
+    assert "does not exist" in refused(capsys, "sweep", "--bpw", "3", "--out", str(tmp_path / "s"), "--model", missing)
+    assert not (tmp_path / "p.json").exists() and not (tmp_path / "s").exists()
+
+
 def test_corrupt_gguf_writes_nothing(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)

@@ -159,3 +159,29 @@ def test_unsupported_models_are_refused():
     window.config.sliding_window = 8
     with pytest.raises(DecodeUnsupported, match="sliding window"):
         Decoder(window).generate(torch.arange(6), 4)
+
+
+def test_generate_falls_back_to_transformers_where_the_decoder_cannot_run():
+    """mixbits.generate: the decoder's tokens where it runs, transformers' greedy tokens (and a note) where not."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mixbits import generate
+
+    model = tiny("llama")
+    ids = torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(1))
+    expected = reference(model, ids, 8)[1][12:]
+    notes = []
+    tokens, runtime = generate(model, ids.unsqueeze(0), 8, note=notes.append)
+    assert runtime == "mixbits decoder" and torch.equal(tokens, expected) and notes == []
+    forced, runtime = generate(model, ids, 8, transformers=True, note=notes.append)
+    assert runtime == "transformers generate" and torch.equal(forced, expected) and notes == []
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=1, n_head=2, n_positions=32)).eval()
+    short = torch.arange(5)
+    with torch.no_grad():
+        expected = gpt2.generate(short.unsqueeze(0), attention_mask=torch.ones(1, 5, dtype=torch.long),
+                                 max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)[0, 5:]
+    tokens, runtime = generate(gpt2, short, 6, note=notes.append)
+    assert runtime == "transformers generate" and torch.equal(tokens, expected)
+    assert len(notes) == 1 and "needs an architecture adapter" in notes[0]

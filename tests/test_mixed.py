@@ -264,3 +264,32 @@ def test_plans_for_another_model_are_refused(measured):
         mixbits.quantize(copy.deepcopy(float_model), plan=plan, calibration=windows(), progress=False)
     with pytest.raises(MixbitsError, match="do not combine with a plan"):
         mixbits.quantize(copy.deepcopy(float_model), plan=plan, awq=True, progress=False)
+
+
+def test_plan_for_budget_measures_once_then_reuses_and_extends_its_file(tmp_path, monkeypatch):
+    import mixbits.planning
+
+    model, path = tiny_llama(), tmp_path / "sensitivity.json"
+    settings = dict(calibration=windows(), kl_windows=2, kl_len=16, fisher_windows=2, progress=False)
+    menu = parse_menu("int2:g16:asym@rtn,int4:g16:asym@rtn")
+    plan, _ = mixbits.plan_for_budget(model, Budget(3.5), menu, sensitivity=path, **settings)
+    direct = allocated_plan(measure(model, menu, **settings), Budget(3.5), "kl", menu=menu)
+    assert [(l.name, l.option) for l in plan.layers] == [(l.name, l.option) for l in direct.layers]
+    assert Sensitivity.load(path).missing(menu) == []
+
+    asked = []
+    real = mixbits.planning.measure
+    monkeypatch.setattr(mixbits.planning, "measure", lambda model, options, **kw: asked.append(options) or real(model, options, **kw))
+    again, _ = mixbits.plan_for_budget(model, Budget(3.5), menu, sensitivity=path, **settings)
+    assert asked == [] and [l.option for l in again.layers] == [l.option for l in plan.layers]
+    wider = parse_menu("int2:g16:asym@rtn,int3:g16:asym@rtn,int4:g16:asym@rtn")
+    mixbits.plan_for_budget(model, Budget(3.5), wider, sensitivity=path, **settings)
+    assert asked == [[Choice("int3:g16:asym", "rtn")]] and Sensitivity.load(path).missing(wider) == []
+
+    # Other token windows of the same shape are other calibration: the file is refused, not reused.
+    with pytest.raises(MixbitsError, match="measure again"):
+        mixbits.plan_for_budget(model, Budget(3.5), menu, sensitivity=path, **{**settings, "calibration": (windows() + 1) % 64})
+    # An impossible budget is refused before anything is measured.
+    with pytest.raises(BudgetError):
+        mixbits.plan_for_budget(model, Budget(1.0), menu, sensitivity=tmp_path / "other.json", **settings)
+    assert len(asked) == 1 and not (tmp_path / "other.json").exists()

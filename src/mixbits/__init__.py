@@ -8,9 +8,8 @@
 
 Mixed precision to a budget:
 
-    sensitivity = mixbits.measure(loaded)             # damage of every option on every layer group
-    plan = mixbits.allocated_plan(sensitivity, mixbits.Budget(3.0))
-    plan.save("plan.json")
+    plan, sensitivity = mixbits.plan_for_budget(loaded, mixbits.Budget(3.0), sensitivity="sens.json")
+    plan.save("plan.json")                           # sens.json: measured once, reused (and extended) after
     mixbits.quantize(loaded, plan=plan)
 
 A packed checkpoint, and the model back from it:
@@ -18,6 +17,7 @@ A packed checkpoint, and the model back from it:
     report = mixbits.quantize(loaded, "int4:g128:asym", solver="gptq")
     mixbits.save_quantized(loaded, report, "smollm2-int4")
     model = mixbits.load_quantized("smollm2-int4").model
+    tokens, runtime = mixbits.generate(model, ids, 64)  # mixbits' decoder, or transformers' where it cannot run
 """
 
 from .allocate import Budget
@@ -30,7 +30,9 @@ from .measure import Sensitivity, measure
 from .menu import parse_menu
 from .mixes import allocated_plan, heuristic_plan, uniform_plan
 from .plan import Plan
+from .planning import plan_for_budget, sensitivity_for
 from .quantize import QuantizationReport, quantize
+from .runtime.decode import generate
 
 __version__ = "0.1.0"
 
@@ -47,13 +49,16 @@ __all__ = [
     "allocated_plan",
     "evaluate",
     "evaluate_domains",
+    "generate",
     "heuristic_plan",
     "load_model",
     "load_quantized",
     "measure",
     "parse_format",
     "parse_menu",
+    "plan_for_budget",
     "quantize",
     "save_quantized",
+    "sensitivity_for",
     "uniform_plan",
 ]

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .corpus import calibration_mix, resolve_text
+from .corpus import MIX_NAME, calibration_mix, resolve_text
 from .data import bos_token_id, calibration_windows, tokenize
 from .errors import MixbitsError
 from .models.loaded import LoadedModel
@@ -253,7 +253,7 @@ def calibration_data(model, source, count: int, length: int) -> tuple[torch.Tens
     if isinstance(source, torch.Tensor):
         if source.dim() != 2 or source.dtype != torch.long:
             raise MixbitsError("calibration token windows must be a [windows, tokens] int64 tensor")
-        return source, {"text": "token ids given", "count": source.shape[0], "length": source.shape[1], "start": 0}
+        return source, {"text": calibration_name(source), "count": source.shape[0], "length": source.shape[1], "start": 0}
     tokenizer = model.tokenizer if isinstance(model, LoadedModel) else None
     if tokenizer is None:
         raise MixbitsError("gptq, awq and plans need calibration text: load the model with its tokenizer, "
@@ -263,6 +263,18 @@ def calibration_data(model, source, count: int, length: int) -> tuple[torch.Tens
     text = resolve_text(source)
     windows, spec = calibration_windows(tokenize(text, tokenizer), count, length, bos_token_id(tokenizer))
     return windows, {"text": text.name, "text_sha256": text.sha256, **spec.as_dict()}
+
+
+def calibration_name(source) -> str:
+    """The name `calibration_data` records for `source`: the mix's, the text's, or the token windows' digest (so a
+    sensitivity measured on token ids is reused only on the same ids)."""
+    if isinstance(source, torch.Tensor):
+        import hashlib
+
+        return f"token ids sha256 {hashlib.sha256(source.contiguous().numpy().tobytes()).hexdigest()[:16]}"
+    if source is None:
+        return MIX_NAME
+    return resolve_text(source).name
 
 
 def calibrated_texts(record) -> tuple[str, ...] | None:

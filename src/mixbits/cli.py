@@ -236,51 +236,21 @@ def _budget(args):
 
 
 def _sensitivity(args, loaded, menu, pins):
-    """Measurements from --sensitivity if the file exists (options of the menu it lacks are measured and added to
-    it), else measured now (and saved there if named)."""
-    from pathlib import Path
+    """The sensitivity from --sensitivity (options of the menu it lacks measured and added), else measured now."""
+    from .planning import sensitivity_for
 
-    from .measure import Sensitivity
-
-    if args.sensitivity and Path(args.sensitivity).exists():
-        found = Sensitivity.load(args.sensitivity)
-        from .corpus import MIX_NAME, resolve_text
-
-        text = MIX_NAME if args.calib_text is None else resolve_text(args.calib_text).name
-        found.check(loaded, [], args.target, calibration=(text, args.calib_windows, args.calib_window_len),
-                    gptq=_gptq_settings(args), clip_search=getattr(args, "clip_search", True))
-        if args.damage not in found.damages:
-            from .measure import SensitivityError
-            raise SensitivityError(f"{args.sensitivity} holds no {args.damage} damage; use --damage proxy or measure again")
-        missing = found.missing(menu, args.target)
-        if not missing:
-            print(f"sensitivity: reusing {args.sensitivity}", file=sys.stderr)
-            return found
-        if found.kl_windows and found.kl_windows != {"count": args.kl_windows, "length": args.kl_window_len}:
-            from .measure import SensitivityError
-            raise SensitivityError(f"{args.sensitivity} measured its KL on {found.kl_windows['count']} x "
-                                   f"{found.kl_windows['length']} tokens; pass the same --kl-windows/--kl-window-len "
-                                   "to add options to it")
-        print(f"sensitivity: measuring {', '.join(map(str, missing))}, missing from {args.sensitivity}", file=sys.stderr)
-        found = found.extended(_measure(args, loaded, missing, pins, kl=bool(found.kl_windows)))
-        found.save(args.sensitivity)
-        return found
-    found = _measure(args, loaded, menu, pins, kl=args.damage == "kl")
-    if args.sensitivity:
-        found.save(args.sensitivity)
-    return found
+    return sensitivity_for(loaded, menu, path=args.sensitivity, damage=args.damage, pins=pins, target=args.target,
+                           **_measure_options(args))
 
 
-def _measure(args, loaded, menu, pins, kl: bool):
-    from .measure import measure
-
-    return measure(
-        loaded, menu, calibration=args.calib_text, calibration_windows=args.calib_windows,
-        calibration_len=args.calib_window_len, pins=pins, ties=args.ties, kl=kl,
-        kl_windows=args.kl_windows, kl_len=args.kl_window_len, fisher_windows=args.fisher_windows, target=args.target,
-        clip_search=getattr(args, "clip_search", True),  # quantize --no-clip-search: measured as it will be applied
-        gptq=_gptq_settings(args),
-    )
+def _measure_options(args) -> dict:
+    return {
+        "calibration": args.calib_text, "calibration_windows": args.calib_windows,
+        "calibration_len": args.calib_window_len, "ties": args.ties, "kl_windows": args.kl_windows,
+        "kl_len": args.kl_window_len, "fisher_windows": args.fisher_windows,
+        "clip_search": getattr(args, "clip_search", True),  # quantize --no-clip-search: measured as it will be applied
+        "gptq": _gptq_settings(args),
+    }
 
 
 def _print_plan(plan, sensitivity) -> None:
@@ -303,17 +273,18 @@ def _print_plan(plan, sensitivity) -> None:
 
 
 def _run_plan(args) -> int:
-    from .mixes import allocated_plan, check_budget
     from .models import load_model
+    from .models.loader import check_source
+    from .planning import plan_for_budget
 
+    check_source(args.model)
     menu, pins = _plan_inputs(args, args.solver)
     budget = _budget(args)
     _check_sensitivity_path(args)
     _check_calibration(args)
     loaded = load_model(args.model)
-    check_budget(loaded.model, menu, pins, budget, args.target)
-    sensitivity = _sensitivity(args, loaded, menu, pins)
-    plan = allocated_plan(sensitivity, budget, args.damage, pins, menu)
+    plan, sensitivity = plan_for_budget(loaded, budget, menu, sensitivity=args.sensitivity, damage=args.damage,
+                                        pins=pins, target=args.target, **_measure_options(args))
     plan.save(args.out)
     if args.json:
         print(json.dumps(plan.as_dict(), indent=1))
@@ -350,11 +321,13 @@ def _run_quantize(args) -> int:
     from .eval import evaluate_domains, load_domains
     from .formats import parse_format
     from .models import load_model
+    from .models.loader import check_source
     from .plan import Plan
     from .quantize import quantize
     from .record import provenance
 
     # Fail on bad arguments before any slow work.
+    check_source(args.model)
     planning = args.bpw is not None or args.size is not None
     if args.plan and planning:
         raise MixbitsError("give either --plan or a budget (--bpw/--size), not both")
@@ -390,11 +363,10 @@ def _run_quantize(args) -> int:
                                calibrated_on=_calibration_texts(args) if calibrated else ())
         original = copy.deepcopy(loaded.model)
     if planning:
-        from .mixes import allocated_plan, check_budget
+        from .planning import plan_for_budget
 
-        check_budget(loaded.model, menu, pins, budget, args.target)
-        sensitivity = _sensitivity(args, loaded, menu, pins)
-        plan = allocated_plan(sensitivity, budget, args.damage, pins, menu)
+        plan, sensitivity = plan_for_budget(loaded, budget, menu, sensitivity=args.sensitivity, damage=args.damage,
+                                            pins=pins, target=args.target, **_measure_options(args))
         if args.save_plan:
             plan.save(args.save_plan)
         if not args.json:
@@ -452,10 +424,12 @@ def _run_sweep(args) -> int:
     from .eval import load_domains, reference_scores
     from .mixes import check_budget
     from .models import load_model
+    from .models.loader import check_source
     from .record import provenance
     from .report.sweep import table, write
     from .sweep import SERIES, finished_points, parse_budgets, sweep
 
+    check_source(args.model)
     budgets = parse_budgets(args.bpw)
     series = tuple(s.strip() for s in args.series.split(",") if s.strip())
     if not series or set(series) - set(SERIES):
@@ -501,10 +475,14 @@ def _run_sweep(args) -> int:
 def _run_eval(args) -> int:
     from .eval import evaluate_domains, load_domains
     from .models import load_model
+    from .models.loader import check_source
     from .record import provenance
 
     texts = _eval_texts(args)
     source = _source(args)
+    check_source(source)
+    if args.reference:
+        check_source(args.reference)
     loaded = load_model(source)
     reference = load_model(args.reference) if args.reference else None
     domains = load_domains(loaded.tokenizer, texts, args.windows, args.window_len, **_checkpoint_calibration(source))
@@ -607,9 +585,12 @@ def _run_generate(args) -> int:
     import time
 
     from .models import load_model
+    from .models.loader import check_source
+    from .runtime.decode import generate
 
     if args.max_new_tokens < 1:
         raise MixbitsError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_source(_source(args))
     loaded = load_model(_source(args))
     tokenizer = loaded.tokenizer
     if tokenizer is None:
@@ -623,31 +604,13 @@ def _run_generate(args) -> int:
         ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
     start = time.perf_counter()
-    new, runtime = _decode(loaded.model, ids, args.max_new_tokens, eos, args.sample, args.transformers)
+    new, runtime = generate(loaded.model, ids, args.max_new_tokens, eos, args.sample, args.transformers,
+                            note=lambda text: print(f"note: {text}", file=sys.stderr))
     seconds = time.perf_counter() - start
     print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
     print(f"{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s, prompt {ids.shape[1]} tokens "
           f"included; {runtime})", file=sys.stderr)
     return 0
-
-
-def _decode(model, ids, max_new_tokens: int, eos, sample: bool, transformers: bool):
-    """The new tokens after `ids` [1, n], and which runtime made them: mixbits' decoder where it runs the model."""
-    import torch
-
-    from .runtime.decode import Decoder, DecodeUnsupported
-
-    if not transformers:
-        try:
-            output = Decoder(model).generate(ids, max_new_tokens, eos_token_id=eos, sample=sample)
-            return output[ids.shape[1]:], "mixbits decoder"
-        except DecodeUnsupported as why:
-            print(f"note: {why}; decoding with transformers' generate", file=sys.stderr)
-    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if sample else {"do_sample": False}
-    with torch.no_grad():
-        pad = eos if isinstance(eos, int) or eos is None else eos[0]
-        output = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, **sampling)
-    return output[0, ids.shape[1]:], "transformers generate"
 
 
 def _run_corpus(args) -> int:

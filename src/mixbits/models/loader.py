@@ -48,9 +48,7 @@ def load_model(source: str | Path | nn.Module | LoadedModel | None = None, *, to
         loaded = LoadedModel(source.eval(), tokenizer, type(source).__name__, sha256_state_dict(source))
         adapter_for(source).prepare(source)
         return loaded
-    path = default_gguf_path() if source is None else Path(source)
-    if not path.exists():
-        raise ModelLoadError(f"model path {str(path)!r} does not exist; give a Hugging Face model directory or a .gguf file")
+    path = check_source(source)
     from ..io.checkpoint import is_checkpoint, load_quantized
 
     if is_checkpoint(path):
@@ -60,16 +58,27 @@ def load_model(source: str | Path | nn.Module | LoadedModel | None = None, *, to
         loaded.sha256 = sha256_files(_weight_files(path))
         adapter_for(loaded.model).prepare(loaded.model)
         return loaded
+    name = DEFAULT_MODEL_NAME if source is None else str(path)
+    loaded = _load_gguf(path, name)
+    adapter_for(loaded.model).prepare(loaded.model)
+    return loaded
+
+
+def check_source(source: str | Path | None) -> Path:
+    """The path `load_model` would read for `source` (None: the default model), refused in one line if it cannot be
+    a model: checked without loading anything, so commands can fail before slow work."""
+    path = default_gguf_path() if source is None else Path(source)
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist; give a Hugging Face model directory or a .gguf file")
+    if path.is_dir():
+        return path
     if not os.access(path, os.R_OK):
         raise ModelLoadError(f"cannot read {path}; check its permissions")
     with open(path, "rb") as handle:
         is_gguf = handle.read(4) == b"GGUF"
     if not is_gguf:
         raise ModelLoadError(f"{path} is not a GGUF file (no GGUF header); give a complete .gguf file or a model directory")
-    name = DEFAULT_MODEL_NAME if source is None else str(path)
-    loaded = _load_gguf(path, name)
-    adapter_for(loaded.model).prepare(loaded.model)
-    return loaded
+    return path
 
 
 def default_gguf_path() -> Path:

@@ -21,7 +21,7 @@ per block:
 Logits equal the transformers forward up to float summation order, and greedy
 tokens equal `model.generate`'s (tests/test_decode.py). Models it cannot run
 (no adapter layout, sliding windows shorter than the generation) raise
-DecodeUnsupported; `mixbits generate` then falls back to `model.generate`.
+DecodeUnsupported; `generate` (and `mixbits generate`) then falls back to `model.generate`.
 """
 
 from __future__ import annotations
@@ -275,3 +275,24 @@ class Decoder:
                 scores = scores.masked_fill(~mask, float("-inf"))
             attended = torch.softmax(scores.float(), dim=-1).to(value.dtype) @ value
         return attended.transpose(0, 1).reshape(n, q_size)
+
+
+def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
+             sample: bool = False, transformers: bool = False, note=None) -> tuple[torch.Tensor, str]:
+    """The new tokens after the prompt `ids` ([1, n] or 1-D) and which runtime made them: mixbits' decoder where it
+    runs the model, else transformers' `model.generate` (`note(reason)` is told why; `transformers=True` forces it).
+    Sampling is temperature 0.7, top-p 0.9 in both."""
+    ids = ids.reshape(1, -1)
+    if not transformers:
+        try:
+            output = Decoder(model).generate(ids, max_new_tokens, eos_token_id=eos_token_id, sample=sample)
+            return output[ids.shape[1]:], "mixbits decoder"
+        except DecodeUnsupported as why:
+            if note is not None:
+                note(f"{why}; decoding with transformers' generate")
+    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if sample else {"do_sample": False}
+    pad = eos_token_id if isinstance(eos_token_id, int) or eos_token_id is None else eos_token_id[0]
+    with torch.no_grad():
+        output = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos_token_id,
+                                **sampling)
+    return output[0, ids.shape[1]:], "transformers generate"

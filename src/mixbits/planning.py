@@ -1,0 +1,118 @@
+"""A plan to a budget in one call: the sensitivity reused from its file (options it lacks measured and added),
+or measured now, then allocated.
+
+    plan, sensitivity = mixbits.plan_for_budget(loaded, mixbits.Budget(3.0), sensitivity="sens.json")
+    mixbits.quantize(loaded, plan=plan)
+
+This is what `mixbits plan`, `mixbits quantize --bpw` and `mixbits sweep` do; the CLI only parses and prints.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import defaults
+from .allocate import Budget
+from .calibrate import calibration_name
+from .errors import MixbitsError
+from .measure import Sensitivity, SensitivityError, measure
+from .menu import Choice, Pin, parse_menu
+from .mixes import allocated_plan, check_budget
+from .models.loaded import LoadedModel
+from .models.loader import load_model
+from .plan import Plan
+from .solvers import GptqSettings
+
+
+def sensitivity_for(
+    loaded: LoadedModel | nn.Module,
+    menu: list[Choice] | None = None,
+    *,
+    path: str | Path | None = None,
+    damage: str = "kl",
+    pins: list[Pin] = (),
+    target: str | None = None,
+    calibration: str | Path | torch.Tensor | None = None,
+    calibration_windows: int = defaults.CALIBRATION_WINDOWS,
+    calibration_len: int = defaults.CALIBRATION_LEN,
+    gptq: GptqSettings | None = None,
+    clip_search: bool = True,
+    kl_windows: int = defaults.KL_WINDOWS,
+    kl_len: int = defaults.KL_LEN,
+    fisher_windows: int = defaults.FISHER_WINDOWS,
+    ties: bool = True,
+    progress: bool = True,
+) -> Sensitivity:
+    """The damage of every option of `menu` (None: the default menu) on every layer group of `loaded`.
+
+    With `path` naming an existing file, its measurements are reused after checking they were taken on this model,
+    calibration, GPTQ settings and clip search; options it lacks are measured alike and written back. With `path`
+    naming no file yet, the measurement is saved there. `damage` "kl" measures the KL (slow), "proxy" only the proxy.
+    """
+    menu = parse_menu(None) if menu is None else menu
+    gptq = GptqSettings() if gptq is None else gptq
+    if damage not in ("kl", "proxy"):
+        raise MixbitsError(f"damage must be 'kl' or 'proxy', got {damage!r}")
+    loaded = load_model(loaded)  # an nn.Module is named by its weights' digest, which a file's reuse checks
+
+    def measured(options: list[Choice], kl: bool) -> Sensitivity:
+        return measure(loaded, options, calibration=calibration, calibration_windows=calibration_windows,
+                       calibration_len=calibration_len, pins=pins, ties=ties, kl=kl, kl_windows=kl_windows,
+                       kl_len=kl_len, fisher_windows=fisher_windows, target=target, clip_search=clip_search,
+                       gptq=gptq, progress=progress)
+
+    if path is None or not Path(path).exists():
+        found = measured(menu, kl=damage == "kl")
+        if path is not None:
+            found.save(path)
+        return found
+
+    found = Sensitivity.load(path)
+    if isinstance(calibration, torch.Tensor):  # the windows are given: their own count and length
+        calibration_windows, calibration_len = calibration.shape
+    found.check(loaded, [], target, calibration=(calibration_name(calibration), calibration_windows, calibration_len),
+                gptq=gptq, clip_search=clip_search)
+    if damage not in found.damages:
+        raise SensitivityError(f"{path} holds no {damage} damage; use --damage proxy or measure again")
+    missing = found.missing(menu, target)
+    if not missing:
+        if progress:
+            print(f"sensitivity: reusing {path}", file=sys.stderr)
+        return found
+    if found.kl_windows and found.kl_windows != {"count": kl_windows, "length": kl_len}:
+        raise SensitivityError(f"{path} measured its KL on {found.kl_windows['count']} x {found.kl_windows['length']} "
+                               "tokens; pass the same --kl-windows/--kl-window-len to add options to it")
+    if progress:
+        print(f"sensitivity: measuring {', '.join(map(str, missing))}, missing from {path}", file=sys.stderr)
+    found = found.extended(measured(missing, kl=bool(found.kl_windows)))
+    found.save(path)
+    return found
+
+
+def plan_for_budget(
+    loaded: LoadedModel | nn.Module,
+    budget: Budget,
+    menu: list[Choice] | None = None,
+    *,
+    sensitivity: Sensitivity | str | Path | None = None,
+    damage: str = "kl",
+    pins: list[Pin] = (),
+    target: str | None = None,
+    **measure_options,
+) -> tuple[Plan, Sensitivity]:
+    """The least-damage plan of `menu`'s options within `budget`, and the sensitivity it was allocated from.
+
+    `sensitivity` is a measured table, a file to reuse or write (see `sensitivity_for`, which also takes
+    `measure_options`), or None to measure now. The budget is checked against the model before any measuring.
+    """
+    menu = parse_menu(None) if menu is None else menu
+    loaded = load_model(loaded)
+    check_budget(loaded.model, menu, list(pins), budget, target)
+    if not isinstance(sensitivity, Sensitivity):
+        sensitivity = sensitivity_for(loaded, menu, path=sensitivity, damage=damage, pins=pins, target=target,
+                                      **measure_options)
+    return allocated_plan(sensitivity, budget, damage, list(pins), menu), sensitivity
