@@ -270,7 +270,7 @@ def test_plan_for_budget_measures_once_then_reuses_and_extends_its_file(tmp_path
     import mixbits.planning
 
     model, path = tiny_llama(), tmp_path / "sensitivity.json"
-    settings = dict(calibration=windows(), kl_windows=2, kl_len=16, fisher_windows=2, progress=False)
+    settings = {"calibration": windows(), "kl_windows": 2, "kl_len": 16, "fisher_windows": 2, "progress": False}
     menu = parse_menu("int2:g16:asym@rtn,int4:g16:asym@rtn")
     plan, _ = mixbits.plan_for_budget(model, Budget(3.5), menu, sensitivity=path, **settings)
     direct = allocated_plan(measure(model, menu, **settings), Budget(3.5), "kl", menu=menu)
