@@ -26,7 +26,7 @@ import torch
 import mixbits
 from mixbits.errors import MixbitsError
 from mixbits.io.checkpoint import load_quantized, save_quantized
-from mixbits.models.adapter import adapter_for
+from mixbits.models.registry import adapter_for
 from mixbits.models.tiny import FAMILIES, MOE_FAMILIES, tiny_model
 from mixbits.record import provenance
 from mixbits.report import format_table

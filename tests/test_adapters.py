@@ -12,7 +12,7 @@ import mixbits
 from mixbits.errors import TransformError
 from mixbits.formats import parse_format
 from mixbits.io.checkpoint import load_quantized, save_quantized
-from mixbits.models.adapter import GENERIC, adapter_for
+from mixbits.models.registry import GENERIC, adapter_for
 from mixbits.models.tiny import FAMILIES, tiny_model
 from mixbits.runtime.decode import Decoder
 from mixbits.transforms.rotation import rotate

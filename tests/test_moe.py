@@ -6,7 +6,7 @@ import torch
 import mixbits
 from mixbits.calibrate import calibration_stats
 from mixbits.io.checkpoint import load_quantized, save_quantized
-from mixbits.models.adapter import adapter_for
+from mixbits.models.registry import adapter_for
 from mixbits.models.moe import ExpertLinears
 from mixbits.models.tiny import MOE_FAMILIES, tiny_model
 from mixbits.plan import option_bits

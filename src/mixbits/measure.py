@@ -42,7 +42,7 @@ from .errors import MixbitsError
 from .files import write_json
 from .menu import Choice, Pin, allowed, check_pins_match, group_choices, parse_menu
 from .models.loaded import LoadedModel
-from .models.adapter import adapter_for
+from .models.registry import adapter_for
 from .models.structure import quantizable_linears, transformer_blocks
 from .plan import option_bits
 from .solvers import GptqSettings, approximation, solve_many

@@ -38,7 +38,7 @@ from .calibrate import SequentialCalibration, calibration_data, input_stats
 from .errors import MixbitsError
 from .formats import Format, QuantizedTensor, parse_format
 from .memory import peak_bytes, reset_peak
-from .models.adapter import adapter_for
+from .models.registry import adapter_for
 from .models.loaded import LoadedModel
 from .models.structure import output_head, quantizable_linears, untie_head
 from .plan import KEEP, LayerTotals, Plan, PlanError, option_bits

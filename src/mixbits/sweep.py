@@ -22,7 +22,7 @@ from .eval import Domain, ReferenceScores, evaluate_domains, reference_scores
 from .measure import Sensitivity
 from .menu import Choice, Pin
 from .mixes import allocated_plan, heuristic_plan, uniform_plan
-from .models.adapter import adapter_for
+from .models.registry import adapter_for
 from .models.loaded import LoadedModel
 from .plan import KEEP, Plan
 from .quantize import quantize

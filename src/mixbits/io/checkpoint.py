@@ -36,7 +36,7 @@ from ..errors import MixbitsError, ModelLoadError
 from ..formats import parse_format
 from ..formats.storage import restore, store, stored_bytes
 from ..hashing import sha256_file
-from ..models.adapter import adapter_for
+from ..models.registry import adapter_for
 from ..models.loaded import LoadedModel
 from ..plan import KEEP
 

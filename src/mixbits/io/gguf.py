@@ -37,7 +37,7 @@ import torch
 from ..errors import MixbitsError
 from ..formats import parse_format
 from ..hashing import sha256_file
-from ..models.adapter import adapter_for, exportable_types
+from ..models.registry import adapter_for, exportable_types
 from ..packing import unpack
 from ..plan import KEEP
 from .checkpoint import FLOAT, QUANTIZED, checkpoint_info, layer_tensors

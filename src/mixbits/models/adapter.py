@@ -1,6 +1,6 @@
 """Architecture adapters: what mixbits must know about a model family, in one module per family.
 
-An adapter, registered by the Hugging Face `model_type`s it serves, declares
+An adapter, found by the Hugging Face `model_type`s it serves (`registry.py`), declares
 
 - `layout`: the decoder's parts that transforms and the fast decoder rewrite
   or run: the embedding, the final norm and head, and per block the norm
@@ -18,7 +18,7 @@ An adapter, registered by the Hugging Face `model_type`s it serves, declares
 
 Blocks and their quantizable Linears are found structurally for every model
 (`structure.py`), so a model whose family has no adapter still quantizes,
-plans and evaluates through `GenericAdapter`; its `layout` raises one line
+plans and evaluates through the generic adapter (`registry.py`); its `layout` raises one line
 saying which feature needs an adapter. No module outside `models/` names an
 architecture.
 """
@@ -84,7 +84,7 @@ def shared_rope(rotary: nn.Module):
 
 
 class Adapter:
-    """The generic fallback: nothing beyond the structure every model has."""
+    """What every model has; a family adapter overrides what its family adds (`layout` at least)."""
 
     name = "generic"
     model_types: tuple[str, ...] = ()
@@ -96,8 +96,7 @@ class Adapter:
         function); idempotent. Called on loading and before quantizing."""
 
     def layout(self, model: nn.Module, purpose: str) -> Layout:
-        raise TransformError(f"{purpose} needs an architecture adapter; {model_type(model) or type(model).__name__} "
-                             f"has none (supported: {', '.join(supported_types())}); run without it")
+        raise NotImplementedError
 
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the last block's output: the decoder's final `norm`, then the output head."""
@@ -127,38 +126,3 @@ class Adapter:
     def gguf_metadata(self, writer, config) -> None:
         raise NotImplementedError
 
-
-ADAPTERS: dict[str, Adapter] = {}
-GENERIC = Adapter()
-
-
-def register(adapter: Adapter) -> Adapter:
-    for name in adapter.model_types:
-        ADAPTERS[name] = adapter
-    return adapter
-
-
-def model_type(model) -> str | None:
-    """`config.model_type` of a model, or `model_type` of a config."""
-    return getattr(getattr(model, "config", model), "model_type", None)
-
-
-def adapter_for(model) -> Adapter:
-    """The adapter registered for the model's (or config's) `model_type`, else the generic one."""
-    _register_families()
-    return ADAPTERS.get(model_type(model), GENERIC)
-
-
-def supported_types() -> list[str]:
-    _register_families()
-    return sorted(ADAPTERS)
-
-
-def exportable_types() -> list[str]:
-    """Model types GGUF export writes."""
-    _register_families()
-    return sorted({t for adapter in ADAPTERS.values() for t in adapter.gguf_model_types})
-
-
-def _register_families() -> None:
-    from . import gemma, llama, moe, phi3  # noqa: F401  (each registers its adapter on import)

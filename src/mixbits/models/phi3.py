@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import TransformError
-from .adapter import Adapter, BlockLayout, Layout, attention_facts, register, shared_rope
+from .adapter import Adapter, BlockLayout, Layout, attention_facts, shared_rope
 
 
 class Phi3Adapter(Adapter):
@@ -37,4 +37,4 @@ class Phi3Adapter(Adapter):
         return Layout(inner.embed_tokens, blocks, inner.norm, model.lm_head, config.hidden_act, facts)
 
 
-PHI3 = register(Phi3Adapter())
+PHI3 = Phi3Adapter()

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from torch.nn.utils import skip_init
 
 from ..errors import MixbitsError, TransformError
-from ..models.adapter import adapter_for
+from ..models.registry import adapter_for
 from .kernels import native
 from .linear import KERNEL_ROWS, IntLinear, stack_rows
 

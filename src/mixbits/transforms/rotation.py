@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import TransformError
-from ..models.adapter import Layout, adapter_for
+from ..models.adapter import Layout
+from ..models.registry import adapter_for
 from ..models.structure import untie_head
 from .hadamard import hadamard_transform, rotation_matrix
 

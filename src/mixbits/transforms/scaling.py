@@ -25,7 +25,8 @@ from torch import nn
 
 from ..calibrate import BlockCalibration, InputStats, SequentialCalibration, Stage
 from ..formats import Format
-from ..models.adapter import BlockLayout, adapter_for
+from ..models.adapter import BlockLayout
+from ..models.registry import adapter_for
 
 ALPHAS = tuple(i / 20 for i in range(20))  # 0, 0.05, ..., 0.95
 

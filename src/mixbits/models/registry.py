@@ -1,0 +1,46 @@
+"""Which adapter serves a model: the family adapters by the Hugging Face `model_type`s they declare, else the
+generic one. Adding a family is a module under models/ and one entry in FAMILIES."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import TransformError
+from .adapter import Adapter, Layout
+from .gemma import GEMMA
+from .llama import LLAMA
+from .moe import MOE
+from .phi3 import PHI3
+
+FAMILIES = (LLAMA, PHI3, GEMMA, MOE)
+ADAPTERS: dict[str, Adapter] = {name: adapter for adapter in FAMILIES for name in adapter.model_types}
+
+
+class GenericAdapter(Adapter):
+    """The fallback for a model no family serves: nothing beyond the structure every model has."""
+
+    def layout(self, model: nn.Module, purpose: str) -> Layout:
+        raise TransformError(f"{purpose} needs an architecture adapter; {model_type(model) or type(model).__name__} "
+                             f"has none (supported: {', '.join(supported_types())}); run without it")
+
+
+GENERIC = GenericAdapter()
+
+
+def model_type(model) -> str | None:
+    """`config.model_type` of a model, or `model_type` of a config."""
+    return getattr(getattr(model, "config", model), "model_type", None)
+
+
+def adapter_for(model) -> Adapter:
+    """The adapter for the model's (or config's) `model_type`, else the generic one."""
+    return ADAPTERS.get(model_type(model), GENERIC)
+
+
+def supported_types() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def exportable_types() -> list[str]:
+    """Model types GGUF export writes."""
+    return sorted({t for adapter in ADAPTERS.values() for t in adapter.gguf_model_types})
