@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -293,3 +294,100 @@ def test_plan_for_budget_measures_once_then_reuses_and_extends_its_file(tmp_path
     with pytest.raises(BudgetError):
         mixbits.plan_for_budget(model, Budget(1.0), menu, sensitivity=tmp_path / "other.json", **settings)
     assert len(asked) == 1 and not (tmp_path / "other.json").exists()
+
+
+def _kl(reference_logits, logits):
+    reference, changed = torch.log_softmax(reference_logits.double(), -1), torch.log_softmax(logits.double(), -1)
+    return float((reference.exp() * (reference - changed)).sum(-1).mean())
+
+
+def test_embedding_and_untied_head_damage_equal_full_forwards_of_the_changed_model():
+    from mixbits.solvers import round_to_nearest
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model, x = LlamaForCausalLM(config).eval(), windows()
+    menu = parse_menu("int4:g16:asym@gptq,int8:ch:sym@rtn,lut3:ch@rtn")
+    sensitivity = measure(model, menu, calibration=x, kl_windows=2, kl_len=16, fisher_windows=2, outer=True,
+                          progress=False)
+    assert [g.name for g in sensitivity.outer] == ["model.embed_tokens", "lm_head"]
+    embedding, head = sensitivity.outer
+    assert (embedding.block, head.block) == (-1, 2)
+    # The embedding takes every option it can look up, rounded to nearest; the head is a Linear like the others.
+    assert [str(o.choice) for o in embedding.options] == ["int4:g16:asym@rtn", "int8:ch:sym@rtn", "lut3:ch@rtn"]
+    assert [str(o.choice) for o in head.options] == [str(c) for c in menu]
+    with torch.no_grad():
+        kl_windows = x[:2, :16]
+        reference = model(kl_windows).logits
+        final = model(x, output_hidden_states=True).hidden_states[-1]  # the head's input, after the final norm
+        hessian = (final.reshape(-1, 48).T @ final.reshape(-1, 48)).double() / final.shape[0] / final.shape[1]
+        for group, module, solve_with in ((embedding, model.model.embed_tokens, None), (head, model.lm_head, hessian)):
+            for option in group.options:
+                changed = copy.deepcopy(model)
+                target = dict(changed.named_modules())[group.name]
+                fmt = parse_format(option.option)
+                quantized = (round_to_nearest(module.weight, fmt) if solve_with is None
+                             else solve(module.weight, fmt, option.solver, solve_with.float()))
+                target.weight.copy_(quantized.dequantize())
+                assert option.kl == pytest.approx(_kl(reference, changed(kl_windows).logits), rel=1e-3, abs=1e-9)
+                assert option.bits == fmt.bits(*module.weight.shape)
+    assert embedding.find(Choice("int8:ch:sym", "gptq")) is embedding.options[1]  # asked as the menu names it
+
+
+def test_whole_model_budgets_allocate_the_embedding_with_its_tied_head(tmp_path):
+    from mixbits.io.checkpoint import load_quantized, save_quantized
+    from mixbits.menu import MenuError
+    from mixbits.solvers import round_to_nearest
+
+    model, x = tiny_llama(), windows()
+    menu = parse_menu("int2:g16:asym@rtn,int4:g16:asym@rtn,int8:ch:sym@rtn")
+    settings = {"calibration": x, "kl_windows": 2, "kl_len": 16, "fisher_windows": 2, "progress": False}
+    sensitivity = measure(model, menu, outer=True, **settings)
+    (embedding,) = sensitivity.outer  # the head is tied: it computes with the embedding's rows
+    with torch.no_grad():
+        reference = model(x[:2, :16]).logits
+        for option in embedding.options:
+            changed = copy.deepcopy(model)
+            changed.model.embed_tokens.weight.copy_(round_to_nearest(model.model.embed_tokens.weight,
+                                                                     parse_format(option.option)).dequantize())
+            assert changed.lm_head.weight is changed.model.embed_tokens.weight
+            assert option.kl == pytest.approx(_kl(reference, changed(x[:2, :16]).logits), rel=1e-3, abs=1e-9)
+    sensitivity.save(tmp_path / "s.json")
+    assert Sensitivity.load(tmp_path / "s.json").as_dict() == sensitivity.as_dict()
+
+    everything = sum(p.numel() for p in model.parameters())
+    for bpw in (3.5, 5.0, 7.0):
+        budget = Budget(bpw, scope="model")
+        limit = math.floor(bpw * everything) - 16 * (everything - sensitivity.weights - embedding.weights)
+        plan = allocated_plan(sensitivity, budget, "kl")
+        groups = sensitivity.groups + [embedding]
+        best = min(sum(o.kl for o in combo) for combo in itertools.product(*(g.options for g in groups))
+                   if sum(o.bits for o in combo) <= limit)
+        assert plan.bits <= limit and "model.embed_tokens" in {l.name for l in plan.layers}
+        largest = max(o.kl for g in groups for o in g.options)
+        assert plan.damage_total == pytest.approx(best, abs=1e-9 * largest)
+    # A budget over the layers leaves the embedding out, in 16 bits, as before.
+    assert "model.embed_tokens" not in {l.name for l in allocated_plan(sensitivity, Budget(5.0), "kl").layers}
+
+    plan = allocated_plan(sensitivity, Budget(4.0, scope="model"), "kl", [parse_pin("model.embed_tokens=int4:g16:asym")])
+    quantized = copy.deepcopy(model)
+    report = mixbits.quantize(quantized, plan=plan, calibration=x, progress=False)
+    assert [(l.name, l.option) for l in report.outer] == [("model.embed_tokens", "int4:g16:asym")]
+    expected = round_to_nearest(model.model.embed_tokens.weight, parse_format("int4:g16:asym")).dequantize()
+    assert torch.equal(quantized.model.embed_tokens.weight, expected)
+    assert plan.bits == report.bits + report.outer[0].bits  # the plan's count is what was quantized
+    save_quantized(quantized, report, tmp_path / "ckpt", plan=plan)
+    with torch.no_grad():
+        assert torch.allclose(load_quantized(tmp_path / "ckpt").model(x).logits, quantized(x).logits, atol=1e-5)
+    with pytest.raises(MixbitsError, match="drop the embedding format"):
+        mixbits.quantize(copy.deepcopy(model), plan=plan, calibration=x, embedding_format="int8:ch:sym", progress=False)
+    with pytest.raises(MenuError, match="--scope model"):
+        check_budget(model, menu, [parse_pin("model.embed_tokens=int8:ch:sym")], Budget(4.0))
+
+    # A file measured without them gains the embedding's measurements when a whole-model budget needs them.
+    path = tmp_path / "layers-only.json"
+    mixbits.sensitivity_for(model, menu, path=path, **settings)
+    again, _ = mixbits.plan_for_budget(model, Budget(4.0, scope="model"), menu, sensitivity=path, **settings)
+    assert [g.name for g in Sensitivity.load(path).outer] == ["model.embed_tokens"]
+    assert again.as_dict()["layers"] == allocated_plan(sensitivity, Budget(4.0, scope="model"), "kl").as_dict()["layers"]

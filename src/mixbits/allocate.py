@@ -129,6 +129,12 @@ class Budget:
         if (self.bits_per_weight or 0) < 0 or (self.bytes or 0) < 0:
             raise BudgetError("a budget cannot be negative")
 
+    @property
+    def whole_model(self) -> bool:
+        """Whether the budget counts every parameter (a size, or bits per weight of the whole model): then the
+        embedding and an untied head are allocated too."""
+        return self.bytes is not None or self.scope == "model"
+
     def layer_bits(self, weights: int, other_parameters: int) -> int:
         """Bits the quantized layers (holding `weights` weights) may use."""
         fixed = OTHER_PARAMETER_BITS * other_parameters

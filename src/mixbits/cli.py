@@ -171,9 +171,11 @@ def _add_calibration_args(parser) -> None:
 def _add_budget_args(parser, required: bool) -> None:
     budget = parser.add_mutually_exclusive_group(required=required)
     budget.add_argument("--bpw", type=float, help="budget in bits per weight (of the quantized layers; see --scope)")
-    budget.add_argument("--size", help="budget as a model size, e.g. 60MB or 57.5MiB (other parameters at 16 bits)")
+    budget.add_argument("--size", help="budget as a model size, e.g. 60MB or 57.5MiB (the embedding and an untied head "
+                        "allocated too; norms and biases at 16 bits)")
     parser.add_argument("--scope", choices=("layers", "model"), default="layers",
-                        help="--bpw counts the quantized layers, or the whole model with other parameters at 16 bits (default: %(default)s)")
+                        help="--bpw counts the quantized layers, or the whole model: then the embedding and an untied "
+                             "head are allocated too, norms and biases counted at 16 bits (default: %(default)s)")
 
 
 def _add_plan_args(parser) -> None:

@@ -40,10 +40,10 @@ from . import defaults
 from .calibrate import _Accumulator, block_inputs, calibration_data, run_block
 from .errors import MixbitsError
 from .files import write_json
-from .menu import Choice, Pin, allowed, check_pins_match, group_choices, parse_menu
+from .menu import Choice, Pin, allowed, check_pins_match, embedding_choices, group_choices, parse_menu
 from .models.loaded import LoadedModel
 from .models.registry import adapter_for
-from .models.structure import quantizable_linears, transformer_blocks
+from .models.structure import outer_layers, output_head, quantizable_linears, transformer_blocks
 from .plan import option_bits
 from .solvers import GptqSettings, approximation, solve_many
 
@@ -63,10 +63,16 @@ class LayerStats:
 
 
 def layer_statistics(
-    model: nn.Module, windows: torch.Tensor, fisher_windows: int, progress: bool = True
-) -> tuple[dict[str, LayerStats], list[list[str]]]:
-    """H and the output Fisher diagonal of every Linear in the blocks, and the tie groups (shared inputs)."""
+    model: nn.Module, windows: torch.Tensor, fisher_windows: int, progress: bool = True, outer: bool = False
+) -> tuple[dict[str, LayerStats | EmbeddingStats], list[list[str]]]:
+    """H and the output Fisher diagonal of every Linear in the blocks, and the tie groups (shared inputs).
+
+    With `outer`, also those of the output head (tied to the embedding or not) and, for an nn.Embedding input,
+    each row's output Fisher and how often the calibration looks it up (`EmbeddingStats`)."""
     linears = quantizable_linears(model)
+    head = output_head(model) if outer else None
+    if head is not None:
+        linears = linears + [head]
     names = {linear: name for name, linear in linears}
     accumulators: dict[str, _Accumulator] = {}
     fisher: dict[str, torch.Tensor] = {}
@@ -88,9 +94,21 @@ def layer_statistics(
                 fisher[name] = fisher[name] + squared if name in fisher else squared
             output.register_hook(gradient)
 
-    handles = [linear.register_forward_hook(record) for linear in names]
     embed = model.get_input_embeddings()
-    handles.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(torch.is_grad_enabled())))
+    rows = embed.weight.shape if outer and isinstance(embed, nn.Embedding) else None
+    row_fisher = torch.zeros(rows) if rows is not None else None
+
+    def embedding_output(module, args, output):
+        output.requires_grad_(torch.is_grad_enabled())
+        if row_fisher is not None and output.requires_grad:
+            ids = args[0].reshape(-1)
+
+            def gradient(grad):
+                row_fisher.index_add_(0, ids, grad.detach().float().square().reshape(-1, grad.shape[-1]))
+            output.register_hook(gradient)
+
+    handles = [linear.register_forward_hook(record) for linear in names]
+    handles.append(embed.register_forward_hook(embedding_output))
     flags = [(p, p.requires_grad) for p in model.parameters()]
     fisher_tokens = 0
     try:
@@ -105,7 +123,7 @@ def layer_statistics(
                     nn.functional.cross_entropy(logits, window[1:], reduction="sum").backward()
                     fisher_tokens += window.numel()
             if index == 0:
-                groups = [entry[2] for entry in seen]
+                groups = [entry[2] for entry in seen if head is None or entry[2] != [head[0]]]
     finally:
         for handle in handles:
             handle.remove()
@@ -116,7 +134,26 @@ def layer_statistics(
     for name, _ in linears:
         input_stats = shared_stats[id(accumulators[name])]
         stats[name] = LayerStats(input_stats.hessian, fisher[name] / fisher_tokens, input_stats.tokens)
+    if row_fisher is not None:
+        names = {id(m): n for n, m in model.named_modules()}
+        frequency = torch.bincount(windows.reshape(-1), minlength=rows[0]).float() / windows.numel()
+        stats[names[id(embed)]] = EmbeddingStats(row_fisher / fisher_tokens, frequency,
+                                                 float(getattr(embed, "embed_scale", 1.0)))
     return stats, groups
+
+
+@dataclass
+class EmbeddingStats:
+    fisher: torch.Tensor  # [V, D] mean squared loss gradient of each row's output, per token
+    frequency: torch.Tensor  # [V] share of the calibration tokens that look the row up
+    scale: float  # the factor the model's embedding applies to the rows (Gemma: sqrt(hidden))
+
+
+def embedding_damage(weight: torch.Tensor, approx: torch.Tensor, stats: EmbeddingStats) -> tuple[float, float]:
+    """(proxy, output error) of rows `weight` -> `approx` on the embedding's output: 1/2 sum F dE^2, and the mean
+    squared change of the looked-up row per token. A head computing with the same rows adds its own terms."""
+    delta = (weight.detach().float() - approx.float()).square() * stats.scale ** 2
+    return 0.5 * float((stats.fisher * delta).sum()), float((stats.frequency * delta.sum(1)).sum())
 
 
 def proxy_damage(weight: torch.Tensor, approx: torch.Tensor, stats: LayerStats) -> tuple[float, float]:
@@ -136,13 +173,14 @@ class KLMeter:
 
     def __init__(self, model: nn.Module, windows: torch.Tensor):
         _, self.blocks = transformer_blocks(model)
-        self.model, self.adapter = model, adapter_for(model)
+        self.model, self.adapter, self.windows = model, adapter_for(model), windows
         with torch.no_grad():
             first, self.calls = block_inputs(model, windows)
             self.inputs = [first]
             for block, call in zip(self.blocks, self.calls):
                 self.inputs.append(run_block(block, self.inputs[-1], call))
-            self.reference = self._logits(self.inputs.pop())
+            self.final = self.inputs.pop()
+            self.reference = self._logits(self.final)
             self.probs = torch.softmax(self.reference.double(), dim=-1)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -150,9 +188,19 @@ class KLMeter:
 
     @torch.no_grad()
     def measure(self, block_index: int) -> float:
-        hidden = self.inputs[block_index]
+        """When only layers of block `block_index` changed; -1: the input embedding (and a head tied to it);
+        the number of blocks: only the output head."""
+        if block_index < 0:
+            hidden, block_index = block_inputs(self.model, self.windows)[0], 0
+        elif block_index == len(self.blocks):
+            return self._kl(self.final)
+        else:
+            hidden = self.inputs[block_index]
         for block, call in zip(self.blocks[block_index:], self.calls[block_index:]):
             hidden = run_block(block, hidden, call)
+        return self._kl(hidden)
+
+    def _kl(self, hidden: torch.Tensor) -> float:
         # With d = logits - reference logits, KL(p || q) = log sum_v p_v e^(d_v) - sum_v p_v d_v. The logits
         # are ~30 and a group's KL can be 1e-5 nats: a float32 log-softmax is off by ~1e-3 here, so the sums
         # over the vocabulary run in float64.
@@ -192,7 +240,20 @@ class GroupSensitivity:
     def bits(self, choice: Choice) -> int:
         return sum(option_bits(choice.option, rows, cols) for rows, cols in self.shapes)
 
+    @property
+    def embedding(self) -> bool:
+        """The input embedding's group (measured at block -1; the output head's is at the block count)."""
+        return self.block < 0
+
+    def applicable(self, choice: Choice) -> Choice | None:
+        """The choice as this group takes it (an embedding rounds to nearest), None if it cannot take it."""
+        if not self.embedding:
+            return choice
+        mapped = embedding_choices([choice])
+        return mapped[0] if mapped else None
+
     def find(self, choice: Choice) -> OptionDamage | None:
+        choice = self.applicable(choice)
         return next((o for o in self.options if o.choice == choice), None)
 
 
@@ -204,8 +265,9 @@ class Sensitivity:
     model: dict = field(default_factory=dict)  # name, sha256
     calibration: dict = field(default_factory=dict)  # text, windows, length, fisher_windows
     kl_windows: dict | None = None  # count and length of the KL windows; None if only the proxy was measured
-    other_parameters: int = 0  # parameters outside the quantized layers (embedding, norms, biases)
+    other_parameters: int = 0  # parameters outside the block layers (embedding, head, norms, biases)
     seconds: dict = field(default_factory=dict)
+    outer: list[GroupSensitivity] = field(default_factory=list)  # the embedding and an untied head, if measured
 
     @property
     def weights(self) -> int:
@@ -243,22 +305,27 @@ class Sensitivity:
     def missing(self, menu: list[Choice], target: str | None = None) -> list[Choice]:
         """The options of `menu` (that `target` allows) some group was not measured under."""
         return [choice for choice in menu
-                if any(group.find(choice) is None and all(allowed(choice, tuple(s), target) for s in group.shapes)
-                       for group in self.groups)]
+                if any(group.applicable(choice) is not None and group.find(choice) is None
+                       and all(allowed(choice, tuple(s), target) for s in group.shapes)
+                       for group in self.groups + self.outer)]
 
     def extended(self, other: "Sensitivity") -> "Sensitivity":
         """These measurements plus `other`'s options (measured alike on the same groups) that these lack."""
-        if [g.name for g in other.groups] != [g.name for g in self.groups]:
+        if other.groups and [g.name for g in other.groups] != [g.name for g in self.groups]:
             raise SensitivityError("the new measurements group the layers differently (--no-ties?); measure again")
         if (other.model, other.calibration, other.kl_windows) != (self.model, self.calibration, self.kl_windows):
             raise SensitivityError("the new measurements were taken on another model, calibration or KL windows; "
                                    "measure again")
-        groups = [GroupSensitivity(g.name, g.layers, g.shapes, g.block,
-                                   g.options + [o for o in new.options if g.find(o.choice) is None])
-                  for g, new in zip(self.groups, other.groups)]
+        def merged(mine: GroupSensitivity, new: GroupSensitivity) -> GroupSensitivity:
+            return GroupSensitivity(mine.name, mine.layers, mine.shapes, mine.block,
+                                    mine.options + [o for o in new.options if mine.find(o.choice) is None])
+
+        groups = [merged(g, new) for g, new in zip(self.groups, other.groups)] if other.groups else self.groups
+        theirs = {g.name: g for g in other.outer}
+        outer = [merged(g, theirs.pop(g.name)) if g.name in theirs else g for g in self.outer] + list(theirs.values())
         seconds = {key: self.seconds.get(key, 0.0) + other.seconds.get(key, 0.0)
                    for key in {*self.seconds, *other.seconds}}
-        return Sensitivity(groups, self.model, self.calibration, self.kl_windows, self.other_parameters, seconds)
+        return Sensitivity(groups, self.model, self.calibration, self.kl_windows, self.other_parameters, seconds, outer)
 
     def rank_correlation(self) -> dict[str, float | None]:
         """Spearman correlation of each proxy with the measured KL: over all (group, option) pairs,
@@ -286,11 +353,8 @@ class Sensitivity:
             "other_parameters": self.other_parameters,
             "seconds": self.seconds,
             "rank_correlation": self.rank_correlation(),
-            "groups": [
-                {"name": g.name, "layers": g.layers, "shapes": [list(s) for s in g.shapes], "block": g.block,
-                 "options": [asdict(o) for o in g.options]}
-                for g in self.groups
-            ],
+            "groups": [_group_dict(g) for g in self.groups],
+            "outer": [_group_dict(g) for g in self.outer],
         }
 
     def save(self, path: str | Path) -> None:
@@ -304,18 +368,25 @@ class Sensitivity:
             data = json.loads(path.read_text())
             if data.get("mixbits_sensitivity") != SENSITIVITY_VERSION:
                 raise SensitivityError(f"{path} is not a version-{SENSITIVITY_VERSION} mixbits sensitivity file; measure again")
-            groups = [
-                GroupSensitivity(g["name"], list(g["layers"]), [tuple(s) for s in g["shapes"]], int(g["block"]),
-                                 [OptionDamage(**o) for o in g["options"]])
-                for g in data["groups"]
-            ]
+            groups = [_group_from_dict(g) for g in data["groups"]]
+            outer = [_group_from_dict(g) for g in data.get("outer") or []]
         except FileNotFoundError:
             raise SensitivityError(f"sensitivity file {path} does not exist; measure with `mixbits plan --sensitivity FILE`") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
             raise SensitivityError(f"cannot read sensitivity file {path}: {error}") from None
         calibration = {"clip_search": True, **(data.get("calibration") or {})}  # files before it was recorded used it
         return cls(groups, data.get("model") or {}, calibration, data.get("kl_windows"),
-                   int(data.get("other_parameters", 0)), data.get("seconds") or {})
+                   int(data.get("other_parameters", 0)), data.get("seconds") or {}, outer)
+
+
+def _group_dict(group: GroupSensitivity) -> dict:
+    return {"name": group.name, "layers": group.layers, "shapes": [list(s) for s in group.shapes], "block": group.block,
+            "options": [asdict(o) for o in group.options]}
+
+
+def _group_from_dict(data: dict) -> GroupSensitivity:
+    return GroupSensitivity(data["name"], list(data["layers"]), [tuple(s) for s in data["shapes"]], int(data["block"]),
+                            [OptionDamage(**o) for o in data["options"]])
 
 
 def group_name(layers: list[str]) -> str:
@@ -351,6 +422,8 @@ def measure(
     clip_search: bool = True,
     target: str | None = None,
     gptq: GptqSettings = GptqSettings(),
+    outer: bool = False,
+    blocks: bool = True,
     progress: bool = True,
 ) -> Sensitivity:
     """Damage of each option of `menu` (default: `menu.DEFAULT_OPTIONS`) and of any pinned option,
@@ -364,6 +437,10 @@ def measure(
     Linear is its own group. A pinned group is measured under its pin too;
     with a `target` ("gguf"), a group only under options that target can hold.
     `gptq` is how GPTQ options are solved (as `quantize` will solve them).
+    `outer` also measures the input embedding (under the options it can look
+    up, rounded to nearest; a head tied to it changes with it) and an output
+    head with its own weight (`models.structure.outer_layers`), for budgets
+    over the whole model; `blocks=False` measures only those.
     """
     menu = parse_menu(None) if menu is None else menu
     windows, spec = calibration_data(model, calibration, calibration_windows, calibration_len)
@@ -371,39 +448,57 @@ def measure(
     model = model.model if isinstance(model, LoadedModel) else model
     adapter_for(model).prepare(model)
     linears = quantizable_linears(model)
-    modules = dict(linears)
-    check_pins_match(list(pins), [name for name, _ in linears])
-    prefix, _ = transformer_blocks(model)
+    outside = outer_layers(model) if outer else []
+    modules = dict(linears + outside)
+    check_pins_match(list(pins), [name for name, _ in linears + outer_layers(model)])
+    prefix, block_list = transformer_blocks(model)
     timer = time.perf_counter()
-    stats, shared = layer_statistics(model, windows, min(fisher_windows, len(windows)), progress)
+    stats, shared = layer_statistics(model, windows, min(fisher_windows, len(windows)), progress, outer=bool(outside))
     seconds = {"statistics": time.perf_counter() - timer, "quantize": 0.0, "kl": 0.0}
     meter = None
     if kl:
         timer = time.perf_counter()
         meter = KLMeter(model, windows[:kl_windows, :kl_len])
         seconds["kl"] += time.perf_counter() - timer
-    grouping = shared if ties else [[name] for name, _ in linears]
+    grouping = (shared if ties else [[name] for name, _ in linears]) if blocks else []
+    head = output_head(model)
 
-    plans = []
+    plans = []  # (layers, block, choices)
     for layers in grouping:
         shapes = [tuple(modules[name].weight.shape) for name in layers]
-        plans.append((layers, group_choices(layers, shapes, list(menu), list(pins), target)))
-    total = sum(len(choices) for _, choices in plans)
+        block = int(layers[0][len(prefix) + 1:].split(".")[0])
+        plans.append((layers, block, group_choices(layers, shapes, list(menu), list(pins), target)))
+    for name, module in outside:
+        embedding = isinstance(module, nn.Embedding)
+        choices = group_choices([name], [tuple(module.weight.shape)], list(menu), list(pins), target, embedding)
+        plans.append(([name], -1 if embedding else len(block_list), choices))
+
+    def damages(name: str, weight: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
+        found = stats[name]
+        if not isinstance(found, EmbeddingStats):
+            return proxy_damage(weight, approx, found)
+        proxy, error = embedding_damage(weight, approx, found)
+        if head is not None and head[1].weight is modules[name].weight:  # the tied head computes with these rows
+            head_proxy, head_error = proxy_damage(weight, approx, stats[head[0]])
+            proxy, error = proxy + head_proxy, error + head_error
+        return proxy, error
+
+    total = sum(len(choices) for _, _, choices in plans)
     groups: list[GroupSensitivity] = []
     with tqdm(total=total, desc="measure", disable=not progress, leave=False) as bar:
-        for layers, choices in plans:
+        for layers, block, choices in plans:
             shapes = [tuple(modules[name].weight.shape) for name in layers]
-            block = int(layers[0][len(prefix) + 1:].split(".")[0])
             group = GroupSensitivity(group_name(layers), layers, shapes, block, [])
             originals = [modules[name].weight.detach().clone() for name in layers]
+            hessian = stats[layers[0]].hessian if isinstance(stats[layers[0]], LayerStats) else None
             for choice in choices:
                 start = time.perf_counter()
                 proxy = output_error = 0.0
                 # The layers of a group read one input, so they share one Hessian and are solved together.
-                solved = solve_many(originals, choice.format, choice.solver, stats[layers[0]].hessian, clip_search, gptq)
+                solved = solve_many(originals, choice.format, choice.solver, hessian, clip_search, gptq)
                 approximations = [approximation(w, q) for w, q in zip(originals, solved)]
                 for name, weight, approx in zip(layers, originals, approximations):
-                    layer_proxy, layer_error = proxy_damage(weight, approx, stats[name])
+                    layer_proxy, layer_error = damages(name, weight, approx)
                     proxy, output_error = proxy + layer_proxy, output_error + layer_error
                 seconds["quantize"] += time.perf_counter() - start
                 measured = None
@@ -423,4 +518,5 @@ def measure(
     spec["gptq"] = gptq.as_dict()
     spec["clip_search"] = clip_search
     kl_spec = {"count": min(kl_windows, len(windows)), "length": min(kl_len, windows.shape[1])} if kl else None
-    return Sensitivity(groups, identity, spec, kl_spec, other_parameters(model, linears), seconds)
+    return Sensitivity(groups[:len(grouping)], identity, spec, kl_spec, other_parameters(model, linears), seconds,
+                       groups[len(grouping):])

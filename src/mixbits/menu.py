@@ -122,10 +122,32 @@ def allowed(choice: Choice, shape: tuple[int, int], target: str | None) -> bool:
     raise MenuError(f"unknown target {target!r}; use one of {', '.join(TARGET_OPTIONS)}")
 
 
+def embedding_choices(menu: list[Choice]) -> list[Choice]:
+    """The options of `menu` an input embedding can take: 16 bits, or a format whose rows decode on their own
+    (`runtime.embedding`), always rounded to nearest (no Hessian describes a lookup's input)."""
+    from .runtime.embedding import QuantizedEmbedding
+
+    found: list[Choice] = []
+    for choice in menu:
+        if choice.option == KEEP or QuantizedEmbedding.supports(choice.format):
+            mapped = Choice(choice.option, "rtn")
+            if mapped not in found:
+                found.append(mapped)
+    return found
+
+
 def group_choices(layers: list[str], shapes: list[tuple[int, int]], menu: list[Choice], pins: list[Pin],
-                  target: str | None = None) -> list[Choice]:
-    """The options measured on a group of tied layers: every menu option all its layers allow, and its pin."""
+                  target: str | None = None, embedding: bool = False) -> list[Choice]:
+    """The options measured on a group of tied layers: every menu option all its layers allow, and its pin.
+    For an input `embedding`, those it can take (`embedding_choices`)."""
     pinned = pinned_choice(layers, pins)
+    if embedding:
+        menu = embedding_choices(menu)
+        if pinned is not None:
+            if not embedding_choices([pinned]):
+                raise MenuError(f"{layers[0]} is pinned to {pinned}, which an embedding cannot look up row by row; "
+                                "pin a format with groups or per-channel scales, e.g. q8_0")
+            pinned = embedding_choices([pinned])[0]
     if pinned is not None and not all(allowed(pinned, shape, target) for shape in shapes):
         raise MenuError(f"{layers[0]} is pinned to {pinned}, which a {target} file cannot hold; pin an option "
                         f"such as {TARGET_OPTIONS[target][0]}")

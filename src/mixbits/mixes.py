@@ -19,22 +19,26 @@ from torch import nn
 
 from .allocate import Budget, BudgetError, Option, allocate
 from .measure import GroupSensitivity, Sensitivity, SensitivityError, other_parameters
-from .menu import Choice, Pin, check_pins_match, group_choices, pinned_choice
-from .models.structure import quantizable_linears
+from .menu import Choice, MenuError, Pin, check_pins_match, embedding_choices, group_choices, pinned_choice
+from .models.structure import outer_layers, quantizable_linears
 from .plan import KEEP, LayerPlan, Plan, option_bits
 
 def allocated_plan(sensitivity: Sensitivity, budget: Budget, damage: str = "kl", pins: list[Pin] = (),
                    menu: list[Choice] | None = None) -> Plan:
     """The least-damage plan within `budget`, by `damage` ("kl" or "proxy"), from the options of `menu`
-    (None: every option the sensitivity measured; a file can hold more than one menu's)."""
+    (None: every option the sensitivity measured; a file can hold more than one menu's).
+
+    A budget over the whole model also allocates the embedding and an untied head where the sensitivity measured
+    them (`measure(outer=True)`); otherwise they stay in 16 bits, counted as fixed."""
     if damage not in sensitivity.damages:
         raise SensitivityError(f"this sensitivity has no {damage!r} damage (it has {', '.join(sensitivity.damages)}); "
                                "measure it, or allocate by proxy")
     groups: dict[str, list[Option]] = {}
-    for group in sensitivity.groups:
-        measured = group.options if menu is None else [o for o in group.options if o.choice in menu]
+    for group in _allocated_groups(sensitivity, budget):
+        measured = group.options if menu is None else [o for o in group.options if o.choice in _menu_of(group, menu)]
         pinned = pinned_choice(group.layers, list(pins))
         if pinned is not None:
+            pinned = group.applicable(pinned)
             measured = [o for o in group.options if o.choice == pinned]
             if not measured:
                 raise SensitivityError(f"group {group.name} is pinned to {pinned}, which the sensitivity file did not "
@@ -44,8 +48,16 @@ def allocated_plan(sensitivity: Sensitivity, budget: Budget, damage: str = "kl",
                                    "measure them, or give options it holds")
         groups[group.name] = [Option(str(o.choice), o.bits, getattr(o, damage)) for o in measured]
     chosen = allocate(groups, _budget_bits(sensitivity, budget))
-    by_name = {str(o.choice): o.choice for g in sensitivity.groups for o in g.options}
-    return _plan(sensitivity, {name: by_name[option.name] for name, option in chosen.items()}, damage, budget)
+    by_name = {(g.name, str(o.choice)): o.choice for g in _allocated_groups(sensitivity, budget) for o in g.options}
+    return _plan(sensitivity, {name: by_name[name, option.name] for name, option in chosen.items()}, damage, budget)
+
+
+def _allocated_groups(sensitivity: Sensitivity, budget: Budget | None) -> list[GroupSensitivity]:
+    return sensitivity.groups + (sensitivity.outer if budget is not None and budget.whole_model else [])
+
+
+def _menu_of(group: GroupSensitivity, menu: list[Choice]) -> list[Choice]:
+    return embedding_choices(menu) if group.embedding else menu
 
 
 def uniform_plan(sensitivity: Sensitivity, choice: Choice, damage: str = "proxy") -> Plan:
@@ -106,16 +118,26 @@ def check_budget(model: nn.Module, menu: list[Choice], pins: list[Pin], budget: 
     the allocator's exact check catches the rest.
     """
     linears = quantizable_linears(model)
-    check_pins_match(list(pins), [name for name, _ in linears])
+    outside = outer_layers(model)
+    check_pins_match(list(pins), [name for name, _ in linears + outside])
+    if not budget.whole_model:
+        for pin in pins:
+            if not any(pin.matches(name) for name, _ in linears):
+                raise MenuError(f"pin {pin.pattern!r} names only layers outside the blocks; they join plans whose "
+                                "budget counts the whole model (--scope model or --size)")
+    allocated = linears + (outside if budget.whole_model else [])
     smallest = largest = 0
-    for name, linear in linears:
-        rows, cols = linear.weight.shape
+    for name, layer in allocated:
+        rows, cols = layer.weight.shape
+        embedding = isinstance(layer, nn.Embedding)
+        choices = group_choices([name], [(rows, cols)], menu, list(pins), target, embedding)
         pinned = pinned_choice([name], list(pins))
-        choices = [pinned] if pinned else group_choices([name], [(rows, cols)], menu, list(pins), target)
+        if pinned is not None:
+            choices = embedding_choices([pinned]) if embedding else [pinned]
         sizes = [option_bits(c.option, rows, cols) for c in choices]
         smallest, largest = smallest + min(sizes), largest + max(sizes)
-    weights = sum(linear.weight.numel() for _, linear in linears)
-    limit = budget.layer_bits(weights, other_parameters(model, linears))
+    weights = sum(layer.weight.numel() for _, layer in allocated)
+    limit = budget.layer_bits(weights, other_parameters(model, allocated))
     if limit < smallest:
         raise BudgetError(f"{budget} is below the smallest achievable ({smallest / weights:.4f} bits per weight of the "
                           f"quantized layers, {smallest:,} bits; the largest useful is {largest / weights:.4f}); "
@@ -123,7 +145,8 @@ def check_budget(model: nn.Module, menu: list[Choice], pins: list[Pin], budget: 
 
 
 def _budget_bits(sensitivity: Sensitivity, budget: Budget) -> int:
-    bits = budget.layer_bits(sensitivity.weights, sensitivity.other_parameters)
+    outer = sum(g.weights for g in _allocated_groups(sensitivity, budget)[len(sensitivity.groups):])
+    bits = budget.layer_bits(sensitivity.weights + outer, sensitivity.other_parameters - outer)
     if bits <= 0:
         raise BudgetError(f"{budget} leaves no bits for the quantized layers after the other "
                           f"{sensitivity.other_parameters:,} parameters at 16 bits; raise it")
@@ -139,7 +162,7 @@ def _plan(sensitivity: Sensitivity, chosen: dict[str, Choice], damage: str, budg
     layers = [
         LayerPlan(name, group.name, chosen[group.name].option, chosen[group.name].solver, shape,
                   _damage(group, chosen[group.name], damage))
-        for group in sensitivity.groups
+        for group in _allocated_groups(sensitivity, budget)
         for name, shape in zip(group.layers, group.shapes)
     ]
     return Plan(layers, dict(sensitivity.model), budget.as_dict() if budget else {}, damage)

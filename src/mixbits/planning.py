@@ -24,6 +24,7 @@ from .menu import Choice, Pin, parse_menu
 from .mixes import allocated_plan, check_budget
 from .models.loaded import LoadedModel
 from .models.loader import load_model
+from .models.structure import outer_layers
 from .plan import Plan
 from .solvers import GptqSettings
 
@@ -45,9 +46,11 @@ def sensitivity_for(
     kl_len: int = defaults.KL_LEN,
     fisher_windows: int = defaults.FISHER_WINDOWS,
     ties: bool = True,
+    outer: bool = False,
     progress: bool = True,
 ) -> Sensitivity:
-    """The damage of every option of `menu` (None: the default menu) on every layer group of `loaded`.
+    """The damage of every option of `menu` (None: the default menu) on every layer group of `loaded`, and with
+    `outer` on the embedding and an untied head (what budgets over the whole model allocate too).
 
     With `path` naming an existing file, its measurements are reused after checking they were taken on this model,
     calibration, GPTQ settings and clip search; options it lacks are measured alike and written back. With `path`
@@ -59,11 +62,11 @@ def sensitivity_for(
         raise MixbitsError(f"damage must be 'kl' or 'proxy', got {damage!r}")
     loaded = load_model(loaded)  # an nn.Module is named by its weights' digest, which a file's reuse checks
 
-    def measured(options: list[Choice], kl: bool) -> Sensitivity:
+    def measured(options: list[Choice], kl: bool, blocks: bool = True) -> Sensitivity:
         return measure(loaded, options, calibration=calibration, calibration_windows=calibration_windows,
                        calibration_len=calibration_len, pins=pins, ties=ties, kl=kl, kl_windows=kl_windows,
                        kl_len=kl_len, fisher_windows=fisher_windows, target=target, clip_search=clip_search,
-                       gptq=gptq, progress=progress)
+                       gptq=gptq, outer=outer, blocks=blocks, progress=progress)
 
     if path is None or not Path(path).exists():
         found = measured(menu, kl=damage == "kl")
@@ -72,23 +75,31 @@ def sensitivity_for(
         return found
 
     found = Sensitivity.load(path)
+    outer = outer or bool(found.outer)  # its embedding and head measurements are kept up with the menu too
     if isinstance(calibration, torch.Tensor):  # the windows are given: their own count and length
         calibration_windows, calibration_len = calibration.shape
     found.check(loaded, [], target, calibration=(calibration_name(calibration), calibration_windows, calibration_len),
                 gptq=gptq, clip_search=clip_search)
     if damage not in found.damages:
         raise SensitivityError(f"{path} holds no {damage} damage; use --damage proxy or measure again")
+    lacks_outer = outer and not found.outer and bool(outer_layers(loaded.model))
     missing = found.missing(menu, target)
-    if not missing:
+    if not missing and not lacks_outer:
         if progress:
             print(f"sensitivity: reusing {path}", file=sys.stderr)
         return found
     if found.kl_windows and found.kl_windows != {"count": kl_windows, "length": kl_len}:
         raise SensitivityError(f"{path} measured its KL on {found.kl_windows['count']} x {found.kl_windows['length']} "
                                "tokens; pass the same --kl-windows/--kl-window-len to add options to it")
-    if progress:
-        print(f"sensitivity: measuring {', '.join(map(str, missing))}, missing from {path}", file=sys.stderr)
-    found = found.extended(measured(missing, kl=bool(found.kl_windows)))
+    if lacks_outer:
+        if progress:
+            print(f"sensitivity: measuring the embedding and head, missing from {path}", file=sys.stderr)
+        found = found.extended(measured(menu, kl=bool(found.kl_windows), blocks=False))
+        missing = found.missing(menu, target)
+    if missing:
+        if progress:
+            print(f"sensitivity: measuring {', '.join(map(str, missing))}, missing from {path}", file=sys.stderr)
+        found = found.extended(measured(missing, kl=bool(found.kl_windows)))
     found.save(path)
     return found
 
@@ -114,5 +125,5 @@ def plan_for_budget(
     check_budget(loaded.model, menu, list(pins), budget, target)
     if not isinstance(sensitivity, Sensitivity):
         sensitivity = sensitivity_for(loaded, menu, path=sensitivity, damage=damage, pins=pins, target=target,
-                                      **measure_options)
+                                      outer=budget.whole_model, **measure_options)
     return allocated_plan(sensitivity, budget, damage, list(pins), menu), sensitivity

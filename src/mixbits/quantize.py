@@ -40,7 +40,7 @@ from .formats import Format, QuantizedTensor, parse_format
 from .memory import peak_bytes, reset_peak
 from .models.registry import adapter_for
 from .models.loaded import LoadedModel
-from .models.structure import output_head, quantizable_linears, untie_head
+from .models.structure import outer_layers, output_head, quantizable_linears, untie_head
 from .plan import KEEP, LayerTotals, Plan, PlanError, option_bits
 from .solvers import GptqSettings, approximation, round_to_nearest, solve_many
 from .transforms.rotation import rotate as rotate_model
@@ -173,6 +173,16 @@ def quantize(
         if plan is not None and any(layer.name == head[0] for layer in plan.layers):
             raise MixbitsError(f"the plan already sets the option of {head[0]}; drop the head format")
     embedding_option = KEEP if embedding_format in (None, KEEP) else str(parse_format(embedding_format))
+    if plan is not None:  # a plan for a whole-model budget also sets the embedding, and an untied head
+        embed = next((name for name, layer in outer_layers(module) if isinstance(layer, nn.Embedding)), None)
+        planned = next((layer for layer in plan.layers if layer.name == embed), None)
+        if planned is not None:
+            if embedding_format is not None:
+                raise MixbitsError(f"the plan already sets the option of {embed}; drop the embedding format")
+            embedding_option = planned.option
+            plan = Plan([layer for layer in plan.layers if layer is not planned], plan.model, plan.budget, plan.damage)
+        untied = output_head(module)
+        include_head = include_head or (untied is not None and any(layer.name == untied[0] for layer in plan.layers))
     _check_embedding(module, embedding_option)
     if plan is not None:
         choices = _plan_choices(plan, module, [name for name, _ in quantizable_linears(module, include_head and head is None)])

@@ -55,6 +55,20 @@ def output_head(model: nn.Module) -> tuple[str, nn.Linear] | None:
     return name, head
 
 
+def outer_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers outside the blocks a whole-model budget can quantize: the input embedding (an nn.Embedding),
+    and an output head that has its own weight (a head tied to the embedding computes with the embedding's)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = []
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embed, nn.Embedding):
+        found.append((names[id(embed)], embed))
+    head = output_head(model)
+    if head is not None and (embed is None or head[1].weight is not embed.weight):
+        found.append(head)
+    return found
+
+
 def untie_head(model: nn.Module) -> None:
     """Give the output head its own weight if it shares it with the input embedding."""
     found = output_head(model)
