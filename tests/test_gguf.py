@@ -104,3 +104,94 @@ def test_gguf_target_keeps_only_exportable_options():
     assert len(group_choices(["a"], [(576, 576)], menu, [], None)) == 5
     with pytest.raises(MenuError, match="cannot hold"):
         group_choices(["a"], [(576, 576)], menu, [parse_pin("a=int3:g64:asym")], "gguf")
+
+
+# transformers reads every family GGUF export writes but gemma (v1) and mixtral (which it reads as a dense llama).
+READABLE = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "qwen3_moe", "qwen2_moe"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vocabulary(tmp_path_factory):
+    """A GGUF holding only a 64-token tokenizer, the tiny models' vocabulary (the default one takes seconds to copy)."""
+    path = tmp_path_factory.mktemp("vocabulary") / "tokenizer.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([chr(ord("A") + i) for i in range(64)])
+    writer.add_token_types([gguf.TokenType.NORMAL] * 64)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _exported_family(family, tmp_path, vocabulary, **settings):
+    from mixbits.models.tiny import tiny_model
+
+    model = tiny_model(family, **settings)
+    report = mixbits.quantize(model, "q8_0", progress=False)
+    save_quantized(model, report, tmp_path / "ckpt")
+    return model, export_gguf(tmp_path / "ckpt", tmp_path / "model.gguf", tokenizer_gguf=vocabulary)
+
+
+@pytest.mark.parametrize("family", READABLE)
+def test_every_exportable_family_reads_back_in_transformers_as_the_quantized_model(family, tmp_path, tiny_vocabulary):
+    """transformers' own GGUF reader (its name maps, its undoing of llama's row order and Gemma's 1 + w, its
+    unstacking of experts) must rebuild the function mixbits computes with."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mistral's sliding window: llama.cpp attends over the whole context
+        model, path = _exported_family(family, tmp_path, tiny_vocabulary)
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    allowed = {gguf.TENSOR_NAMES[kind] for kind in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch.upper()]]}
+    for tensor in reader.tensors:  # every tensor is one llama.cpp's architecture knows
+        assert tensor.name.rpartition(".")[0].replace("blk.0.", "blk.{bid}.").replace("blk.1.", "blk.{bid}.") in allowed
+    # transformers' reader does not take every setting back from a file (qwen3's head width, phi3's padding token,
+    # gemma's query scalar, qwen2_moe's expert width): give it the model's config, so its tensors are what is checked.
+    given = {"config": model.config} if family not in ("llama", "mistral", "qwen2") else {}
+    reloaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                    **given).eval()
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_exports_that_llama_cpp_would_compute_otherwise_are_refused(tmp_path, tiny_vocabulary):
+    with pytest.raises(ExportError, match="query_pre_attn_scalar"):
+        _exported_family("gemma2", tmp_path / "scale", tiny_vocabulary, query_pre_attn_scalar=256)
+    with pytest.raises(ExportError, match="renormalises"):
+        _exported_family("qwen3_moe", tmp_path / "routing", tiny_vocabulary, norm_topk_prob=False)
+    from mixbits.models.tiny import tiny_model
+
+    model = tiny_model("gemma")
+    report = mixbits.quantize(model, "q8_0", head_format="q8_0", progress=False)
+    save_quantized(model, report, tmp_path / "head")
+    with pytest.raises(ExportError, match="quantize without it"):
+        export_gguf(tmp_path / "head", tmp_path / "head.gguf", tokenizer_gguf=tiny_vocabulary)
+    assert not (tmp_path / "head.gguf").exists()
+    with pytest.warns(UserWarning, match="full attention"):
+        _exported_family("mistral", tmp_path / "window", tiny_vocabulary)
+
+
+def test_gemma_norms_are_written_as_one_plus_w_and_mixtral_experts_stacked(tmp_path, tiny_vocabulary):
+    model, path = _exported_family("gemma", tmp_path / "gemma", tiny_vocabulary)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    assert "output.weight" not in tensors  # llama.cpp's gemma always computes the output with token_embd
+    norm = model.model.layers[0].input_layernorm.weight.detach().numpy()
+    assert np.array_equal(tensors["blk.0.attn_norm.weight"].data, norm + 1)
+
+    model, path = _exported_family("mixtral", tmp_path / "mixtral", tiny_vocabulary)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    experts = model.model.layers[1].mlp.experts
+    gate = gguf.quants.dequantize(tensors["blk.1.ffn_gate_exps.weight"].data, gguf.GGMLQuantizationType.Q8_0)
+    down = gguf.quants.dequantize(tensors["blk.1.ffn_down_exps.weight"].data, gguf.GGMLQuantizationType.Q8_0)
+    rows = experts.gate_up[0].weight.shape[0] // 2
+    for e in range(experts.num_experts):
+        assert np.array_equal(gate[e], experts.gate_up[e].weight.detach()[:rows].numpy())
+        assert np.array_equal(down[e], experts.down[e].weight.detach().numpy())

@@ -23,3 +23,7 @@ class TextError(MixbitsError):
 
 class TransformError(MixbitsError):
     """A rotation or other transform was asked for with an invalid size or input."""
+
+
+class ExportError(MixbitsError):
+    """A checkpoint cannot be written in the asked format, or for the asked runtime."""

@@ -15,12 +15,17 @@ exactly the weights mixbits computed with:
 K-quants need rows that are whole 256-value super-blocks. The embedding (an
 outer layer of the checkpoint) is written the same way, from its codes or
 its 16-bit values; a head tied to it is not written (llama.cpp reuses
-token_embd). Other tensors (norms; the embedding of a version 1 checkpoint)
-are written as float32, as the model holds them, or as Q8_0 where that
-holds them exactly (an embedding from a Q8_0 GGUF). Rows are
-permuted where GGML's layout differs (q_proj and k_proj's rotary pairs for
-llama), as llama.cpp's converter does; the adapter says where
-(`models.adapter`). The tokenizer's metadata is copied from the GGUF the model
+token_embd), except where llama.cpp's architecture requires an output
+tensor. Other tensors (norms, biases, routers; the embedding of a version 1
+checkpoint) are written as float32, as the model holds them, or as Q8_0
+where that holds them exactly (an embedding from a Q8_0 GGUF). Everything
+the architecture changes is the adapter's (`models.adapter`): llama.cpp's
+architecture and metadata, rows permuted where GGML's layout differs
+(q_proj and k_proj's rotary pairs, and their biases, for llama), norms
+stored otherwise (Gemma's 1 + w), experts stacked per projection (one type
+for all experts of one), and tensors llama.cpp computes from (Llama 3's
+rotary factors); configurations llama.cpp would compute otherwise are
+refused in one line. The tokenizer's metadata is copied from the GGUF the model
 came from when that file is known, else converted from the Hugging Face
 tokenizer files in the checkpoint.
 """
@@ -34,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import MixbitsError
+from ..errors import ExportError, MixbitsError
 from ..formats import parse_format
 from ..hashing import sha256_file
 from ..models.registry import adapter_for, exportable_types
@@ -46,10 +51,6 @@ GGML_FORMATS = {name: parse_format(name) for name in ("q8_0", "q4_0", "q4_1", "q
 SUPER_BLOCK = 256
 
 
-class ExportError(MixbitsError):
-    """A checkpoint cannot be written in the asked format."""
-
-
 def ggml_type_name(option: str, shape: tuple[int, int]) -> str:
     """The GGML type of a layer's option ("q4_k", ..., "f16"), or an ExportError naming the nearest one."""
     if option == KEEP:
@@ -57,6 +58,9 @@ def ggml_type_name(option: str, shape: tuple[int, int]) -> str:
     fmt = parse_format(option)
     for name, ggml in GGML_FORMATS.items():
         if fmt == ggml:
+            if shape[1] % 32:
+                raise ExportError(f"GGML's blocks are 32 values of a row; this layer's rows have {shape[1]}, so it "
+                                  "can only be exported in 16 bits (fp16)")
             if name in ("q4_k", "q6_k") and shape[1] % SUPER_BLOCK:
                 raise ExportError(f"{option} ({name}) needs rows of whole {SUPER_BLOCK}-value super-blocks, this layer's "
                                   f"rows have {shape[1]} values; use q4_0, q4_1 or q8_0 for it")
@@ -97,23 +101,18 @@ def export_gguf(directory: str | Path, out: str | Path, *, tokenizer_gguf: str |
         raise ExportError(f"GGUF export has no writer for {config.model_type!r} models yet (it writes: "
                           f"{', '.join(exportable_types())}); use the mixbits checkpoint")
     layers = {layer["name"]: layer for layer in info["layers"] + info.get("outer", [])}
+    adapter.gguf_check(config, set(layers))
     types = {name: ggml_type_name(layer["option"], tuple(layer["shape"])) for name, layer in layers.items()}
     quantized, floats = load_file(str(directory / QUANTIZED)), load_file(str(directory / FLOAT))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    tensors = _tensors(adapter, config, info, layers, types, quantized, floats, names)
 
     temporary = out.with_name(out.name + f".tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(str(temporary), arch)
     try:
         _add_metadata(writer, adapter, config, info, directory, tokenizer_gguf)
-        for name, tensor in floats.items():
-            if name in info["tied"] or name.rpartition(".")[0] in layers:
-                continue  # a tied copy (llama.cpp reuses token_embd), or a quantized layer's bias (none in llama)
-            data, raw_type = _float_tensor(tensor)
-            writer.add_tensor(_gguf_name(names, name), data, raw_dtype=raw_type)
-        for name, layer in layers.items():
-            order = adapter.row_permutation(name, layer["shape"][0], config)
-            data, raw_type = _blocks(types[name], layer, layer_tensors(quantized, name), order)
-            writer.add_tensor(_gguf_name(names, name + ".weight"), data, raw_dtype=raw_type)
+        for name, (data, raw_type) in tensors.items():
+            writer.add_tensor(name, data, raw_dtype=raw_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -127,6 +126,40 @@ def export_gguf(directory: str | Path, out: str | Path, *, tokenizer_gguf: str |
         temporary.unlink(missing_ok=True)
         raise
     return out
+
+
+def _tensors(adapter, config, info: dict, layers: dict, types: dict, quantized: dict, floats: dict, names) -> dict:
+    """Every GGUF tensor by name: (data, GGML type or None for float data as given)."""
+    tensors: dict[str, tuple[np.ndarray, object]] = {}
+    for name, tensor in floats.items():
+        if name in info["tied"]:
+            continue  # a tied copy: llama.cpp reuses token_embd (where it takes an output at all, it is added below)
+        base = name.rpartition(".")[0]
+        order = adapter.row_permutation(base, tensor.shape[0], config) if base in layers else None
+        data, raw_type = _float_tensor(tensor if order is None else tensor[order])
+        tensors[_gguf_name(names, name)] = (adapter.gguf_tensor(name, data, raw_type, config), raw_type)
+    stacked: dict[str, dict[int, tuple[np.ndarray, object]]] = {}
+    for name, layer in layers.items():
+        order = adapter.row_permutation(name, layer["shape"][0], config)
+        data, raw_type = _blocks(types[name], layer, layer_tensors(quantized, name), order)
+        for module, rows, expert in adapter.gguf_pieces(name, layer["shape"][0], config):
+            piece = adapter.gguf_tensor(module + ".weight", data if rows is None else data[rows], raw_type, config)
+            if expert is None:
+                tensors[_gguf_name(names, module + ".weight")] = (piece, raw_type)
+            else:
+                stacked.setdefault(_gguf_name(names, module + ".weight"), {})[expert] = (piece, raw_type, name)
+    for name, experts in stacked.items():
+        kinds = {raw_type for _, raw_type, _ in experts.values()}
+        if len(kinds) > 1 or sorted(experts) != list(range(len(experts))):
+            first = experts[min(experts)][2]
+            raise ExportError(f"llama.cpp stacks the experts of {name} in one tensor of one type, but {first} and "
+                              "its siblings were quantized differently; give every expert of a projection one option")
+        tensors[name] = (np.stack([experts[e][0] for e in sorted(experts)]), kinds.pop())
+    if adapter.gguf_output_required(config) and "output.weight" not in tensors:  # a tied head, written as a copy
+        tensors["output.weight"] = tensors["token_embd.weight"]
+    for name, values in adapter.gguf_extra_tensors(config).items():
+        tensors[name] = (values, None)
+    return tensors
 
 
 def _float_tensor(tensor: torch.Tensor) -> tuple[np.ndarray, object]:

@@ -13,8 +13,10 @@ An adapter, found by the Hugging Face `model_type`s it serves (`registry.py`), d
 - `bumped`: the layers llama.cpp-style mixes give one step more;
 - `prepare`: turns weights a family stores otherwise (stacked MoE experts)
   into ordinary nn.Linears, in place, keeping the function;
-- GGUF: the architecture, metadata and row order llama.cpp expects
-  (`gguf_architecture` None: no export).
+- GGUF: llama.cpp's architecture for each model type, its metadata, and
+  how tensors map to its layout (row order, norms stored otherwise,
+  experts stacked, tensors llama.cpp computes from); `gguf_architecture`
+  None: no export.
 
 Blocks and their quantizable Linears are found structurally for every model
 (`structure.py`), so a model whose family has no adapter still quantizes,
@@ -25,12 +27,16 @@ architecture.
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..errors import TransformError
+from ..errors import ExportError, TransformError
 
 
 @dataclass
@@ -88,7 +94,6 @@ class Adapter:
 
     name = "generic"
     model_types: tuple[str, ...] = ()
-    gguf_model_types: tuple[str, ...] = ()  # those GGUF export writes (as llama.cpp's architecture of that name)
     bumped: tuple[str, ...] = ()
 
     def prepare(self, model: nn.Module) -> None:
@@ -115,14 +120,116 @@ class Adapter:
             raise TransformError("this model has no final `norm` where mixbits looks; quantize its head with rtn")
         return norm
 
+    # GGUF export (io/gguf.py) asks the adapter everything llama.cpp's architecture of that name expects.
+    gguf_architectures: ClassVar[dict[str, str]] = {}  # Hugging Face model_type -> llama.cpp's architecture
+
     def gguf_architecture(self, config) -> str | None:
         """llama.cpp's architecture name for this model, or None if mixbits cannot export it."""
-        return config.model_type if config.model_type in self.gguf_model_types else None
+        return self.gguf_architectures.get(config.model_type)
 
-    def row_permutation(self, layer: str, rows: int, config) -> torch.Tensor | None:
-        """GGUF's row order of a layer, if it differs from the model's."""
-        return None
+    def gguf_output_required(self, config) -> bool:
+        """Whether llama.cpp's architecture needs an output tensor even for a head tied to token_embd."""
+        return False
+
+    def gguf_check(self, config, layers: set[str]) -> None:
+        """Refuse (ExportError, one line) a configuration, or a checkpoint of these stored `layers`, that llama.cpp
+        would compute otherwise."""
 
     def gguf_metadata(self, writer, config) -> None:
         raise NotImplementedError
 
+    def row_permutation(self, layer: str, rows: int, config) -> torch.Tensor | None:
+        """GGUF's row order of a layer (or of its bias), if it differs from the model's."""
+        return None
+
+    def gguf_tensor(self, name: str, data: np.ndarray, ggml_type, config) -> np.ndarray:
+        """A tensor as llama.cpp expects it: `data` is float values (`ggml_type` None) or GGML block bytes per row
+        (Gemma: norms stored as 1 + w; qwen2_moe: the shared expert's gate as one vector)."""
+        return data
+
+    def gguf_pieces(self, layer: str, rows: int, config) -> list[tuple[str, slice | None, int | None]]:
+        """Where a layer's rows go: (module name the GGUF name map knows, rows taken or None for all, expert index
+        in a stacked tensor or None)."""
+        return [(layer, None, None)]
+
+    def gguf_extra_tensors(self, config) -> dict[str, np.ndarray]:
+        """Tensors llama.cpp needs that the model computes instead (rope frequency factors), by GGUF name."""
+        return {}
+
+
+def interleaved_rotary_rows(layer: str, rows: int, config) -> torch.Tensor | None:
+    """GGML's row order of q_proj/k_proj (rotary pairs interleaved per head) for llama.cpp's "llama" architecture,
+    which rotates adjacent pairs where Hugging Face rotates halves; as llama.cpp's converter permutes."""
+    if layer.endswith("self_attn.q_proj"):
+        heads = config.num_attention_heads
+    elif layer.endswith("self_attn.k_proj"):
+        heads = config.num_key_value_heads
+    else:
+        return None
+    index = torch.arange(rows)
+    return index.reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
+
+
+def rope_settings(config, layer_type: str = "full_attention") -> dict:
+    """The rotary parameters of the config (of one layer type where they differ by type), with rope_theta."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
+    params.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+    return params
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def gguf_base_metadata(writer, config, feed_forward: int | None = None) -> None:
+    """The keys every llama.cpp decoder reads: sizes, head counts, head width, the norm's epsilon."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(feed_forward or config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_key_length(head_dim(config))
+    writer.add_value_length(head_dim(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def gguf_rope(writer, params: dict, swa_params: dict | None = None) -> None:
+    """Rotary base and scaling keys: llama.cpp reads no scaling (default), linear, and llama3 (as the frequency
+    factors of `llama3_rope_factors`); other kinds are refused."""
+    import gguf
+
+    writer.add_rope_freq_base(float(params["rope_theta"]))
+    if swa_params is not None:
+        writer.add_rope_freq_base_swa(float(swa_params["rope_theta"]))
+    kind = params.get("rope_type", "default")
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+    elif kind not in ("default", "llama3"):
+        raise ExportError(f"GGUF export does not write {kind!r} rotary scaling yet; use the mixbits checkpoint")
+
+
+def llama3_rope_factors(params: dict, dim: int) -> np.ndarray | None:
+    """Llama 3's rotary scaling as llama.cpp takes it: one divisor per frequency (the `rope_freqs` tensor)."""
+    if params.get("rope_type") != "llama3":
+        return None
+    frequencies = 1.0 / (float(params["rope_theta"]) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    factor, low, high = params.get("factor", 8.0), params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    context = params.get("original_max_position_embeddings", 8192)
+    wavelength = 2 * math.pi / frequencies
+    smooth = (context / wavelength - low) / (high - low)
+    factors = np.where(wavelength < context / high, 1.0,
+                       np.where(wavelength > context / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)
+
+
+def check_full_attention(config, window: int | None) -> None:
+    """llama.cpp runs these architectures with full attention: warn where the model's sliding window would make
+    its outputs differ (beyond `window` tokens)."""
+    if window and window < config.max_position_embeddings:
+        warnings.warn(f"llama.cpp runs {config.model_type} with full attention: beyond {window} tokens of context its "
+                      "outputs differ from this model's sliding-window attention", stacklevel=3)

@@ -15,16 +15,34 @@ What differs from LLaMA's layout:
   block's layer type);
 - sliding-window and global attention layers alternate (`layer_types`).
 
-GELU (tanh) MLPs, gated like LLaMA's. No GGUF writer yet.
+GELU (tanh) MLPs, gated like LLaMA's.
+
+GGUF: llama.cpp's gemma, gemma2 and gemma3 store every norm as 1 + w, scale
+the embedding themselves, rotate halves (rows as they are), and take the
+attention scale from the head width; gemma and gemma2 always compute the
+output with token_embd (an untied head cannot be exported).
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+import numpy as np
 import torch
 from torch import nn
 
-from ..errors import TransformError
-from .adapter import Adapter, BlockLayout, Layout, attention_facts, shared_rope
+from ..errors import ExportError, TransformError
+from .adapter import (
+    Adapter,
+    BlockLayout,
+    Layout,
+    attention_facts,
+    gguf_base_metadata,
+    gguf_rope,
+    head_dim,
+    rope_settings,
+    shared_rope,
+)
 
 
 class GemmaAdapter(Adapter):
@@ -75,6 +93,43 @@ class GemmaAdapter(Adapter):
 
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.model.norm
+
+    gguf_architectures: ClassVar[dict[str, str]] = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+
+    def gguf_check(self, config, layers: set[str]) -> None:
+        if config.model_type != "gemma3_text" and "lm_head" in layers:
+            raise ExportError(f"llama.cpp's {config.model_type} computes the output with the input embedding; this "
+                              "checkpoint has its own head (quantized with --head?): quantize without it to export")
+        # llama.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads) for the one layer count each
+        # of gemma2 (46) and gemma3 (62) has at 27B; Hugging Face by query_pre_attn_scalar^-1/2.
+        special = {"gemma2": 46, "gemma3_text": 62}.get(config.model_type)
+        width = config.hidden_size / config.num_attention_heads if config.num_hidden_layers == special else head_dim(config)
+        scalar = getattr(config, "query_pre_attn_scalar", None) or head_dim(config)
+        if abs(scalar - width) > 1e-6 * width:
+            raise ExportError(f"llama.cpp scales this {config.model_type} model's queries by 1/sqrt({width:g}), the "
+                              f"model by 1/sqrt(query_pre_attn_scalar = {scalar:g}); it cannot be exported")
+        if config.model_type == "gemma2" and not (config.attn_logit_softcapping and config.final_logit_softcapping):
+            raise ExportError("llama.cpp's gemma2 always caps attention scores and logits; this model does not, "
+                              "so it cannot be exported")
+
+    def gguf_metadata(self, writer, config) -> None:
+        gguf_base_metadata(writer, config)
+        kind = config.model_type
+        if kind == "gemma3_text":
+            gguf_rope(writer, rope_settings(config, "full_attention"), rope_settings(config, "sliding_attention"))
+        else:
+            gguf_rope(writer, rope_settings(config))
+        if kind == "gemma2":
+            writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        if kind != "gemma" and getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        types = getattr(config, "layer_types", None)
+        if kind != "gemma" and types is not None:
+            writer.add_sliding_window(int(config.sliding_window))
+            writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+
+    def gguf_tensor(self, name: str, data: np.ndarray, ggml_type, config) -> np.ndarray:
+        return data + 1 if ggml_type is None and name.endswith("norm.weight") else data
 
 
 GEMMA = GemmaAdapter()

@@ -3,23 +3,40 @@
 One layout: RMSNorm before attention (q/k/v, then o) and before the MLP
 (gate/up, then down), SiLU-gated MLP, rotary attention with grouped-query
 heads; qwen3 adds per-head RMSNorms on queries and keys, mistral and qwen2
-may set a sliding window. GGUF export writes llama only (llama.cpp's llama
-architecture, q/k rows in its rotary order).
+may set a sliding window (llama.cpp attends over the whole context: export
+warns).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import TransformError
-from .adapter import Adapter, BlockLayout, Layout, attention_facts, shared_rope
+from .adapter import (
+    Adapter,
+    BlockLayout,
+    Layout,
+    attention_facts,
+    check_full_attention,
+    gguf_base_metadata,
+    gguf_rope,
+    head_dim,
+    interleaved_rotary_rows,
+    llama3_rope_factors,
+    rope_settings,
+    shared_rope,
+)
 
 
 class LlamaAdapter(Adapter):
     name = "llama"
     model_types = ("llama", "mistral", "qwen2", "qwen3")
-    gguf_model_types = ("llama",)
+    # llama.cpp runs mistral as llama (rotary pairs interleaved: q/k rows permuted), qwen2 and qwen3 as their own
+    # architectures (rotary halves, as Hugging Face: rows as they are; qwen2's q/k/v biases, qwen3's q/k norms).
+    gguf_architectures: ClassVar[dict[str, str]] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
     bumped = ("v_proj", "down_proj")  # llama.cpp's mixes give attn_v and ffn_down more bits
 
     def layout(self, model: nn.Module, purpose: str) -> Layout:
@@ -49,28 +66,21 @@ class LlamaAdapter(Adapter):
             raise unsupported
         return layout
 
+    def gguf_check(self, config, layers: set[str]) -> None:
+        window = getattr(config, "sliding_window", None)
+        check_full_attention(config, window if getattr(config, "use_sliding_window", True) else None)
+
     def row_permutation(self, layer: str, rows: int, config) -> torch.Tensor | None:
-        """GGML's row order of q_proj/k_proj (rotary pairs interleaved per head), as llama.cpp's converter permutes."""
-        if layer.endswith("self_attn.q_proj"):
-            heads = config.num_attention_heads
-        elif layer.endswith("self_attn.k_proj"):
-            heads = config.num_key_value_heads
-        else:
-            return None
-        index = torch.arange(rows)
-        return index.reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
+        return interleaved_rotary_rows(layer, rows, config) if self.gguf_architecture(config) == "llama" else None
 
     def gguf_metadata(self, writer, config) -> None:
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_head_count_kv(config.num_key_value_heads)
-        writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
-        writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_vocab_size(config.vocab_size)
+        gguf_base_metadata(writer, config)
+        writer.add_rope_dimension_count(head_dim(config))
+        gguf_rope(writer, rope_settings(config))
+
+    def gguf_extra_tensors(self, config) -> dict:
+        factors = llama3_rope_factors(rope_settings(config), head_dim(config))
+        return {} if factors is None else {"rope_freqs.weight": factors}
 
 
 LLAMA = LlamaAdapter()

@@ -13,17 +13,35 @@ are: the router stays float, the shared expert quantizes like any Linear.
 
 Experts that the calibration windows route too few tokens to have no
 usable Hessian; quantize rounds them to nearest instead of GPTQ and names
-them in a warning (`quantize.MIN_ROUTED_TOKENS`). Rotation, AWQ, the fast
-decoder and GGUF export do not handle expert blocks yet and say so.
+them in a warning (`quantize.MIN_ROUTED_TOKENS`). Rotation, AWQ and the
+fast decoder do not handle expert blocks yet and say so.
+
+GGUF: llama.cpp stacks each block's experts per projection (ffn_gate_exps,
+ffn_up_exps, ffn_down_exps: one type for all experts of a projection), so
+every expert's gate_up rows are split into its gate and up halves. mixtral
+is llama.cpp's llama (q/k rows permuted), qwen2_moe and qwen3_moe their own
+architectures, whose routing llama.cpp fixes (qwen2moe never renormalises
+the chosen experts' weights, qwen3moe always) and which treat every block
+as a mixture.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from ..errors import TransformError
-from .adapter import Adapter
+from ..errors import ExportError, TransformError
+from .adapter import (
+    Adapter,
+    gguf_base_metadata,
+    gguf_rope,
+    head_dim,
+    interleaved_rotary_rows,
+    llama3_rope_factors,
+    rope_settings,
+)
 
 
 class ExpertLinears(nn.Module):
@@ -72,6 +90,58 @@ class MoeAdapter(Adapter):
 
     def layout(self, model: nn.Module, purpose: str):
         raise TransformError(f"{purpose} does not handle mixture-of-experts blocks yet; run without it")
+
+
+    gguf_architectures: ClassVar[dict[str, str]] = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+
+    def gguf_output_required(self, config) -> bool:
+        return config.model_type == "qwen2_moe"
+
+    def gguf_tensor(self, name: str, data, ggml_type, config):
+        return data.reshape(-1) if name.endswith("shared_expert_gate.weight") else data  # llama.cpp's is one vector
+
+    def gguf_check(self, config, layers: set[str]) -> None:
+        kind = config.model_type
+        if kind in ("qwen2_moe", "qwen3_moe"):
+            renormalise = kind == "qwen3_moe"
+            if bool(getattr(config, "norm_topk_prob", False)) != renormalise:
+                raise ExportError(f"llama.cpp's {self.gguf_architecture(config)} {'always' if renormalise else 'never'} "
+                                  "renormalises the routing weights and this model does not; it cannot be exported")
+            if getattr(config, "decoder_sparse_step", 1) != 1 or getattr(config, "mlp_only_layers", None):
+                raise ExportError("llama.cpp treats every block as a mixture of experts and this model has dense "
+                                  "blocks; it cannot be exported")
+
+    def gguf_metadata(self, writer, config) -> None:
+        kind = config.model_type
+        expert = getattr(config, "moe_intermediate_size", None)
+        gguf_base_metadata(writer, config)
+        writer.add_expert_count(getattr(config, "num_local_experts", None) or config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        if expert:
+            writer.add_expert_feed_forward_length(expert)
+        if kind == "qwen2_moe":
+            writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+        if kind == "mixtral":
+            writer.add_rope_dimension_count(head_dim(config))
+        gguf_rope(writer, rope_settings(config))
+
+    def row_permutation(self, layer: str, rows: int, config):
+        return interleaved_rotary_rows(layer, rows, config) if self.gguf_architecture(config) == "llama" else None
+
+    def gguf_pieces(self, layer: str, rows: int, config):
+        block, _, rest = layer.partition(".mlp.experts.")
+        if not rest:
+            return [(layer, None, None)]
+        projection, expert = rest.split(".")
+        if projection == "down":
+            return [(f"{block}.mlp.experts.down_proj", None, int(expert))]
+        half = rows // 2  # gate_up's rows are [gate; up]
+        return [(f"{block}.mlp.experts.gate_proj", slice(0, half), int(expert)),
+                (f"{block}.mlp.experts.up_proj", slice(half, rows), int(expert))]
+
+    def gguf_extra_tensors(self, config) -> dict:
+        factors = llama3_rope_factors(rope_settings(config), head_dim(config))
+        return {} if factors is None else {"rope_freqs.weight": factors}
 
 
 MOE = MoeAdapter()

@@ -43,4 +43,4 @@ def supported_types() -> list[str]:
 
 def exportable_types() -> list[str]:
     """Model types GGUF export writes."""
-    return sorted({t for adapter in ADAPTERS.values() for t in adapter.gguf_model_types})
+    return sorted({t for adapter in ADAPTERS.values() for t in adapter.gguf_architectures})

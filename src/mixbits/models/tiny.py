@@ -20,16 +20,18 @@ FAMILIES = {  # model_type: (config class, model class, settings beyond COMMON)
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 64,
+    # query_pre_attn_scalar = head_dim, as in Gemma 2 2B/9B and Gemma 3 (the defaults are 256: their head_dim)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 64, "query_pre_attn_scalar": 16,
                                                      "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
-    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 64}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 64,
+                                                              "query_pre_attn_scalar": 16}),
 }
 MOE_FAMILIES = {  # mixture-of-experts: four experts, two per token
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
-                                                             "moe_intermediate_size": 48}),
+                                                             "moe_intermediate_size": 64, "norm_topk_prob": True}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,
-                                                            "moe_intermediate_size": 48,
+                                                            "moe_intermediate_size": 64,
                                                             "shared_expert_intermediate_size": 64}),
 }
 
