@@ -1,8 +1,8 @@
 """Each architecture adapter on a tiny random model of its family, against transformers' own forward.
 
-Per family: quantize -> save -> load computes the fake-quantized logits; AWQ's folded scales and the rotation
-leave the float logits unchanged (or the rotation is refused, for Gemma 2/3's norms on block outputs); the fast
-decoder's greedy tokens equal `model.generate`'s.
+Per family: quantize -> save -> load computes the fake-quantized logits (mixtures of experts: tests/test_moe.py);
+AWQ's folded scales and the rotation leave the float logits unchanged (or the rotation is refused, for Gemma 2/3's
+norms on block outputs); the fast decoder's greedy tokens equal `model.generate`'s.
 """
 
 import pytest
@@ -13,12 +13,13 @@ from mixbits.errors import TransformError
 from mixbits.formats import parse_format
 from mixbits.io.checkpoint import load_quantized, save_quantized
 from mixbits.models.registry import GENERIC, adapter_for
-from mixbits.models.tiny import FAMILIES, tiny_model
+from mixbits.models.tiny import FAMILIES, MOE_FAMILIES, tiny_model
 from mixbits.runtime.decode import Decoder
 from mixbits.transforms.rotation import rotate
 from mixbits.transforms.scaling import scale_model
 
-ROTATES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"}
+ROTATES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", *MOE_FAMILIES}
+EVERY = [*FAMILIES, *MOE_FAMILIES]
 PROMPT = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(3))
 CALIBRATION = torch.randint(0, 64, (4, 24), generator=torch.Generator().manual_seed(4))
 
@@ -28,7 +29,7 @@ def logits(model, ids=PROMPT):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY)
 def test_every_family_has_its_adapter(family):
     model = tiny_model(family)
     assert adapter_for(model) is not GENERIC
@@ -46,7 +47,7 @@ def test_saved_checkpoint_computes_the_fake_quantized_logits(tmp_path, family):
     assert torch.allclose(logits(loaded), logits(model), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY)
 def test_awq_scales_fold_without_changing_the_function(family):
     model = tiny_model(family)
     before = logits(model)
@@ -55,7 +56,7 @@ def test_awq_scales_fold_without_changing_the_function(family):
     assert (logits(model) - before).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY)
 def test_rotation_keeps_the_function_or_is_refused(family):
     model = tiny_model(family)
     before = logits(model)
@@ -75,7 +76,7 @@ def greedy_by_forward(model, ids, count):
     return ids[0]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY)
 def test_fast_decoder_generates_what_transformers_does(family):
     """Against transformers' forward; and against `generate`, except for Gemma 2 and 3, whose `generate`
     (transformers 5.24) gives logits up to 0.01 to 0.06 away from the same model's forward, prefill included,

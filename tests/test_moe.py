@@ -10,6 +10,7 @@ from mixbits.models.registry import adapter_for
 from mixbits.models.moe import ExpertLinears
 from mixbits.models.tiny import MOE_FAMILIES, tiny_model
 from mixbits.plan import option_bits
+from mixbits.runtime.decode import Decoder
 
 IDS = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(5))
 CALIBRATION = torch.randint(0, 64, (6, 24), generator=torch.Generator().manual_seed(6))
@@ -57,7 +58,9 @@ def test_each_expert_is_calibrated_on_the_tokens_routed_to_it():
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_every_expert_is_quantized_counted_saved_and_run_from_codes(tmp_path, family):
     model = tiny_model(family)
-    report = mixbits.quantize(model, "int4:g16:asym", solver="gptq", calibration=CALIBRATION, progress=False)
+    awq = family == "qwen2_moe"  # one scale through the norm for the router, every expert and the shared one
+    report = mixbits.quantize(model, "int4:g16:asym", solver="gptq", awq=awq, calibration=CALIBRATION, progress=False)
+    assert len(report.scaled) == (2 * 2 if awq else 0)  # per block: the attention's input and the MLP's
     names = [layer.name for layer in report.layers]
     experts = [n for n in names if ".experts." in n]
     assert len(experts) == 2 * 4 * 2  # blocks x experts x (gate_up, down)
@@ -68,6 +71,10 @@ def test_every_expert_is_quantized_counted_saved_and_run_from_codes(tmp_path, fa
     loaded = load_quantized(tmp_path / "ckpt").model
     assert torch.allclose(logits(loaded), logits(model), atol=1e-4, rtol=1e-4)
     assert not any(type(m) is torch.nn.Linear for n, m in loaded.named_modules() if ".experts." in n)
+    ids = IDS
+    for _ in range(8):  # greedy by transformers' forward of the loaded model, step by step
+        ids = torch.cat([ids, logits(loaded, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(Decoder(loaded).generate(IDS[0], 8), ids[0])  # the fast decoder, experts from codes
 
 
 def test_an_expert_the_router_never_chooses_is_rounded_and_named():

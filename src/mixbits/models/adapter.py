@@ -45,8 +45,8 @@ class BlockLayout:
     attention_in: list[nn.Linear]  # Linears reading the normed stream before attention: q, k, v (or fused qkv)
     o: nn.Linear
     post_norm: nn.Module
-    mlp_in: list[nn.Linear]  # gate, up (or fused gate_up)
-    down: nn.Linear  # the Linear itself, also when wrapped by an input rotation
+    mlp_in: list[nn.Module]  # gate, up (or fused gate_up); in a mixture, the router and every expert's too
+    down: nn.Linear | None  # the Linear itself, also when wrapped by an input rotation; None in a mixture
     mlp: nn.Module  # holds `down_attribute`; an online rotation replaces it there
     v: nn.Linear | None = None  # separate value projection (feeds o: AWQ folds a scale through it)
     up: nn.Linear | None = None  # separate up projection (feeds down)
@@ -56,11 +56,24 @@ class BlockLayout:
     norm_offset: float = 0.0  # the norms scale by (norm_offset + weight): 1 for Gemma
     post_attention_norm: nn.Module | None = None  # norms on attention's and the MLP's outputs (Gemma 2 and 3)
     post_mlp_norm: nn.Module | None = None
+    # A mixture of experts: (module, attribute) of every Linear writing the MLP's output (each expert's down, a shared
+    # expert's), which the fast decoder runs by calling `mlp` itself.
+    experts_out: list[tuple[nn.Module, str]] | None = None
 
     @property
     def down_call(self) -> nn.Module:
         """down_proj as the block calls it (an online rotation wrapper included)."""
         return getattr(self.mlp, self.down_attribute)
+
+    @property
+    def down_slots(self) -> list[tuple[nn.Module, str]]:
+        """Where each Linear writing the MLP's output sits, as (module, attribute): an online rotation goes there."""
+        return self.experts_out if self.experts_out is not None else [(self.mlp, self.down_attribute)]
+
+    @property
+    def mlp_out(self) -> list[nn.Linear]:
+        """The Linears writing the MLP's output (unwrapped from an online rotation)."""
+        return [getattr(call, "linear", call) for call in (getattr(m, a) for m, a in self.down_slots)]
 
 
 @dataclass
@@ -79,9 +92,13 @@ class Layout:
 
 def attention_facts(config, attention: nn.Module, eps: float, rope, **more) -> dict:
     """`Layout.facts` from the config and the first block's attention module; `more` adds or overrides."""
+    window = getattr(config, "sliding_window", None) or None  # qwen2's configs say 0, or switch it off, for none
+    types = getattr(config, "layer_types", None)
+    if not getattr(config, "use_sliding_window", True) or (types is not None and "sliding_attention" not in types):
+        window = None
     return {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
             "head_dim": attention.head_dim, "scaling": attention.scaling,
-            "sliding_window": getattr(config, "sliding_window", None), "eps": eps, "rope": rope, **more}
+            "sliding_window": window, "eps": eps, "rope": rope, **more}
 
 
 def shared_rope(rotary: nn.Module):

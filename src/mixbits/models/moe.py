@@ -13,8 +13,10 @@ are: the router stays float, the shared expert quantizes like any Linear.
 
 Experts that the calibration windows route too few tokens to have no
 usable Hessian; quantize rounds them to nearest instead of GPTQ and names
-them in a warning (`quantize.MIN_ROUTED_TOKENS`). Rotation, AWQ and the
-fast decoder do not handle expert blocks yet and say so.
+them in a warning (`quantize.MIN_ROUTED_TOKENS`). The layout gives
+rotation and AWQ the router and every expert as readers of the normed
+stream and every expert's down_proj as a writer; the fast decoder runs the
+attention itself and calls the mixture module for the MLP.
 
 GGUF: llama.cpp stacks each block's experts per projection (ffn_gate_exps,
 ffn_up_exps, ffn_down_exps: one type for all experts of a projection), so
@@ -35,12 +37,16 @@ from torch import nn
 from ..errors import ExportError, TransformError
 from .adapter import (
     Adapter,
+    BlockLayout,
+    Layout,
+    attention_facts,
     gguf_base_metadata,
     gguf_rope,
     head_dim,
     interleaved_rotary_rows,
     llama3_rope_factors,
     rope_settings,
+    shared_rope,
 )
 
 
@@ -88,8 +94,32 @@ class MoeAdapter(Adapter):
                                      "gate_up_proj [E, 2I, H] and down_proj [E, H, I]; mixbits cannot split them")
             mlp.experts = ExpertLinears(experts.gate_up_proj, experts.down_proj, experts.act_fn)
 
-    def layout(self, model: nn.Module, purpose: str):
-        raise TransformError(f"{purpose} does not handle mixture-of-experts blocks yet; run without it")
+    def layout(self, model: nn.Module, purpose: str) -> Layout:
+        """LLaMA's attention; after the norm, the router, every expert's gate_up and a shared expert (qwen2_moe) read
+        the stream, every expert's down and the shared one write it."""
+        self.prepare(model)
+        try:
+            inner = model.model
+            blocks = []
+            for layer in inner.layers:
+                attention, mlp = layer.self_attn, layer.mlp
+                experts, shared = mlp.experts, getattr(mlp, "shared_expert", None)
+                readers = [mlp.gate, *experts.gate_up]
+                writers = [(experts.down, str(e)) for e in range(experts.num_experts)]
+                if shared is not None:
+                    readers += [shared.gate_proj, shared.up_proj, mlp.shared_expert_gate]
+                    writers.append((shared, "down_proj"))
+                blocks.append(BlockLayout(
+                    layer.input_layernorm, [attention.q_proj, attention.k_proj, attention.v_proj], attention.o_proj,
+                    layer.post_attention_layernorm, readers, None, mlp, v=attention.v_proj,
+                    q_norm=getattr(attention, "q_norm", None), k_norm=getattr(attention, "k_norm", None),
+                    experts_out=writers))
+            facts = attention_facts(model.config, inner.layers[0].self_attn, inner.norm.variance_epsilon,
+                                    shared_rope(inner.rotary_emb))
+        except AttributeError:
+            raise TransformError(f"{purpose} found this {model.config.model_type} model's modules not laid out as "
+                                 "qwen3_moe's, qwen2_moe's or mixtral's; run without it") from None
+        return Layout(inner.embed_tokens, blocks, inner.norm, model.lm_head, model.config.hidden_act, facts)
 
 
     gguf_architectures: ClassVar[dict[str, str]] = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}

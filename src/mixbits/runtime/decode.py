@@ -54,10 +54,11 @@ class Block:
     k_norm: nn.Module | None
     o: nn.Module
     post_norm: torch.Tensor
-    gate_up: nn.Module
-    down: nn.Module  # as the block calls it: an online input rotation (RotatedInput) included
+    gate_up: nn.Module | None  # None in a mixture of experts
+    down: nn.Module | None  # as the block calls it: an online input rotation (RotatedInput) included
     post_attention_norm: torch.Tensor | None = None  # norm weights on attention's and the MLP's outputs (Gemma)
     post_mlp_norm: torch.Tensor | None = None
+    mixture: nn.Module | None = None  # a mixture-of-experts MLP, called as the model calls it
     # the same four products as plain functions, for decode steps (see `matvec`)
     qkv_step: object = field(init=False, repr=False)
     o_step: object = field(init=False, repr=False)
@@ -66,7 +67,7 @@ class Block:
 
     def __post_init__(self):
         self.qkv_step, self.o_step = matvec(self.qkv), matvec(self.o)
-        self.gate_up_step, self.down_step = matvec(self.gate_up), matvec(self.down)
+        self.gate_up_step, self.down_step = (None, None) if self.mixture else (matvec(self.gate_up), matvec(self.down))
 
 
 class Stacked(nn.Module):
@@ -129,10 +130,12 @@ class Decoder:
         for layer in parts.blocks:
             def weight(norm, offset=layer.norm_offset):
                 return None if norm is None else norm.weight + offset
+            mixture = layer.mlp if layer.experts_out is not None else None
             self.blocks.append(Block(
                 weight(layer.input_norm), stack_linears(layer.attention_in), layer.q_norm, layer.k_norm, layer.o,
-                weight(layer.post_norm), stack_linears(layer.mlp_in), layer.down_call,
-                weight(layer.post_attention_norm), weight(layer.post_mlp_norm)))
+                weight(layer.post_norm), None if mixture else stack_linears(layer.mlp_in),
+                None if mixture else layer.down_call, weight(layer.post_attention_norm), weight(layer.post_mlp_norm),
+                mixture))
         self.act = ACTIVATIONS.get(parts.activation)
         if self.act is None:
             raise DecodeUnsupported(f"the fast decoder has no {parts.activation!r} activation; use model.generate")
@@ -234,13 +237,16 @@ class Decoder:
                 attended = self._attend(block, qkv, cos[table], sin[table], keys[index], values[index], start, mask)
             out = (block.o_step if step else block.o)(attended)
             h = h + (out if block.post_attention_norm is None else self._norm(out, block.post_attention_norm))
-            gate_up = (block.gate_up_step if step else block.gate_up)(self._norm(h, block.post_norm))
-            if self.native is not None:
-                activated = self.native.silu_mul(gate_up)
+            if block.mixture is not None:  # routing and experts as the model computes them (experts from codes)
+                out = block.mixture(self._norm(h, block.post_norm).unsqueeze(0))[0]
             else:
-                gate, up = gate_up.chunk(2, dim=-1)
-                activated = self.act(gate) * up
-            out = (block.down_step if step else block.down)(activated)
+                gate_up = (block.gate_up_step if step else block.gate_up)(self._norm(h, block.post_norm))
+                if self.native is not None:
+                    activated = self.native.silu_mul(gate_up)
+                else:
+                    gate, up = gate_up.chunk(2, dim=-1)
+                    activated = self.act(gate) * up
+                out = (block.down_step if step else block.down)(activated)
             h = h + (out if block.post_mlp_norm is None else self._norm(out, block.post_mlp_norm))
         if not every_position:
             h = h[-1:]

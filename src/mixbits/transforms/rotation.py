@@ -5,8 +5,8 @@ then 1), RMSNorm commutes with an orthogonal Q: ||Q^T h|| = ||h||. Storing the
 residual stream as Q^T h then only rewrites weights:
 
     embedding rows      E -> E Q
-    Linears reading h   W -> W Q       (q, k, v, gate, up, head)
-    Linears writing h   W -> Q^T W     (o, down; a bias b -> Q^T b)
+    Linears reading h   W -> W Q       (q, k, v, gate, up, head; a mixture's router and experts)
+    Linears writing h   W -> Q^T W     (o, down, every expert's down; a bias b -> Q^T b)
 
 and the model computes the same function while its weights and activations
 have their outliers spread over all channels. Q is a Hadamard matrix with
@@ -70,17 +70,18 @@ def rotate(model: nn.Module, online_down: bool = False, seed: int = 0) -> Rotati
     for block in decoder.blocks:
         for linear in block.attention_in + block.mlp_in:
             _right(linear, q)
-        for linear in (block.o, block.down):
+        for linear in [block.o, *block.mlp_out]:
             _left(linear, q)
     down_kind = None
     if online_down:
         for block in decoder.blocks:
-            if isinstance(block.down_call, RotatedInput):
-                continue
-            width = block.down.weight.shape[1]
-            rotation, down_kind = rotation_matrix(width, seed)
-            _right(block.down, rotation.double())  # W x = (W R)(R^T x), and x @ R is R^T x per token
-            setattr(block.mlp, block.down_attribute, RotatedInput(block.down, seed))
+            for holder, attribute in block.down_slots:  # every down_proj: one per expert in a mixture
+                down = getattr(holder, attribute)
+                if isinstance(down, RotatedInput):
+                    continue
+                rotation, down_kind = rotation_matrix(down.weight.shape[1], seed)
+                _right(down, rotation.double())  # W x = (W R)(R^T x), and x @ R is R^T x per token
+                setattr(holder, attribute, RotatedInput(down, seed))
     return Rotation(kind, down_kind)
 
 

@@ -13,7 +13,10 @@ which is the squared output error over all calibration tokens; alpha = 0
 1/s is folded into the operation that produces x: the RMSNorm weight before
 q/k/v and before gate/up, the rows of up_proj before down_proj, and the rows
 of v_proj before o_proj when their widths match (not with grouped-query
-attention). The model computes the same function before quantization.
+attention). In a mixture of experts the norm before the MLP feeds the
+router and every expert: one scale for all, searched on each expert's own
+tokens (the router is scaled alike, never quantized). The model computes
+the same function before quantization.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def scale_layer(
     layer: BlockLayout, stats: dict[nn.Linear, InputStats], fmt: Format, names: dict[nn.Linear, str]
 ) -> list[ScaledGroup]:
     """Search and fold scales for every scalable input of one decoder block, in place."""
-    groups: list[tuple[nn.Module, list[nn.Linear], float]] = [
+    groups: list[tuple[nn.Module, list[nn.Module], float]] = [
         (layer.input_norm, layer.attention_in, layer.norm_offset),
         (layer.post_norm, layer.mlp_in, layer.norm_offset),
     ]
@@ -53,10 +56,12 @@ def scale_layer(
     if layer.v is not None and layer.v.out_features == layer.o.in_features:
         groups.append((layer.v, [layer.o], 0.0))
     found = []
-    for producer, linears, offset in groups:
-        scales, group = search_scales([linear.weight for linear in linears], stats[linears[0]], fmt)
-        group.linears = [names[linear] for linear in linears]
-        fold_scales(producer, linears, scales, offset)
+    for producer, readers, offset in groups:
+        # A mixture's router reads the input too: it is scaled alike but, never quantized, adds no error.
+        quantized = [reader for reader in readers if reader in stats]
+        scales, group = search_scales([linear.weight for linear in quantized], [stats[linear] for linear in quantized], fmt)
+        group.linears = [names[linear] for linear in quantized]
+        fold_scales(producer, readers, scales, offset)
         found.append(group)
     return found
 
@@ -78,19 +83,30 @@ def scale_model(model: nn.Module, windows: torch.Tensor, fmt: Format) -> list[Sc
             for group in scale_block(layout.blocks[index], block, fmt)]
 
 
-def search_scales(weights: list[torch.Tensor], stats: InputStats, fmt: Format) -> tuple[torch.Tensor, ScaledGroup]:
-    """The per-input-channel scales (best alpha) for Linears sharing the input described by `stats`."""
-    hessian = stats.hessian.float()
-    magnitude = stats.abs_mean.float().clamp(min=1e-6)
+def search_scales(weights: list[torch.Tensor], stats: list[InputStats], fmt: Format) -> tuple[torch.Tensor, ScaledGroup]:
+    """The per-input-channel scales (best alpha) for Linears reading one input, each with the statistics of the
+    tokens it sees (all of them; in a mixture, an expert those routed to it).
+
+    The magnitude is the mean |x| over every token the Linears read (an expert's weighted by its tokens: every
+    token goes to the same number of experts, so this is the input's own mean), and the error the output error
+    summed over all of them (an expert's weighted by its share of the tokens; experts that saw none add nothing).
+    """
+    seen = [s for s in {id(s): s for s in stats}.values() if s.tokens > 0]
+    tokens = sum(s.tokens for s in seen)
+    mean = seen[0].abs_mean.float() if len(seen) == 1 else sum(s.abs_mean.float() * s.tokens for s in seen) / tokens
+    magnitude = mean.clamp(min=1e-6)
+    most = max(s.tokens for s in seen)
     best = None
     for alpha in ALPHAS:
         scales = magnitude.pow(alpha)
         scales = scales / (scales.max() * scales.min()).sqrt()
         error = 0.0
-        for weight in weights:
+        for weight, stat in zip(weights, stats):
+            if stat.tokens == 0:
+                continue
             w = weight.detach().float()
             delta = w - fmt.quantize(w * scales).dequantize() / scales
-            error += float(((delta @ hessian) * delta).sum())
+            error += float(((delta @ stat.hessian.float()) * delta).sum()) * stat.tokens / most
         if alpha == 0:
             unscaled = error
         if best is None or error < best[0]:
