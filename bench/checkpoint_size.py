@@ -25,7 +25,7 @@ from mixbits.eval import evaluate_domains, reference_scores
 from mixbits.io.checkpoint import save_quantized
 from mixbits.report import format_table
 
-from common import RESULTS, domain_cells, domain_protocol, write_results
+from common import domain_cells, domain_protocol, llama_cpp_file, write_results
 
 ROWS = [("int4:g128:asym", None), ("int4:g128:asym", "q8_0"), ("int4:g128:asym", "int4:g64:asym"), ("q4_0", "q8_0")]
 NAME = "checkpoint_size"
@@ -55,7 +55,7 @@ def main() -> None:
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
         del model
     record["results"] = results
-    llama = _llama_cpp_q4_0(names)
+    llama = llama_cpp_file("llama.cpp Q4_0", names)
     record["llama_cpp_q4_0"] = llama
     if llama is not None:
         rows.append(["llama.cpp Q4_0 (GGUF)", "Q8_0", 4.5, "—", f"{llama['mb']:.1f}", "—", *llama["cells"]])
@@ -66,19 +66,6 @@ def _cells(row: dict, names: list[str]) -> list:
     return [row["format"], row["embedding"], row["bits_per_weight"], f"{row['model_bits'] / 8e6:.1f}",
             f"{row['checkpoint_bytes'] / 1e6:.1f}", f"{row['tensor_file_bytes'] * 8 / row['model_bits'] - 1:+.2%}",
             *domain_cells(row, names)]
-
-
-def _llama_cpp_q4_0(names: list[str]) -> dict | None:
-    path = RESULTS / "llama_cpp.json"
-    if not path.exists():
-        return None
-    found = next((r for r in json.loads(path.read_text()).get("results", []) if r.get("file") == "llama.cpp Q4_0"), None)
-    if found is None:
-        return None
-    by_name = {d["name"]: d for d in found["evaluation"]["domains"]}
-    cells = [f"{by_name[n]['delta_perplexity']:+.1%}" for n in names]
-    cells.append(f"{found['evaluation']['mean_unseen']['delta_perplexity']:+.1%}")
-    return {"mb": found["bytes"] / 1e6, "cells": cells}
 
 
 def _markdown(record: dict, rows: list, names: list[str]) -> str:

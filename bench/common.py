@@ -50,3 +50,18 @@ def write_results(name: str, record: dict, markdown: str) -> None:
         tmp = target.with_suffix(suffix + ".tmp")
         tmp.write_text(content)
         os.replace(tmp, target)
+
+
+def llama_cpp_file(label: str, names: list[str]) -> dict | None:
+    """A file of bench/results/llama_cpp.json by its label: its size in MB and Δ ppl cells on `names` and their
+    unseen mean, under the protocol's evaluator (None if that benchmark has not run)."""
+    path = RESULTS / "llama_cpp.json"
+    if not path.exists():
+        return None
+    found = next((r for r in json.loads(path.read_text()).get("results", []) if r.get("file") == label), None)
+    if found is None:
+        return None
+    by_name = {d["name"]: d for d in found["evaluation"]["domains"]}
+    cells = [f"{by_name[n]['delta_perplexity']:+.1%}" for n in names]
+    cells.append(f"{found['evaluation']['mean_unseen']['delta_perplexity']:+.1%}")
+    return {"mb": found["bytes"] / 1e6, "bits_per_weight": found.get("decoder_bpw"), "cells": cells}

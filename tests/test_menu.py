@@ -1,5 +1,7 @@
 """Options, pins and budgets: parsing and the errors users see."""
 
+import math
+
 import pytest
 
 from mixbits.allocate import Budget, BudgetError, parse_size
@@ -45,6 +47,8 @@ def test_budgets_in_bits_per_weight_and_bytes():
     assert Budget(3.0).layer_bits(weights, others) == 3000
     assert Budget(3.0, scope="model").layer_bits(weights, others) == 3 * 1100 - 16 * 100
     assert Budget(bytes=500).layer_bits(weights, others) == 8 * 500 - 16 * 100
+    assert Budget(bytes=500).layer_bits(weights, others, 10) == 8 * 500 - 16 * 100 - 32 * 10  # norms kept in float32
+    assert Budget(3.0, scope="model").layer_bits(weights, others, 10) == math.floor(3 * 1110) - 16 * 100 - 32 * 10
     assert parse_size("60MB") == 60_000_000
     assert parse_size("1.5 KiB") == 1536
     assert parse_size("1e6") == 1_000_000

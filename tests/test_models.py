@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -64,6 +65,31 @@ def test_quantizing_the_head_unties_it_from_the_embedding(tiny_llama_dir):
     assert report.layers[-1].name == "lm_head"
     assert torch.equal(model.model.embed_tokens.weight, embed.half().float())
     assert not torch.equal(model.lm_head.weight, embed.half().float())
+
+
+def test_gpt2_conv1d_layers_quantize_save_and_load_as_linears(tmp_path):
+    """GPT-2 has no adapter and computes with transformers' Conv1D (x W + b): the generic path makes them Linears
+    (same function, against the untouched model), then they quantize, count and load like any."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mixbits.io.checkpoint import load_quantized, save_quantized
+    from mixbits.models.registry import adapter_for
+    from mixbits.plan import option_bits
+
+    torch.manual_seed(0)
+    original = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+    model = copy.deepcopy(original)
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(1))
+    report = mixbits.quantize(model, "int4:g16:asym", progress=False)
+    assert len(report.layers) == 2 * 4  # c_attn, attn c_proj, c_fc, mlp c_proj per block
+    assert report.bits == sum(option_bits("int4:g16:asym", *m.weight.T.shape) for n, m in original.named_modules()
+                              if type(m).__name__ == "Conv1D")
+    with torch.no_grad():
+        float_copy = copy.deepcopy(original)
+        adapter_for(float_copy).prepare(float_copy)
+        assert torch.allclose(float_copy(ids).logits, original(ids).logits, atol=1e-5)
+        save_quantized(model, report, tmp_path / "ckpt")
+        assert torch.allclose(load_quantized(tmp_path / "ckpt").model(ids).logits, model(ids).logits, atol=1e-5)
 
 
 def test_model_without_blocks_is_rejected():

@@ -107,9 +107,10 @@ def quiet_stdout():
         os.close(saved)
 
 
-# Parameters outside the quantized layers (embedding, norms, biases) are counted at 16 bits in
-# whole-model budgets: they are stored as float16.
+# In whole-model budgets, layers outside the allocation (an embedding or head not among its choices) count at
+# 16 bits, as they are stored; norms, biases and routers at 32, as the checkpoint keeps them.
 OTHER_PARAMETER_BITS = 16
+FLOAT_PARAMETER_BITS = 32
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -135,13 +136,14 @@ class Budget:
         embedding and an untied head are allocated too."""
         return self.bytes is not None or self.scope == "model"
 
-    def layer_bits(self, weights: int, other_parameters: int) -> int:
-        """Bits the quantized layers (holding `weights` weights) may use."""
-        fixed = OTHER_PARAMETER_BITS * other_parameters
+    def layer_bits(self, weights: int, other_parameters: int, float_parameters: int = 0) -> int:
+        """Bits the allocated layers (holding `weights` weights) may use, beside `other_parameters` stored in 16
+        bits and `float_parameters` in 32."""
+        fixed = OTHER_PARAMETER_BITS * other_parameters + FLOAT_PARAMETER_BITS * float_parameters
         if self.bytes is not None:
             return 8 * self.bytes - fixed
         if self.scope == "model":
-            return math.floor(self.bits_per_weight * (weights + other_parameters)) - fixed
+            return math.floor(self.bits_per_weight * (weights + other_parameters + float_parameters)) - fixed
         return math.floor(self.bits_per_weight * weights)
 
     def __str__(self) -> str:

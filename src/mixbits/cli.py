@@ -57,7 +57,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="rtn: round to nearest, no data; gptq: error compensation from calibration data "
                         "(default: rtn for one --format, gptq for the options of a plan)")
     q.add_argument("--awq", action="store_true", help="activation-aware scaling searched on calibration data")
-    q.add_argument("--rotate", action="store_true", help="Hadamard rotation of the residual stream (llama, mistral, qwen2, qwen3, phi3, gemma)")
+    q.add_argument("--rotate", action="store_true", help="Hadamard rotation of the residual stream (families with an adapter; not gemma2/gemma3)")
     q.add_argument("--online-hadamard", action="store_true", help="with --rotate, also rotate every down_proj input at run time")
     _add_calibration_args(q)
     mixed = q.add_argument_group("mixed precision (instead of --format)")
@@ -172,10 +172,10 @@ def _add_budget_args(parser, required: bool) -> None:
     budget = parser.add_mutually_exclusive_group(required=required)
     budget.add_argument("--bpw", type=float, help="budget in bits per weight (of the quantized layers; see --scope)")
     budget.add_argument("--size", help="budget as a model size, e.g. 60MB or 57.5MiB (the embedding and an untied head "
-                        "allocated too; norms and biases at 16 bits)")
+                        "allocated too; norms and biases at 32 bits, as stored)")
     parser.add_argument("--scope", choices=("layers", "model"), default="layers",
                         help="--bpw counts the quantized layers, or the whole model: then the embedding and an untied "
-                             "head are allocated too, norms and biases counted at 16 bits (default: %(default)s)")
+                             "head are allocated too, norms and biases counted at 32 bits (default: %(default)s)")
 
 
 def _add_plan_args(parser) -> None:

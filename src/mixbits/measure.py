@@ -19,6 +19,13 @@ calibration windows. Float inputs of every block are cached, so a group in
 block i reruns only blocks i..end and the head, and each layer is quantized
 once per option for both damages.
 
+Embedding and head. For budgets over the whole model, the input embedding is
+a group too (block -1), under the options it can look up row by row, rounded
+to nearest: its proxy is 1/2 sum over rows of F_row * dE^2 (the Fisher of its
+output per row and channel) plus, when the output head computes with the same
+rows, the head's proxy; its KL reruns every block. An untied head is a group
+after the last block (its KL reruns only the head).
+
 The options are quantized from the float model's statistics, each group on its
 own; `quantize` later solves them block-sequentially, so a plan's realised
 damage differs somewhat from the sum of the measured ones.
@@ -60,6 +67,13 @@ class LayerStats:
     hessian: torch.Tensor  # [C, C] input X^T X / tokens
     fisher: torch.Tensor  # [R] mean squared loss gradient per output channel
     tokens: int
+
+
+@dataclass
+class EmbeddingStats:
+    fisher: torch.Tensor  # [V, D] mean squared loss gradient of each row's output, per token
+    frequency: torch.Tensor  # [V] share of the calibration tokens that look the row up
+    scale: float  # the factor the model's embedding applies to the rows (Gemma: sqrt(hidden))
 
 
 def layer_statistics(
@@ -135,18 +149,11 @@ def layer_statistics(
         input_stats = shared_stats[id(accumulators[name])]
         stats[name] = LayerStats(input_stats.hessian, fisher[name] / fisher_tokens, input_stats.tokens)
     if row_fisher is not None:
-        names = {id(m): n for n, m in model.named_modules()}
+        embed_name = next(n for n, m in model.named_modules() if m is embed)
         frequency = torch.bincount(windows.reshape(-1), minlength=rows[0]).float() / windows.numel()
-        stats[names[id(embed)]] = EmbeddingStats(row_fisher / fisher_tokens, frequency,
+        stats[embed_name] = EmbeddingStats(row_fisher / fisher_tokens, frequency,
                                                  float(getattr(embed, "embed_scale", 1.0)))
     return stats, groups
-
-
-@dataclass
-class EmbeddingStats:
-    fisher: torch.Tensor  # [V, D] mean squared loss gradient of each row's output, per token
-    frequency: torch.Tensor  # [V] share of the calibration tokens that look the row up
-    scale: float  # the factor the model's embedding applies to the rows (Gemma: sqrt(hidden))
 
 
 def embedding_damage(weight: torch.Tensor, approx: torch.Tensor, stats: EmbeddingStats) -> tuple[float, float]:

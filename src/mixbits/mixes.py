@@ -137,7 +137,9 @@ def check_budget(model: nn.Module, menu: list[Choice], pins: list[Pin], budget: 
         sizes = [option_bits(c.option, rows, cols) for c in choices]
         smallest, largest = smallest + min(sizes), largest + max(sizes)
     weights = sum(layer.weight.numel() for _, layer in allocated)
-    limit = budget.layer_bits(weights, other_parameters(model, allocated))
+    held = [layer for layer in outside if not budget.whole_model]  # outside the allocation: stored in 16 bits
+    limit = budget.layer_bits(weights, sum(layer.weight.numel() for _, layer in held),
+                              other_parameters(model, linears + outside))
     if limit < smallest:
         raise BudgetError(f"{budget} is below the smallest achievable ({smallest / weights:.4f} bits per weight of the "
                           f"quantized layers, {smallest:,} bits; the largest useful is {largest / weights:.4f}); "
@@ -145,11 +147,15 @@ def check_budget(model: nn.Module, menu: list[Choice], pins: list[Pin], budget: 
 
 
 def _budget_bits(sensitivity: Sensitivity, budget: Budget) -> int:
-    outer = sum(g.weights for g in _allocated_groups(sensitivity, budget)[len(sensitivity.groups):])
-    bits = budget.layer_bits(sensitivity.weights + outer, sensitivity.other_parameters - outer)
+    """The allocated groups' bits: the budget less the rest at the bits it is stored in (a sensitivity without
+    the embedding's measurements does not tell it from the norms: all of it at 16 bits, as before)."""
+    allocated = sum(g.weights for g in _allocated_groups(sensitivity, budget)[len(sensitivity.groups):])
+    outer = sum(g.weights for g in sensitivity.outer)
+    floats = sensitivity.other_parameters - outer if sensitivity.outer else 0
+    bits = budget.layer_bits(sensitivity.weights + allocated, sensitivity.other_parameters - allocated - floats, floats)
     if bits <= 0:
         raise BudgetError(f"{budget} leaves no bits for the quantized layers after the other "
-                          f"{sensitivity.other_parameters:,} parameters at 16 bits; raise it")
+                          f"{sensitivity.other_parameters:,} parameters; raise it")
     return bits
 
 

@@ -15,8 +15,9 @@ With a `plan`, each layer gets its own option and solver (`plan.Plan`).
 The input embedding, and an output head that is neither tied to it nor
 quantized as a layer, are the report's `outer` layers: rounded to 16 bits
 by default, or the embedding quantized by round to nearest to
-`embedding_format` (each row on its own, so the runtime looks rows up from
-their codes). A head tied to the embedding computes with the same values.
+`embedding_format` or to the option a plan for a whole-model budget gives
+it (each row on its own, so the runtime looks rows up from their codes); such
+a plan may also set an untied head, then quantized as a layer. A head tied to the embedding computes with the same values.
 They are counted in `model_bits`, never in `bits_per_weight`, which stays
 the quantized blocks' (and a quantized head's) measure.
 """

@@ -19,6 +19,21 @@ ADAPTERS: dict[str, Adapter] = {name: adapter for adapter in FAMILIES for name i
 class GenericAdapter(Adapter):
     """The fallback for a model no family serves: nothing beyond the structure every model has."""
 
+    def prepare(self, model: nn.Module) -> None:
+        """transformers' Conv1D layers (GPT-2's: y = x W + b, W [in, out]) become nn.Linears of W^T, the same
+        function, so they quantize, save and load like any Linear."""
+        from transformers.pytorch_utils import Conv1D
+
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Conv1D):
+                    rows, cols = child.weight.shape[1], child.weight.shape[0]
+                    linear = nn.Linear(cols, rows, bias=child.bias is not None, dtype=child.weight.dtype)
+                    linear.weight = nn.Parameter(child.weight.detach().T.contiguous(), child.weight.requires_grad)
+                    if child.bias is not None:
+                        linear.bias = child.bias
+                    setattr(parent, name, linear)
+
     def layout(self, model: nn.Module, purpose: str) -> Layout:
         raise TransformError(f"{purpose} needs an architecture adapter; {model_type(model) or type(model).__name__} "
                              f"has none (supported: {', '.join(supported_types())}); run without it")
