@@ -2,7 +2,7 @@
 
 On the default model, for model sizes in bytes (every stored parameter: the
 embedding, tied to the output head, as its option stores it; norms counted
-at 16 bits), the allocator's plan from the default menu with the embedding
+at the 32 bits they are stored in), the allocator's plan from the default menu with the embedding
 among its choices (the menu's options it can look up row by row, rounded to
 nearest, and fp16) against the plan for the same size with the embedding
 held at 16 bits (what a size budget allocated before). Both are quantized as

@@ -69,6 +69,8 @@ def test_every_model_argument_is_checked_before_a_model_loads(tmp_path, capsys, 
     assert "does not exist" in refused(capsys, "generate", missing, "--prompt", "hello")
     assert "does not exist" in refused(capsys, "sweep", "--bpw", "3", "--out", str(tmp_path / "s"), "--model", missing)
     assert not (tmp_path / "p.json").exists() and not (tmp_path / "s").exists()
+    # A whole-model budget sets the embedding itself: a format for it too is refused before anything loads.
+    assert "pin them instead" in refused(capsys, "quantize", "--size", "60MB", "--embedding-format", "q8_0", "--no-eval")
 
 
 def test_corrupt_gguf_writes_nothing(tmp_path):

@@ -152,6 +152,15 @@ def test_every_exportable_family_reads_back_in_transformers_as_the_quantized_mod
     allowed = {gguf.TENSOR_NAMES[kind] for kind in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch.upper()]]}
     for tensor in reader.tensors:  # every tensor is one llama.cpp's architecture knows
         assert tensor.name.rpartition(".")[0].replace("blk.0.", "blk.{bid}.").replace("blk.1.", "blk.{bid}.") in allowed
+    fields = {key: field.contents() for key, field in reader.fields.items() if key.startswith(arch + ".")}
+    config = model.config
+    assert (fields[f"{arch}.block_count"], fields[f"{arch}.embedding_length"]) == (2, config.hidden_size)
+    width = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert fields[f"{arch}.attention.key_length"] == width
+    assert fields[f"{arch}.attention.head_count_kv"] == config.num_key_value_heads
+    if "moe" in family:
+        assert (fields[f"{arch}.expert_count"], fields[f"{arch}.expert_used_count"]) == (4, 2)
+        assert fields[f"{arch}.expert_feed_forward_length"] == config.moe_intermediate_size
     # transformers' reader does not take every setting back from a file (qwen3's head width, phi3's padding token,
     # gemma's query scalar, qwen2_moe's expert width): give it the model's config, so its tensors are what is checked.
     given = {"config": model.config} if family not in ("llama", "mistral", "qwen2") else {}

@@ -367,6 +367,11 @@ def test_whole_model_budgets_allocate_the_embedding_with_its_tied_head(tmp_path)
         assert plan.bits <= limit and "model.embed_tokens" in {l.name for l in plan.layers}
         largest = max(o.kl for g in groups for o in g.options)
         assert plan.damage_total == pytest.approx(best, abs=1e-9 * largest)
+    # The heuristic mix holds the embedding at 16 bits, counted outside its ladder.
+    mix = heuristic_plan(sensitivity, menu, Budget(5.0, scope="model"), bumped=LLAMA.bumped)
+    assert "model.embed_tokens" not in {l.name for l in mix.layers}
+    assert mix.bits <= math.floor(5.0 * everything) - 16 * embedding.weights - 32 * (
+        everything - sensitivity.weights - embedding.weights)
     # A budget over the layers leaves the embedding out, in 16 bits, as before.
     assert "model.embed_tokens" not in {l.name for l in allocated_plan(sensitivity, Budget(5.0), "kl").layers}
 

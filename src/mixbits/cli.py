@@ -352,6 +352,9 @@ def _run_quantize(args) -> int:
         menu, pins = _plan_inputs(args, args.solver or "gptq")
         budget = _budget(args)
         _check_sensitivity_path(args)
+        if budget.whole_model and (embedding_format is not None or head_format is not None):
+            raise MixbitsError("a budget over the whole model allocates the embedding and head itself; pin them "
+                               "instead, e.g. --pin model.embed_tokens=q8_0")
     solver = args.solver or "rtn"
     texts = _eval_texts(args) if args.evaluate else None
     calibrated = solver == "gptq" or args.awq or plan is not None or planning

@@ -155,6 +155,9 @@ def group_choices(layers: list[str], shapes: list[tuple[int, int]], menu: list[C
     if pinned is not None and pinned not in choices:
         choices.append(pinned)
     if not choices:
+        if target is None:  # an embedding under a menu of per-tensor formats only
+            raise MenuError(f"no option of the menu fits {layers[0]} ({shapes[0][0]}x{shapes[0][1]}); add one it can "
+                            "take, such as q8_0 or fp16")
         raise MenuError(f"no option of the menu fits {layers[0]} ({shapes[0][0]}x{shapes[0][1]}) for {target}; "
                         f"add one such as {TARGET_OPTIONS[target][0]}")
     return choices

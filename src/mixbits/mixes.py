@@ -82,7 +82,7 @@ def heuristic_plan(sensitivity: Sensitivity, menu: list[Choice], budget: Budget,
     ladder = sorted(rungs.values(), key=size)
     if not ladder:
         raise BudgetError("the heuristic mix needs at least one quantized option")
-    limit = _budget_bits(sensitivity, budget)
+    limit = _budget_bits(sensitivity, budget, allocate_outer=False)  # the mix holds the embedding at 16 bits
     blocks = max(g.block for g in groups) + 1
     edge = max(1, blocks // 8)
     extra = {g.name: int(any(layer.endswith(tuple(bumped)) for layer in g.layers) if bumped else 0)
@@ -107,7 +107,7 @@ def heuristic_plan(sensitivity: Sensitivity, menu: list[Choice], budget: Budget,
             more = group.bits(ladder[step + 1]) - group.bits(ladder[step])
             if used + more <= limit:
                 level[group.name], used = step + 1, used + more
-    return _plan(sensitivity, {name: ladder[step] for name, step in level.items()}, damage, budget)
+    return _plan(sensitivity, {name: ladder[step] for name, step in level.items()}, damage, budget, groups)
 
 
 def check_budget(model: nn.Module, menu: list[Choice], pins: list[Pin], budget: Budget, target: str | None = None) -> None:
@@ -146,10 +146,11 @@ def check_budget(model: nn.Module, menu: list[Choice], pins: list[Pin], budget: 
                           "raise the budget or add smaller options")
 
 
-def _budget_bits(sensitivity: Sensitivity, budget: Budget) -> int:
+def _budget_bits(sensitivity: Sensitivity, budget: Budget, allocate_outer: bool = True) -> int:
     """The allocated groups' bits: the budget less the rest at the bits it is stored in (a sensitivity without
     the embedding's measurements does not tell it from the norms: all of it at 16 bits, as before)."""
-    allocated = sum(g.weights for g in _allocated_groups(sensitivity, budget)[len(sensitivity.groups):])
+    outer_groups = _allocated_groups(sensitivity, budget)[len(sensitivity.groups):] if allocate_outer else []
+    allocated = sum(g.weights for g in outer_groups)
     outer = sum(g.weights for g in sensitivity.outer)
     floats = sensitivity.other_parameters - outer if sensitivity.outer else 0
     bits = budget.layer_bits(sensitivity.weights + allocated, sensitivity.other_parameters - allocated - floats, floats)
@@ -164,11 +165,12 @@ def _damage(group: GroupSensitivity, choice: Choice, damage: str) -> float | Non
     return getattr(found, damage) if found is not None and damage in ("kl", "proxy") else None
 
 
-def _plan(sensitivity: Sensitivity, chosen: dict[str, Choice], damage: str, budget: Budget | None) -> Plan:
+def _plan(sensitivity: Sensitivity, chosen: dict[str, Choice], damage: str, budget: Budget | None,
+          groups: list[GroupSensitivity] | None = None) -> Plan:
     layers = [
         LayerPlan(name, group.name, chosen[group.name].option, chosen[group.name].solver, shape,
                   _damage(group, chosen[group.name], damage))
-        for group in _allocated_groups(sensitivity, budget)
+        for group in (_allocated_groups(sensitivity, budget) if groups is None else groups)
         for name, shape in zip(group.layers, group.shapes)
     ]
     return Plan(layers, dict(sensitivity.model), budget.as_dict() if budget else {}, damage)

@@ -45,9 +45,8 @@ def load_model(source: str | Path | nn.Module | LoadedModel | None = None, *, to
     if isinstance(source, LoadedModel):
         return source
     if isinstance(source, nn.Module):
-        loaded = LoadedModel(source.eval(), tokenizer, type(source).__name__, sha256_state_dict(source))
-        adapter_for(source).prepare(source)
-        return loaded
+        adapter_for(source).prepare(source)  # first: the digest is then the same when the module comes again
+        return LoadedModel(source.eval(), tokenizer, type(source).__name__, sha256_state_dict(source))
     path = check_source(source)
     from ..io.checkpoint import is_checkpoint, load_quantized
 
