@@ -17,7 +17,7 @@ from mixbits.measure import GroupSensitivity, KLMeter, LayerStats, OptionDamage,
 from mixbits.menu import Choice, parse_menu, parse_pin
 from mixbits.mixes import allocated_plan, check_budget, heuristic_plan, uniform_plan
 from mixbits.models.llama import LLAMA
-from mixbits.plan import KEEP, PlanError
+from mixbits.plan import KEEP, Plan, PlanError
 from mixbits.solvers import solve, solve_many
 
 MENU = "int2:g16:asym@rtn,int4:g16:asym@rtn,int8:ch:sym@gptq"
@@ -385,6 +385,11 @@ def test_whole_model_budgets_allocate_the_embedding_with_its_tied_head(tmp_path)
     save_quantized(quantized, report, tmp_path / "ckpt", plan=plan)
     with torch.no_grad():
         assert torch.allclose(load_quantized(tmp_path / "ckpt").model(x).logits, quantized(x).logits, atol=1e-5)
+    edited = Plan.from_dict({**plan.as_dict(), "layers": [
+        {**entry, "shape": [32, entry["shape"][1]]} if entry["name"] == "model.embed_tokens" else entry
+        for entry in plan.as_dict()["layers"]]})
+    with pytest.raises(PlanError, match="make the plan for this model"):
+        mixbits.quantize(copy.deepcopy(model), plan=edited, calibration=x, progress=False)
     with pytest.raises(MixbitsError, match="drop the embedding format"):
         mixbits.quantize(copy.deepcopy(model), plan=plan, calibration=x, embedding_format="int8:ch:sym", progress=False)
     with pytest.raises(MenuError, match="--scope model"):

@@ -175,11 +175,15 @@ def quantize(
             raise MixbitsError(f"the plan already sets the option of {head[0]}; drop the head format")
     embedding_option = KEEP if embedding_format in (None, KEEP) else str(parse_format(embedding_format))
     if plan is not None:  # a plan for a whole-model budget also sets the embedding, and an untied head
-        embed = next((name for name, layer in outer_layers(module) if isinstance(layer, nn.Embedding)), None)
-        planned = next((layer for layer in plan.layers if layer.name == embed), None)
+        embed = next(((name, layer) for name, layer in outer_layers(module) if isinstance(layer, nn.Embedding)),
+                     (None, None))
+        planned = next((layer for layer in plan.layers if layer.name == embed[0]), None)
         if planned is not None:
             if embedding_format is not None:
-                raise MixbitsError(f"the plan already sets the option of {embed}; drop the embedding format")
+                raise MixbitsError(f"the plan already sets the option of {embed[0]}; drop the embedding format")
+            if tuple(planned.shape) != tuple(embed[1].weight.shape):
+                raise PlanError(f"the plan's {embed[0]} is {planned.shape[0]}x{planned.shape[1]} but this model's is "
+                                f"{embed[1].weight.shape[0]}x{embed[1].weight.shape[1]}; make the plan for this model")
             embedding_option = planned.option
             plan = Plan([layer for layer in plan.layers if layer is not planned], plan.model, plan.budget, plan.damage)
         untied = output_head(module)
