@@ -156,8 +156,9 @@ class Adapter:
         raise NotImplementedError
 
     def row_permutation(self, layer: str, rows: int, config) -> torch.Tensor | None:
-        """GGUF's row order of a layer (or of its bias), if it differs from the model's."""
-        return None
+        """GGUF's row order of a layer (or of its bias), if it differs from the model's: llama.cpp's "llama"
+        architecture rotates adjacent pairs, so whatever is exported as it has its q/k rows interleaved."""
+        return interleaved_rotary_rows(layer, rows, config) if self.gguf_architecture(config) == "llama" else None
 
     def gguf_tensor(self, name: str, data: np.ndarray, ggml_type, config) -> np.ndarray:
         """A tensor as llama.cpp expects it: `data` is float values (`ggml_type` None) or GGML block bytes per row
@@ -170,8 +171,10 @@ class Adapter:
         return [(layer, None, None)]
 
     def gguf_extra_tensors(self, config) -> dict[str, np.ndarray]:
-        """Tensors llama.cpp needs that the model computes instead (rope frequency factors), by GGUF name."""
-        return {}
+        """Tensors llama.cpp needs that the model computes instead, by GGUF name: Llama 3's rope frequency factors,
+        for any family whose rotary scaling is of that kind."""
+        factors = llama3_rope_factors(rope_settings(config), head_dim(config))
+        return {} if factors is None else {"rope_freqs.weight": factors}
 
 
 def interleaved_rotary_rows(layer: str, rows: int, config) -> torch.Tensor | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from torch import nn
 
 from ..errors import TransformError
@@ -24,8 +23,6 @@ from .adapter import (
     gguf_base_metadata,
     gguf_rope,
     head_dim,
-    interleaved_rotary_rows,
-    llama3_rope_factors,
     rope_settings,
     shared_rope,
 )
@@ -70,17 +67,10 @@ class LlamaAdapter(Adapter):
         window = getattr(config, "sliding_window", None)
         check_full_attention(config, window if getattr(config, "use_sliding_window", True) else None)
 
-    def row_permutation(self, layer: str, rows: int, config) -> torch.Tensor | None:
-        return interleaved_rotary_rows(layer, rows, config) if self.gguf_architecture(config) == "llama" else None
-
     def gguf_metadata(self, writer, config) -> None:
         gguf_base_metadata(writer, config)
         writer.add_rope_dimension_count(head_dim(config))
         gguf_rope(writer, rope_settings(config))
-
-    def gguf_extra_tensors(self, config) -> dict:
-        factors = llama3_rope_factors(rope_settings(config), head_dim(config))
-        return {} if factors is None else {"rope_freqs.weight": factors}
 
 
 LLAMA = LlamaAdapter()

@@ -43,8 +43,6 @@ from .adapter import (
     gguf_base_metadata,
     gguf_rope,
     head_dim,
-    interleaved_rotary_rows,
-    llama3_rope_factors,
     rope_settings,
     shared_rope,
 )
@@ -155,9 +153,6 @@ class MoeAdapter(Adapter):
             writer.add_rope_dimension_count(head_dim(config))
         gguf_rope(writer, rope_settings(config))
 
-    def row_permutation(self, layer: str, rows: int, config):
-        return interleaved_rotary_rows(layer, rows, config) if self.gguf_architecture(config) == "llama" else None
-
     def gguf_pieces(self, layer: str, rows: int, config):
         block, _, rest = layer.partition(".mlp.experts.")
         if not rest:
@@ -168,10 +163,6 @@ class MoeAdapter(Adapter):
         half = rows // 2  # gate_up's rows are [gate; up]
         return [(f"{block}.mlp.experts.gate_proj", slice(0, half), int(expert)),
                 (f"{block}.mlp.experts.up_proj", slice(half, rows), int(expert))]
-
-    def gguf_extra_tensors(self, config) -> dict:
-        factors = llama3_rope_factors(rope_settings(config), head_dim(config))
-        return {} if factors is None else {"rope_freqs.weight": factors}
 
 
 MOE = MoeAdapter()
