@@ -72,6 +72,32 @@ def test_saved_model_computes_what_the_fake_quantized_one_did(tmp_path, fmt, hea
     assert not any(isinstance(m, torch.nn.Linear) for m in loaded.model.layers.modules())  # all packed
 
 
+@pytest.mark.parametrize("fmt, act", [("q4_0", "int8:g32"), ("int8:ch:sym", "int8:token"), ("nf4:g32", "int8:g32"),
+                                      ("q4_0", "fp8_e4m3:ch")])
+def test_quantized_inputs_are_saved_and_computed_as_at_quantization(tmp_path, fmt, act):
+    from mixbits.activations import fake_quantize, parse_activation
+    from mixbits.runtime import IntLinear
+
+    model, report = quantized_copy(fmt, activation=act)
+    assert {layer.activation for layer in report.layers} == {act}
+    # the fake-quantized model rounds each layer's input: check one layer against its own oracle
+    q_proj, seen = model.model.layers[0].self_attn.q_proj, {}
+    q_proj.register_forward_hook(lambda module, args, out: seen.update(x=args[0], y=out))
+    logits(model)
+    expected = torch.nn.functional.linear(fake_quantize(seen["x"], parse_activation(act)), q_proj.weight)
+    assert torch.allclose(seen["y"], expected, atol=1e-6)
+    save_quantized(model, report, tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt").model
+    # Float summation order differs (integer kernels, stacked rows), and an input a rounding step away from a
+    # boundary can land on the other code, so logits agree to within a few codes' worth, not to 1e-5.
+    expected = logits(model)
+    assert torch.allclose(logits(loaded), expected, atol=0.02 * expected.abs().max().item())
+    assert all(str(m.activation) == str(parse_activation(act)) for m in loaded.model.layers.modules()
+               if hasattr(m, "codes"))
+    integer = any(isinstance(m, IntLinear) for m in loaded.model.layers.modules())
+    assert integer == (fmt != "nf4:g32" and act.startswith("int"))  # the integer kernels where they apply
+
+
 @pytest.mark.parametrize("embedding", [None, "q8_0", "int4:g16:asym", "nf4:g32", "int8:ch:sym"])
 def test_embedding_is_stored_in_16_bits_or_quantized_and_looked_up_from_codes(tmp_path, embedding):
     from safetensors.torch import load_file

@@ -106,6 +106,24 @@ def test_quantized_model_matches_its_modules(fmt):
     assert isinstance(decoder.blocks[0].qkv, IntLinear) and decoder.blocks[0].qkv.out_features == 64 + 2 * 32
 
 
+@needs_native
+@pytest.mark.parametrize("fmt", ["q4_0", "int8:ch:sym", "mxfp4", None])
+def test_quantized_inputs_decode_as_the_model_computes(fmt):
+    from mixbits.activations import parse_activation
+    from mixbits.runtime.linear import with_activation
+
+    model = tiny("llama") if fmt is None else quantize_linears(tiny("llama"), fmt)
+    for block in model.model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if hasattr(child, "in_features"):  # the Linears, not the activation function
+                    setattr(parent, name, with_activation(child, parse_activation("int8:g32")))
+    check_against_transformers(model)
+    qkv = Decoder(model).blocks[0].qkv
+    # stacked (one input quantization for q, k and v) unless the format cannot stack
+    assert isinstance(qkv, Stacked) if fmt == "mxfp4" else str(qkv.activation) == "int8:g32:sym:scale=fp32"
+
+
 def test_formats_without_a_kernel_run_side_by_side():
     model = quantize_linears(tiny("llama"), "mxfp4")
     check_against_transformers(model)

@@ -9,6 +9,7 @@ import argparse
 import copy
 import json
 import sys
+from collections import Counter
 
 from . import defaults
 from .errors import MixbitsError
@@ -56,6 +57,10 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--solver", choices=defaults.SOLVERS,
                    help="rtn: round to nearest, no data; gptq: error compensation from calibration data "
                         "(default: rtn for one --format, gptq for the options of a plan)")
+    q.add_argument("--act", metavar="FORMAT",
+                   help="also round every quantized layer's inputs as the model runs, e.g. int8:g32 (blocks of 32, as "
+                        "llama.cpp's Q8_0: W4A8 with --format q4_0), int8:token (per token) or fp8_e4m3:ch; the packed "
+                        "runtime then multiplies int8 codes by weight codes (default: float inputs)")
     q.add_argument("--awq", action="store_true", help="activation-aware scaling searched on calibration data")
     q.add_argument("--rotate", action="store_true", help="Hadamard rotation of the residual stream (families with an adapter; not gemma2/gemma3)")
     q.add_argument("--online-hadamard", action="store_true", help="with --rotate, also rotate every down_proj input at run time")
@@ -339,6 +344,11 @@ def _run_quantize(args) -> int:
     fmt = parse_format(args.format)
     head_format = parse_format(args.head_format) if args.head_format else None
     embedding_format = parse_format(args.embedding_format) if args.embedding_format else None
+    activation = None
+    if args.act:
+        from .activations import parse_activation
+
+        activation = parse_activation(args.act)
     if embedding_format is not None:
         from .runtime.embedding import check_lookup_format
 
@@ -380,7 +390,7 @@ def _run_quantize(args) -> int:
         loaded, fmt, solver=solver, awq=args.awq, rotate=args.rotate, online_hadamard=args.online_hadamard,
         calibration=args.calib_text, calibration_windows=args.calib_windows,
         calibration_len=args.calib_window_len, clip_search=args.clip_search, include_head=args.head, head_format=head_format,
-        embedding_format=embedding_format, plan=plan, gptq=_gptq_settings(args),
+        embedding_format=embedding_format, plan=plan, gptq=_gptq_settings(args), activation=activation,
     )
     saved = None
     if args.out:
@@ -402,6 +412,9 @@ def _run_quantize(args) -> int:
     print(f"model: {loaded.name} (sha256 {loaded.sha256[:12]})")
     print(f"quantized with {report.method}: {len(report.layers)} linear layers, {report.weights:,} weights, "
           f"{report.bits_per_weight:.4f} bits per weight, {report.seconds:.1f} s, peak memory {report.peak_memory_bytes / 2**20:.0f} MiB")
+    activations = Counter(layer.activation for layer in report.layers if layer.activation)
+    if activations:
+        print("inputs quantized: " + ", ".join(f"{count} layers to {name}" for name, count in activations.items()))
     if report.calibration:
         c = report.calibration
         where = f"from token {c['start']}" if "start" in c else "spread over the first half of each source"

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import defaults
+from .activations import activation_name, parse_activation
 from .calibrate import SequentialCalibration, calibration_data, input_stats
 from .errors import MixbitsError
 from .formats import Format, QuantizedTensor, parse_format
@@ -43,6 +44,7 @@ from .models.registry import adapter_for
 from .models.loaded import LoadedModel
 from .models.structure import outer_layers, output_head, quantizable_linears, untie_head
 from .plan import KEEP, LayerTotals, Plan, PlanError, option_bits
+from .runtime.linear import with_activation
 from .solvers import GptqSettings, approximation, round_to_nearest, solve_many
 from .transforms.rotation import rotate as rotate_model
 from .transforms.scaling import ScaledGroup, scale_block
@@ -59,6 +61,7 @@ class LayerReport:
     bits: int
     option: str
     solver: str
+    activation: str | None = None  # the format its inputs are rounded to (activations.parse_activation)
 
     @property
     def weights(self) -> int:
@@ -108,6 +111,7 @@ class QuantizationReport(LayerTotals):
             "layers": len(self.layers),
             "options": dict(Counter(layer.option if layer.option == KEEP else f"{layer.option}@{layer.solver}"
                                     for layer in self.layers)),
+            "activations": dict(Counter(layer.activation for layer in self.layers if layer.activation)),
             "weights": self.weights,
             "bits": self.bits,
             "bits_per_weight": self.bits_per_weight,
@@ -139,6 +143,7 @@ def quantize(
     embedding_format: str | Format | None = None,
     plan: Plan | None = None,
     gptq: GptqSettings = GptqSettings(),
+    activation: str | Format | None = None,
     progress: bool = True,
 ) -> QuantizationReport:
     """Quantize every Linear inside the transformer blocks to `format`, in place.
@@ -156,7 +161,10 @@ def quantize(
     which stays float), in `head_format` if given (which implies it).
     `embedding_format` quantizes the input embedding (None: 16 bits). A
     `plan` gives every layer its own option and solver instead of `format`
-    and `solver`. Returns the exact bit count of everything quantized.
+    and `solver`. `activation` rounds the inputs of every quantized layer to
+    that activation format as the model runs (W4A8 with `int8:g32`; see
+    `activations`), after the weights are solved with float inputs. Returns
+    the exact bit count of everything quantized.
     """
     if solver not in defaults.SOLVERS:
         raise MixbitsError(f"unknown solver {solver!r}; use one of {', '.join(defaults.SOLVERS)}")
@@ -189,6 +197,7 @@ def quantize(
         untied = output_head(module)
         include_head = include_head or (untied is not None and any(layer.name == untied[0] for layer in plan.layers))
     _check_embedding(module, embedding_option)
+    act = None if activation is None else parse_activation(activation)
     if plan is not None:
         choices = _plan_choices(plan, module, [name for name, _ in quantizable_linears(module, include_head and head is None)])
     else:  # every layer alike, whatever its name becomes after a rotation
@@ -225,6 +234,8 @@ def quantize(
         for name, linear in tqdm(quantizable_linears(module, include_head), desc="quantize", disable=not progress, leave=False):
             _solve([name], [linear], None, choices, report)
     _quantize_outer(module, embedding_option, report)
+    if act is not None:
+        _quantize_inputs(module, act, report)
     report.seconds = time.perf_counter() - start
     report.peak_memory_bytes = peak_bytes()
     return report
@@ -290,6 +301,15 @@ def _solve(names: list[str], linears: list[nn.Linear], hessian: torch.Tensor | N
             report.tensors[names[i]] = tensor
             rows, cols = weight.shape
             report.layers.append(LayerReport(names[i], (rows, cols), option_bits(option, rows, cols), option, solver))
+
+
+def _quantize_inputs(module: nn.Module, activation: Format, report: QuantizationReport) -> None:
+    """Every quantized layer's inputs rounded to `activation` from now on (16-bit layers keep float inputs)."""
+    modules = dict(module.named_modules())
+    for layer in report.layers:
+        if layer.option != KEEP:
+            with_activation(modules[layer.name], activation)
+            layer.activation = activation_name(activation)
 
 
 def _check_embedding(module: nn.Module, option: str) -> None:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import MixbitsError, ModelLoadError
+from ..activations import parse_activation
 from ..formats import parse_format
 from ..formats.storage import restore, store, stored_bytes
 from ..hashing import sha256_file
@@ -104,8 +105,11 @@ def save_quantized(model: nn.Module | LoadedModel, report, directory: str | Path
                 stored = store(tensor)
             quantized.update({f"{layer.name}.{key}": value for key, value in stored.items()})
             layer_bytes += stored_bytes(stored) if kind == "layers" else 0
-            entries[kind].append({"name": layer.name, "option": layer.option, "solver": layer.solver,
-                                  "shape": list(layer.shape), "bits": layer.bits})
+            entry = {"name": layer.name, "option": layer.option, "solver": layer.solver, "shape": list(layer.shape),
+                     "bits": layer.bits}
+            if getattr(layer, "activation", None):
+                entry["activation"] = layer.activation
+            entries[kind].append(entry)
     layers = entries["layers"]
     replaced = {f"{layer['name']}.weight" for layer in layers + entries["outer"]}
     floats, tied = _float_tensors(model, replaced)
@@ -167,7 +171,8 @@ def load_quantized(directory: str | Path) -> LoadedModel:
         bias = floats.pop(f"{name}.bias", None)
         tensors = layer_tensors(quantized, name)
         try:
-            module = _stored_module(layer["option"], shape, tensors, bias, target if embedding else None)
+            activation = None if layer.get("activation") is None else parse_activation(layer["activation"])
+            module = _stored_module(layer["option"], shape, tensors, bias, target if embedding else None, activation)
         except MixbitsError as error:
             raise CheckpointError(f"layer {name} of {directory}: {error}") from error
         parent, _, child = name.rpartition(".")
@@ -185,13 +190,15 @@ def load_quantized(directory: str | Path) -> LoadedModel:
 
 
 def _stored_module(option: str, shape: tuple[int, int], tensors: dict[str, torch.Tensor], bias,
-                   embedding: nn.Embedding | None):
-    """The runtime module of one stored layer: float (from its 16-bit weight) or computing from its codes.
+                   embedding: nn.Embedding | None, activation=None):
+    """The runtime module of one stored layer: float (from its 16-bit weight) or computing from its codes, its
+    inputs rounded to `activation` if given.
 
     An `embedding` (the model's own module) keeps its class with a float weight, so whatever its forward adds
     (Gemma's sqrt(hidden) scale) stays; held as codes, its `embed_scale` goes with them.
     """
     from ..runtime import QuantizedEmbedding, quantized_linear
+    from ..runtime.linear import with_activation
 
     if option == KEEP:
         if "weight" not in tensors:
@@ -204,11 +211,11 @@ def _stored_module(option: str, shape: tuple[int, int], tensors: dict[str, torch
         module.weight = weight
         if bias is not None:
             module.bias = nn.Parameter(bias.float(), requires_grad=False)
-        return module
+        return with_activation(module, activation)
     stored = restore(parse_format(option), shape, tensors)
     if embedding is not None:
         return QuantizedEmbedding(stored, getattr(embedding, "embed_scale", None))
-    return quantized_linear(stored, bias)
+    return quantized_linear(stored, bias, activation)
 
 
 def _tie_to_quantized(model: nn.Module, tied: dict[str, str], built: dict[str, nn.Module], directory: Path) -> set[str]:

@@ -36,7 +36,7 @@ from torch.nn.utils import skip_init
 from ..errors import MixbitsError, TransformError
 from ..models.registry import adapter_for
 from .kernels import native
-from .linear import KERNEL_ROWS, IntLinear, stack_rows
+from .linear import KERNEL_ROWS, IntLinear, input_activation, stack_rows, with_activation
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
@@ -82,13 +82,17 @@ class Stacked(nn.Module):
 
 
 def stack_linears(parts: list[nn.Module]) -> nn.Module:
-    """One module whose output is the parts' outputs side by side; their weights stacked where the kinds agree."""
+    """One module whose output is the parts' outputs side by side; their weights stacked where the kinds and the
+    input quantization agree (so a shared input is quantized once)."""
+    activation = input_activation(parts[0])
+    if any(input_activation(part) != activation for part in parts):
+        return Stacked(parts)
     if all(type(part) is nn.Linear for part in parts) and len({p.weight.dtype for p in parts}) == 1:
         first = parts[0]
         stacked = skip_init(nn.Linear, first.in_features, sum(p.out_features for p in parts),
                             bias=any(p.bias is not None for p in parts), dtype=first.weight.dtype)
         stack_rows(parts, stacked, ("weight", "bias"))
-        return stacked
+        return with_activation(stacked, activation)
     if all(isinstance(part, IntLinear) for part in parts):
         stacked = IntLinear.stack(parts)
         if stacked is not None:
@@ -100,7 +104,7 @@ def matvec(module: nn.Module):
     """`module` as a plain function of a contiguous float32 [rows <= KERNEL_ROWS, in] input (for decode steps)."""
     if isinstance(module, IntLinear):
         return module.matvec()
-    if type(module) is nn.Linear:
+    if type(module) is nn.Linear and input_activation(module) is None:
         weight, bias = module.weight, module.bias
         return lambda x: F.linear(x, weight, bias)
     return module
@@ -224,7 +228,9 @@ class Decoder:
         mask = None
         if n > 1 and self.native is None:  # causal over the cached prefix and the new tokens
             mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
-        step = n <= KERNEL_ROWS  # decode: call the kernels directly; prefill: the modules' dequantize-and-multiply
+        # decode: call the kernels directly; prefill: the modules (integer kernels for quantized inputs, else
+        # dequantize-and-multiply)
+        step = n <= KERNEL_ROWS
         h = self.embed(ids)
         for index, block in enumerate(self.blocks):
             qkv = (block.qkv_step if step else block.qkv)(self._norm(h, block.input_norm))

@@ -12,6 +12,13 @@ equals the fake-quantized layer's (up to float summation order):
 - `DequantLinear`, any format: codes kept as one byte each plus the format's
   parameters; each forward dequantizes this one layer's weight, then
   multiplies. Float weights never exist for more than one layer at a time.
+
+With an activation format (`activations`), the input is quantized too. An
+`IntLinear` whose activation format the integer kernels implement
+(`activations.kernel_block`) quantizes each input once to int8 codes and
+multiplies codes by codes for any number of rows (csrc/qdot.cpp); any other
+layer rounds its input to the format in a forward pre-hook
+(`with_activation`), so module and parameter names stay those of the model.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..activations import activation_name, fake_quantize, kernel_block
 from ..formats import Format, QuantizedTensor
 from ..formats.granularity import ungroup
 from ..formats.integer import IntFormat
@@ -64,9 +72,12 @@ class DequantLinear(nn.Module):
 
 
 class IntLinear(nn.Module):
-    """y = x Wᵀ + b for integer codes q with w = q * scale + offset per group, computed from the codes."""
+    """y = x Wᵀ + b for integer codes q with w = q * scale + offset per group, computed from the codes.
 
-    def __init__(self, quantized: QuantizedTensor, bias: torch.Tensor | None):
+    With an `activation` format the kernels implement, x is first quantized to int8 codes in its blocks.
+    """
+
+    def __init__(self, quantized: QuantizedTensor, bias: torch.Tensor | None, activation: Format | None = None):
         super().__init__()
         fmt = quantized.format
         self.format = fmt
@@ -90,11 +101,21 @@ class IntLinear(nn.Module):
         self.register_buffer("scale", scale.contiguous())
         self.register_buffer("offset", offset.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self._set_activation(activation)
+
+    def _set_activation(self, activation: Format | None) -> None:
+        self.activation = activation
+        self.block = None if activation is None else kernel_block(activation, self.in_features)
+        if activation is not None and self.block is None:
+            raise ValueError(f"the integer kernels cannot quantize inputs to {activation}; use with_activation")
+        self.act_bits = None if activation is None else activation.bits_per_code
 
     @staticmethod
-    def supports(fmt: Format, shape: tuple[int, int]) -> bool:
+    def supports(fmt: Format, shape: tuple[int, int], activation: Format | None = None) -> bool:
         cols = shape[1]
         if not isinstance(fmt, IntFormat) or cols % RUN:
+            return False
+        if activation is not None and kernel_block(activation, cols) is None:
             return False
         return fmt.granularity.kind == "channel" or (fmt.granularity.kind == "group" and fmt.granularity.size % RUN == 0)
 
@@ -102,18 +123,20 @@ class IntLinear(nn.Module):
     def stack(cls, parts: list[IntLinear]) -> IntLinear | None:
         """One module for layers that read the same input: their rows stacked (None unless the layouts agree)."""
         first = parts[0]
-        if any((p.group, p.nibbles, p.in_features) != (first.group, first.nibbles, first.in_features) for p in parts):
+        layout = (first.group, first.nibbles, first.in_features, first.activation)
+        if any((p.group, p.nibbles, p.in_features, p.activation) != layout for p in parts):
             return None
         stacked = cls.__new__(cls)
         nn.Module.__init__(stacked)
         stacked.format, stacked.group, stacked.nibbles = first.format, first.group, first.nibbles
         stacked.in_features, stacked.out_features = first.in_features, sum(p.out_features for p in parts)
         stacked.bias = None
+        stacked._set_activation(first.activation)
         stack_rows(parts, stacked, ("codes", "scale", "offset", "bias"))
         return stacked
 
     def _kernel(self, operation: str):
-        """The compiled `operation` ("linear" or "dequantize") for this layer's code layout."""
+        """The compiled `operation` ("linear", "qlinear" or "dequantize") for this layer's code layout."""
         return getattr(native(), f"{'nibble' if self.nibbles else 'byte'}_{operation}")
 
     def weight_values(self) -> torch.Tensor:
@@ -121,28 +144,38 @@ class IntLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
-        if flat.shape[0] <= KERNEL_ROWS:
-            y = self._kernel("linear")(flat, self.codes, self.scale, self.offset, self.group)
+        if self.activation is not None:
+            y = self.matvec()(flat)
         else:
-            y = flat @ self.weight_values().T
-        if self.bias is not None:
-            y = y + self.bias
+            if flat.shape[0] <= KERNEL_ROWS:
+                y = self._kernel("linear")(flat, self.codes, self.scale, self.offset, self.group)
+            else:
+                y = flat @ self.weight_values().T
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def matvec(self):
-        """This layer as a plain function of a contiguous float32 [rows <= KERNEL_ROWS, in] input.
+        """This layer as a plain function of a contiguous float32 [rows, in] input (rows <= KERNEL_ROWS unless
+        the input is quantized: the integer kernels take any number).
 
         It calls the kernel directly: nn.Module's call machinery and forward's reshaping cost more than a
         4-bit product of a decode step on a small machine.
         """
-        kernel, codes, scale, offset, group, bias = (self._kernel("linear"), self.codes, self.scale, self.offset,
-                                                     self.group, self.bias)
+        codes, scale, offset, group, bias = self.codes, self.scale, self.offset, self.group, self.bias
+        if self.activation is not None:
+            quantize, kernel, block, bits = native().quantize_rows, self._kernel("qlinear"), self.block, self.act_bits
+            if bias is None:
+                return lambda x: kernel(*quantize(x, block, bits), block, codes, scale, offset, group)
+            return lambda x: kernel(*quantize(x, block, bits), block, codes, scale, offset, group).add_(bias)
+        kernel = self._kernel("linear")
         if bias is None:
             return lambda x: kernel(x, codes, scale, offset, group)
         return lambda x: kernel(x, codes, scale, offset, group).add_(bias)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, format={self.format}"
+        activation = "" if self.activation is None else f", activation={activation_name(self.activation)}"
+        return f"{self.in_features}, {self.out_features}, format={self.format}{activation}"
 
 
 def stack_rows(parts: list[nn.Module], stacked: nn.Module, names: tuple[str, ...]) -> None:
@@ -171,8 +204,36 @@ def stack_rows(parts: list[nn.Module], stacked: nn.Module, names: tuple[str, ...
             start += part.out_features
 
 
-def quantized_linear(quantized: QuantizedTensor, bias: torch.Tensor | None = None) -> nn.Module:
-    """The runtime module for one quantized matrix: the integer kernel where it applies and is built."""
-    if IntLinear.supports(quantized.format, quantized.shape) and native() is not None:
-        return IntLinear(quantized, bias)
-    return DequantLinear(quantized, bias)
+def quantized_linear(quantized: QuantizedTensor, bias: torch.Tensor | None = None,
+                     activation: Format | None = None) -> nn.Module:
+    """The runtime module for one quantized matrix (inputs rounded to `activation` if given): the integer
+    kernels where they apply and are built."""
+    if native() is not None and IntLinear.supports(quantized.format, quantized.shape, activation):
+        return IntLinear(quantized, bias, activation)
+    return with_activation(DequantLinear(quantized, bias), activation)
+
+
+def with_activation(module: nn.Module, activation: Format | None) -> nn.Module:
+    """`module` (a float or runtime Linear) with its inputs rounded to `activation`, returned; None leaves it.
+
+    An IntLinear the integer kernels serve computes from int8 codes; any other module gets a forward
+    pre-hook that fake-quantizes its input. Either way `module.activation` names the format.
+    """
+    if activation is None:
+        return module
+    if not isinstance(module, (nn.Linear, IntLinear, DequantLinear)):
+        raise TypeError(f"only linear layers take quantized inputs, not {type(module).__name__}")
+    if getattr(module, "activation", None) is not None:
+        raise ValueError(f"{type(module).__name__} already quantizes its inputs to {module.activation}")
+    if isinstance(module, IntLinear) and IntLinear.supports(module.format, (module.out_features, module.in_features),
+                                                            activation):
+        module._set_activation(activation)
+        return module
+    module.activation = activation
+    module.register_forward_pre_hook(lambda _, args: (fake_quantize(args[0], activation), *args[1:]))
+    return module
+
+
+def input_activation(module: nn.Module) -> Format | None:
+    """The format `module`'s inputs are rounded to (`with_activation`), or None."""
+    return getattr(module, "activation", None)

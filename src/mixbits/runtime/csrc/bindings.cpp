@@ -6,6 +6,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nibble_dequantize", &nibble_dequantize, "W from 4-bit codes");
   m.def("byte_dequantize", &byte_dequantize, "W from 8-bit codes");
   m.def("vectorized", &vectorized, "whether the AVX2 path was compiled");
+  m.def("quantize_rows", &quantize_rows, "float32 rows to int8 codes in blocks, their scales and run sums");
+  m.def("nibble_qlinear", &nibble_qlinear, "int8 activations times 4-bit codes");
+  m.def("byte_qlinear", &byte_qlinear, "int8 activations times 8-bit codes");
+  m.def("qdot_isa", &qdot_isa, "the instruction set the integer-dot kernels use");
+  m.def("set_qdot_isa", &set_qdot_isa, "use the integer-dot kernels of another instruction set (avx2, avxvnni, avx512vnni)");
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows");
   m.def("attend", &attend, "RoPE, KV-cache append and causal grouped-query attention for new tokens");
   m.def("silu_mul", &silu_mul, "silu(gate) * up for [gate | up] rows");

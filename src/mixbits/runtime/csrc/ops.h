@@ -9,6 +9,15 @@ at::Tensor nibble_dequantize(at::Tensor codes, at::Tensor scales, at::Tensor off
 at::Tensor byte_dequantize(at::Tensor codes, at::Tensor scales, at::Tensor offsets, int64_t group);
 bool vectorized();
 
+// qdot.cpp: int8-quantized activations times integer-coded weights, in integer arithmetic.
+std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t block, int64_t bits);
+at::Tensor nibble_qlinear(at::Tensor q, at::Tensor d, at::Tensor run_sums, int64_t block, at::Tensor codes,
+                          at::Tensor scales, at::Tensor offsets, int64_t group);
+at::Tensor byte_qlinear(at::Tensor q, at::Tensor d, at::Tensor run_sums, int64_t block, at::Tensor codes,
+                        at::Tensor scales, at::Tensor offsets, int64_t group);
+std::string qdot_isa();
+void set_qdot_isa(std::string isa);
+
 // decode_ops.cpp: the steps of a decoder block between its matrix products.
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
 at::Tensor attend(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor keys, at::Tensor values, int64_t start,

@@ -1,0 +1,71 @@
+"""Quantized activations: the input of a Linear rounded to a registry format as it is computed.
+
+An activation format is an ordinary format applied to the input matrix
+[tokens, features], with groups running along the features: `int8:ch:sym`
+gives each token its own scale (per token, dynamic), `int8:g32:sym` each
+block of 32 inputs of a token (llama.cpp's Q8_0 activations). Scales are
+computed from the values at run time (dynamic quantization).
+
+Short forms for the command line: `int8:token` is `int8:ch:sym:scale=fp32`,
+`int8:g32` is `int8:g32:sym:scale=fp32`; any other string is parsed by the
+registry as it stands (e.g. `fp8_e4m3:ch`, `mxfp8`).
+
+The runtime's integer kernels (runtime/csrc/qdot.cpp) quantize exactly as
+these formats do when they are symmetric integers of 2 to 8 bits with float32
+scales, per token or in blocks of a multiple of 32 (`kernel_block`); any other
+activation format is fake-quantized (rounded, then multiplied in float), so
+evaluation and the runtime compute the same numbers either way.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .errors import FormatError
+from .formats import Format, parse_format
+from .formats.integer import IntFormat
+
+SHORT = re.compile(r"(int\d+):(token|g\d+)")
+RUN = 32  # the integer kernels' step along the inputs
+
+
+def parse_activation(text: str | Format) -> Format:
+    """An activation format from its string: a registry format, or a short form such as `int8:token`."""
+    if isinstance(text, Format):
+        return text
+    text = text.strip()
+    match = SHORT.fullmatch(text)
+    if match:
+        granularity = "ch" if match.group(2) == "token" else match.group(2)
+        text = f"{match.group(1)}:{granularity}:sym:scale=fp32"
+    fmt = parse_format(text)
+    if fmt.granularity.kind == "tensor":
+        raise FormatError(f"activation format {text!r} has one scale per tensor, which a dynamic runtime cannot "
+                          "compute token by token; use per token (int8:token) or blocks (int8:g32)")
+    return fmt
+
+
+def activation_name(fmt: Format) -> str:
+    """The short form of `fmt` where one exists, else the registry's string."""
+    if isinstance(fmt, IntFormat) and fmt.symmetric and fmt.scale.name == "fp32" and fmt.min is None:
+        granularity = "token" if fmt.granularity.kind == "channel" else str(fmt.granularity)
+        return f"int{fmt.bits_per_code}:{granularity}"
+    return str(fmt)
+
+
+def kernel_block(fmt: Format, features: int) -> int | None:
+    """The block the integer kernels quantize `features` inputs in for `fmt`, or None if they cannot."""
+    if not (isinstance(fmt, IntFormat) and fmt.symmetric and fmt.scale.name == "fp32" and fmt.min is None
+            and 2 <= fmt.bits_per_code <= 8 and features % RUN == 0):
+        return None
+    if fmt.granularity.kind == "channel":
+        return features
+    size = fmt.granularity.size
+    return size if fmt.granularity.kind == "group" and size % RUN == 0 and features % size == 0 else None
+
+
+def fake_quantize(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """`x` [..., features] rounded to `fmt` token by token and returned as float values, in x's dtype."""
+    return fmt.quantize(x.reshape(-1, x.shape[-1])).dequantize().reshape(x.shape).to(x.dtype)

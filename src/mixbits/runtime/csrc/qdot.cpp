@@ -1,0 +1,187 @@
+// Matrix products of int8-quantized activations with integer-coded weights, in integer arithmetic.
+//
+// quantize_rows(x, block, bits): each row of float32 x [M, K] in blocks of `block` inputs (a multiple of
+// 32; K for one scale per row): d = e / -2^(bits-1), e the block's value of largest magnitude (the first on
+// ties), |d| clamped to [FLT_MIN, FLT_MAX]; q = round-half-even(x / d) clamped to the bits' signed range.
+// That is exactly mixbits' format intB:gBLOCK:sym:scale=fp32 (intB:ch:sym:scale=fp32 for block = K), so a
+// fake-quantized forward computes the same numbers. It returns q (int8 [M, K]), d ([M, K / block]) and,
+// per run of 32 inputs, d times the sum of its codes ([M, K / 32]).
+//
+// qlinear(q, d, run_sums, block, codes, scales, offsets, group): weights w = c * s + o per group of `group`
+// inputs (a multiple of 32), codes c unsigned (nibbles two per byte as intgemm.cpp lays them out, or bytes):
+//
+//     y[m, n] = sum over runs r:   d[m, r] * s[n, r] * (sum over the run of c * q)      (integer dot)
+//             + sum over groups g: o[n, g] * (sum over the group's runs of run_sums[m, r])
+//
+// which is the float product of the dequantized activations and weights, up to float summation order.
+// The integer dot of a run has three implementations, compiled side by side and picked at run time for
+// the CPU: AVX-512 VNNI, AVX-VNNI, or AVX2.
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRun = 32;
+
+struct Problem {
+  int64_t m, n, k, block, blocks, group, groups, row_bytes;
+  const int8_t* q;
+  const float* d;
+  const float* sums;  // [m, groups]: the dequantized activations' sum over each weight group
+  const uint8_t* codes;
+  const float* scale;
+  const float* offset;
+};
+
+}  // namespace
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#define MIXBITS_DOT 0
+#include "qdot_body.h"
+#undef MIXBITS_DOT
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+namespace avxvnni {
+#define MIXBITS_DOT 1
+#include "qdot_body.h"
+#undef MIXBITS_DOT
+}  // namespace avxvnni
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+namespace avx512vnni {
+#define MIXBITS_DOT 2
+#include "qdot_body.h"
+#undef MIXBITS_DOT
+}  // namespace avx512vnni
+#pragma GCC pop_options
+
+namespace {
+
+std::string best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+    return "avx512vnni";
+  if (__builtin_cpu_supports("avxvnni")) return "avxvnni";
+  return "avx2";
+}
+
+std::string& chosen_isa() {
+  static std::string isa = best_isa();
+  return isa;
+}
+
+bool supported(const std::string& isa) {
+  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avxvnni") return supported("avx2") && __builtin_cpu_supports("avxvnni");
+  if (isa == "avx512vnni")
+    return supported("avx2") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw");
+  return false;
+}
+
+}  // namespace
+
+std::string qdot_isa() { return chosen_isa(); }
+
+void set_qdot_isa(std::string isa) {
+  TORCH_CHECK(supported(isa), "this CPU cannot run the ", isa, " integer-dot kernels (it has ", best_isa(), ")");
+  chosen_isa() = isa;
+}
+
+std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t block, int64_t bits) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous float32 matrix");
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(k % kRun == 0 && block % kRun == 0 && k % block == 0, "inputs and the block must be multiples of 32, "
+              "and the block must divide the inputs; got ", k, " inputs, block ", block);
+  TORCH_CHECK(bits >= 2 && bits <= 8, "activation codes take 2 to 8 bits, got ", bits);
+  at::Tensor q = at::empty({m, k}, x.options().dtype(at::kChar));
+  at::Tensor d = at::empty({m, k / block}, x.options());
+  at::Tensor run_sums = at::empty({m, k / kRun}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* dp = d.data_ptr<float>();
+  float* sp = run_sums.data_ptr<float>();
+  const std::string& isa = chosen_isa();
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * k;
+      if (isa == "avx512vnni") {
+        avx512vnni::quantize_row(row, k, block, bits, qp + r * k, dp + r * (k / block), sp + r * (k / kRun));
+      } else if (isa == "avxvnni") {
+        avxvnni::quantize_row(row, k, block, bits, qp + r * k, dp + r * (k / block), sp + r * (k / kRun));
+      } else {
+        avx2::quantize_row(row, k, block, bits, qp + r * k, dp + r * (k / block), sp + r * (k / kRun));
+      }
+    }
+  });
+  return {q, d, run_sums};
+}
+
+namespace {
+
+at::Tensor qlinear(bool nibbles, const at::Tensor& q, const at::Tensor& d, const at::Tensor& run_sums, int64_t block,
+                   const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offsets, int64_t group) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q must be contiguous int8");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "codes must be contiguous uint8");
+  const int64_t m = q.size(0), k = q.size(1), n = codes.size(0);
+  TORCH_CHECK(codes.size(1) * (nibbles ? 2 : 1) == k, "the activations have ", k, " features, the weight ",
+              codes.size(1) * (nibbles ? 2 : 1));
+  TORCH_CHECK(k % kRun == 0 && group % kRun == 0 && block % kRun == 0 && k % block == 0,
+              "inputs, group and block must be multiples of 32, and the block must divide the inputs");
+  const int64_t groups = (k + group - 1) / group, blocks = k / block;
+  TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() && d.size(0) == m && d.size(1) == blocks,
+              "d must be contiguous float32 [rows, blocks]");
+  TORCH_CHECK(run_sums.scalar_type() == at::kFloat && run_sums.is_contiguous() && run_sums.size(0) == m &&
+              run_sums.size(1) == k / kRun, "run_sums must be contiguous float32 [rows, inputs / 32]");
+  for (const at::Tensor* t : {&scales, &offsets}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(0) == n && t->size(1) == groups,
+                "scales and offsets must be contiguous float32 [out_features, groups]");
+  }
+  // Each run has its own activation scale, so a run's block scale is looked up by run: expand d to runs.
+  at::Tensor run_scales = d.repeat_interleave(block / kRun, 1).contiguous();
+  at::Tensor sums = at::zeros({m, groups}, q.options().dtype(at::kFloat));
+  const float* rs = run_sums.data_ptr<float>();
+  float* gs = sums.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t run = 0; run < k / kRun; ++run) gs[r * groups + run * kRun / group] += rs[r * (k / kRun) + run];
+  at::Tensor y = at::empty({m, n}, q.options().dtype(at::kFloat));
+  const Problem p{m, n, k, kRun, k / kRun, group, groups, codes.size(1), q.data_ptr<int8_t>(),
+                  run_scales.data_ptr<float>(), gs, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                  offsets.data_ptr<float>()};
+  float* yp = y.data_ptr<float>();
+  const std::string& isa = chosen_isa();
+  if (isa == "avx512vnni") {
+    nibbles ? avx512vnni::run<true>(p, yp) : avx512vnni::run<false>(p, yp);
+  } else if (isa == "avxvnni") {
+    nibbles ? avxvnni::run<true>(p, yp) : avxvnni::run<false>(p, yp);
+  } else {
+    nibbles ? avx2::run<true>(p, yp) : avx2::run<false>(p, yp);
+  }
+  return y;
+}
+
+}  // namespace
+
+at::Tensor nibble_qlinear(at::Tensor q, at::Tensor d, at::Tensor run_sums, int64_t block, at::Tensor codes,
+                          at::Tensor scales, at::Tensor offsets, int64_t group) {
+  return qlinear(true, q, d, run_sums, block, codes, scales, offsets, group);
+}
+at::Tensor byte_qlinear(at::Tensor q, at::Tensor d, at::Tensor run_sums, int64_t block, at::Tensor codes,
+                        at::Tensor scales, at::Tensor offsets, int64_t group) {
+  return qlinear(false, q, d, run_sums, block, codes, scales, offsets, group);
+}

@@ -1,0 +1,98 @@
+"""Integer-dot kernels: int8 activations times weight codes equal the float product of the two dequantized.
+
+The oracle rounds the activations with the registry's own format (the
+kernels must quantize exactly as it does), dequantizes both sides and
+multiplies in float64; every instruction set this CPU runs is checked.
+"""
+
+import pytest
+import torch
+
+from mixbits.activations import fake_quantize, kernel_block, parse_activation
+from mixbits.errors import FormatError
+from mixbits.formats import parse_format
+from mixbits.formats.granularity import ungroup
+from mixbits.runtime import IntLinear, quantized_linear
+from mixbits.runtime.kernels import native
+from mixbits.runtime.linear import with_activation
+from mixbits.solvers import round_to_nearest
+
+pytestmark = pytest.mark.skipif(native() is None, reason="integer kernels unavailable (no compiler or no AVX2)")
+
+WEIGHTS = ["q4_0", "q4_1", "q4_k", "q8_0", "int4:g128:asym", "int3:g64:asym", "int2:g32:sym", "int8:ch:sym",
+           "int5:g64:asym", "int6:g64:sym:scale=i8", "int7:g32:asym", "int4:g64:sym:scale=e8m0"]
+ACTIVATIONS = ["int8:g32", "int8:g64", "int8:token", "int4:g32"]
+ISAS = ["avx2", "avxvnni", "avx512vnni"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    kernels = native()
+    before = kernels.qdot_isa()
+    try:
+        kernels.set_qdot_isa(request.param)
+    except RuntimeError:
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    kernels.set_qdot_isa(before)
+
+
+def activations(rows: int, cols: int) -> torch.Tensor:
+    x = torch.randn(rows, cols) * torch.rand(1, cols) * 4  # channels of different sizes, as real inputs have
+    x[0, :32] = 0  # an all-zero block: the scale is clamped, not 0
+    if rows > 1:
+        x[1, 3], x[1, 7] = 5.0, -5.0  # equal magnitudes: the first one sets the scale's sign
+    return x
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_activation_codes_and_scales_are_the_registry_formats(isa, act):
+    torch.manual_seed(0)
+    fmt = parse_activation(act)
+    x = activations(9, 256)
+    q, d, run_sums = native().quantize_rows(x, kernel_block(fmt, 256), fmt.bits_per_code)
+    expected = fmt.quantize(x)
+    assert torch.equal(q.long(), ungroup(expected.codes, expected.shape).long())
+    assert torch.equal(d.reshape(-1), expected.params["scale"].reshape(-1))
+    values = expected.dequantize().double()
+    assert torch.allclose(run_sums.double(), values.reshape(9, -1, 32).sum(-1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight", WEIGHTS)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_integer_product_equals_float_product_of_dequantized(isa, weight, act):
+    torch.manual_seed(1)
+    cols = 256
+    quantized = round_to_nearest(torch.randn(37, cols), parse_format(weight))  # 37: tiles of 4, 2 and 1 rows
+    fmt = parse_activation(act)
+    module = quantized_linear(quantized, torch.randn(37), fmt)
+    assert isinstance(module, IntLinear)
+    w = quantized.dequantize().double()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for rows in (1, 2, 5, 70):  # decode, the 4x2 tiles and their remainders, more than one 64-row panel
+            x = activations(rows, cols)
+            expected = fake_quantize(x, fmt).double() @ w.T + module.bias.double()
+            got = module(x).double()
+            assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_formats_the_kernels_cannot_serve_are_fake_quantized():
+    torch.manual_seed(2)
+    quantized = round_to_nearest(torch.randn(16, 96), parse_format("q4_0"))
+    x = torch.randn(3, 96)
+    for act in ("int8:g64", "fp8_e4m3:ch", "int8:ch:asym"):  # 64 does not divide 96; not integers; not symmetric
+        fmt = parse_activation(act)
+        module = quantized_linear(quantized, None, fmt)
+        assert not isinstance(module, IntLinear)
+        assert torch.allclose(module(x), fake_quantize(x, fmt) @ quantized.dequantize().T, atol=1e-5)
+    linear = with_activation(torch.nn.Linear(96, 16), parse_activation("int8:token"))
+    assert torch.allclose(linear(x), torch.nn.functional.linear(fake_quantize(x, linear.activation), linear.weight,
+                                                                linear.bias), atol=1e-6)
+
+
+def test_activation_short_forms():
+    assert str(parse_activation("int8:token")) == str(parse_format("int8:ch:sym:scale=fp32"))
+    assert str(parse_activation("int8:g32")) == str(parse_format("int8:g32:sym:scale=fp32"))
+    with pytest.raises(FormatError, match="per token"):
+        parse_activation("int8:tensor:sym")
