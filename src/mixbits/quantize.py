@@ -304,11 +304,19 @@ def _solve(names: list[str], linears: list[nn.Linear], hessian: torch.Tensor | N
 
 
 def _quantize_inputs(module: nn.Module, activation: Format, report: QuantizationReport) -> None:
-    """Every quantized layer's inputs rounded to `activation` from now on (16-bit layers keep float inputs)."""
+    """Every quantized layer's inputs rounded to `activation` from now on (16-bit layers keep float inputs), and
+    those of a head tied to a quantized embedding (recorded on the embedding's report: `activation` there is
+    its tied head's)."""
     modules = dict(module.named_modules())
     for layer in report.layers:
         if layer.option != KEEP:
             with_activation(modules[layer.name], activation)
+            layer.activation = activation_name(activation)
+    head, embed = output_head(module), module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    tied = head is not None and isinstance(embed, nn.Embedding) and head[1].weight is embed.weight
+    for layer in report.outer:
+        if tied and layer.name == next(n for n, m in modules.items() if m is embed) and layer.option != KEEP:
+            with_activation(head[1], activation)
             layer.activation = activation_name(activation)
 
 

@@ -107,8 +107,8 @@ def save_quantized(model: nn.Module | LoadedModel, report, directory: str | Path
             layer_bytes += stored_bytes(stored) if kind == "layers" else 0
             entry = {"name": layer.name, "option": layer.option, "solver": layer.solver, "shape": list(layer.shape),
                      "bits": layer.bits}
-            if getattr(layer, "activation", None):
-                entry["activation"] = layer.activation
+            if getattr(layer, "activation", None):  # an embedding's: the input format of the head tied to it
+                entry["head_activation" if kind == "outer" else "activation"] = layer.activation
             entries[kind].append(entry)
     layers = entries["layers"]
     replaced = {f"{layer['name']}.weight" for layer in layers + entries["outer"]}
@@ -171,14 +171,14 @@ def load_quantized(directory: str | Path) -> LoadedModel:
         bias = floats.pop(f"{name}.bias", None)
         tensors = layer_tensors(quantized, name)
         try:
-            activation = None if layer.get("activation") is None else parse_activation(layer["activation"])
+            activation = None if layer.get("activation") is None or layer in outer else parse_activation(layer["activation"])
             module = _stored_module(layer["option"], shape, tensors, bias, target if embedding else None, activation)
         except MixbitsError as error:
             raise CheckpointError(f"layer {name} of {directory}: {error}") from error
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, module)
         built[name] = module
-    expected -= _tie_to_quantized(model, info["tied"], built, directory)
+    expected -= _tie_to_quantized(model, info["tied"], built, directory, outer)
     _load_floats(model, expected, floats, info["tied"], directory)
     del quantized
     _return_freed_memory()
@@ -218,8 +218,10 @@ def _stored_module(option: str, shape: tuple[int, int], tensors: dict[str, torch
     return quantized_linear(stored, bias, activation)
 
 
-def _tie_to_quantized(model: nn.Module, tied: dict[str, str], built: dict[str, nn.Module], directory: Path) -> set[str]:
-    """A weight tied to a quantized embedding (the output head): its module computes from the same codes.
+def _tie_to_quantized(model: nn.Module, tied: dict[str, str], built: dict[str, nn.Module], directory: Path,
+                      info_outer: list[dict]) -> set[str]:
+    """A weight tied to a quantized embedding (the output head): its module computes from the same codes, its
+    inputs quantized to the embedding entry's `head_activation` if that is given.
 
     Returns the aliases so replaced (taken out of `tied`).
     """
@@ -236,7 +238,10 @@ def _tie_to_quantized(model: nn.Module, tied: dict[str, str], built: dict[str, n
             raise CheckpointError(f"{alias} in {directory} is tied to the quantized {kept} but is not a bias-free "
                                   "Linear's weight; write the checkpoint again")
         parent, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, quantized_linear(owner.quantized()))
+        outer = next((entry for entry in info_outer if entry["name"] == kept.rpartition(".")[0]), {})
+        activation = outer.get("head_activation")
+        head = quantized_linear(owner.quantized(), None, None if activation is None else parse_activation(activation))
+        setattr(model.get_submodule(parent) if parent else model, child, head)
         del tied[alias]
         replaced.add(alias)
     return replaced

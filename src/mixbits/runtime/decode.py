@@ -225,21 +225,23 @@ class Decoder:
         n = ids.numel()
         end = start + n
         cos, sin = [c[start:end] for c in cos], [s[start:end] for s in sin]
-        mask = None
-        if n > 1 and self.native is None:  # causal over the cached prefix and the new tokens
-            mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
         # decode: call the kernels directly; prefill: the modules (integer kernels for quantized inputs, else
         # dequantize-and-multiply)
         step = n <= KERNEL_ROWS
+        # The native attention step serves a few new tokens; a prompt's queries attend as matrix products
+        # (PyTorch's scaled_dot_product_attention), several times faster for hundreds of tokens.
+        native_attention = self.native is not None and step
+        mask = None
+        if n > 1 and not native_attention:  # causal over the cached prefix and the new tokens
+            mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
         h = self.embed(ids)
         for index, block in enumerate(self.blocks):
             qkv = (block.qkv_step if step else block.qkv)(self._norm(h, block.input_norm))
-            if self.native is not None:
-                table = self.rope_of_block[index]
+            table = self.rope_of_block[index]
+            if native_attention:
                 attended = self.native.attend(qkv, cos[table], sin[table], keys[index], values[index], start,
                                               self.heads, self.kv_heads, self.scaling)
             else:
-                table = self.rope_of_block[index]
                 attended = self._attend(block, qkv, cos[table], sin[table], keys[index], values[index], start, mask)
             out = (block.o_step if step else block.o)(attended)
             h = h + (out if block.post_attention_norm is None else self._norm(out, block.post_attention_norm))

@@ -74,7 +74,10 @@ class DequantLinear(nn.Module):
 class IntLinear(nn.Module):
     """y = x Wᵀ + b for integer codes q with w = q * scale + offset per group, computed from the codes.
 
-    With an `activation` format the kernels implement, x is first quantized to int8 codes in its blocks.
+    Codes are unsigned (a symmetric code c is held as c + 2^(bits-1) with offset -2^(bits-1) * scale) and laid
+    out for the kernel that reads them: float inputs read them in runs (csrc/intgemm.cpp); with an
+    `activation` format the kernels implement, x is quantized to int8 codes in its blocks and the codes sit
+    in panels of 16 rows (csrc/qdot.cpp, `to_panels`).
     """
 
     def __init__(self, quantized: QuantizedTensor, bias: torch.Tensor | None, activation: Format | None = None):
@@ -86,29 +89,58 @@ class IntLinear(nn.Module):
         self.nibbles = fmt.code_bits <= 4
         codes = ungroup(quantized.codes, quantized.shape).to(torch.int16)
         scale = quantized.params["scale"].reshape(self.out_features, -1).float()
-        if fmt.symmetric:  # code c is stored as c + half, so the offset is -half * scale
-            half = 8 if self.nibbles else 2 ** (fmt.code_bits - 1)
-            codes, offset = codes + half, -half * scale
+        self.center = None  # symmetric codes are held as c + center, so the offset is -center * scale
+        if fmt.symmetric:
+            self.center = 8 if self.nibbles else 2 ** (fmt.code_bits - 1)
+            codes, offset = codes + self.center, -self.center * scale
         elif fmt.min is not None:  # w = q * scale + min already
             offset = quantized.params["min"].reshape(self.out_features, -1).float()
         else:
             offset = -quantized.params["zero"].reshape(self.out_features, -1).float() * scale
-        codes = codes.to(torch.uint8)
-        if self.nibbles:  # in each run of 32 inputs, byte j holds input j (low nibble) and input j + 16 (high)
-            runs = codes.reshape(self.out_features, -1, 2, RUN // 2)
-            codes = runs[:, :, 0, :] | (runs[:, :, 1, :] << 4)
-        self.register_buffer("codes", codes.reshape(self.out_features, -1).contiguous())
-        self.register_buffer("scale", scale.contiguous())
-        self.register_buffer("offset", offset.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        self._set_activation(activation)
+        self._hold(codes.to(torch.uint8), scale, offset, activation)
+
+    def _hold(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, activation: Format | None) -> None:
+        """Keep unsigned codes [out, in] and scale and offset [out, groups] laid out for `activation`'s kernel."""
+        block = None if activation is None else kernel_block(activation, self.in_features)
+        if activation is not None and block is None:
+            raise ValueError(f"the integer kernels cannot quantize inputs to {activation}; use with_activation")
+        self.activation, self.block = activation, block
+        self.act_bits = None if activation is None else activation.bits_per_code
+        if activation is None:
+            if self.nibbles:  # in each run of 32 inputs, byte j holds input j (low nibble) and input j + 16 (high)
+                runs = codes.reshape(self.out_features, -1, 2, RUN // 2)
+                codes = runs[:, :, 0, :] | (runs[:, :, 1, :] << 4)
+            codes = codes.reshape(self.out_features, -1)
+        else:  # 16-bit scales where they hold them exactly (formats with fp16 scales): fewer bytes to read
+            codes, scale = to_panels(codes, self.nibbles), panel_params(scale)
+            offset = None if self.center is not None else panel_params(offset)
+            if all(t is None or torch.equal(t.half().float(), t) for t in (scale, offset)):
+                scale, offset = scale.half(), None if offset is None else offset.half()
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("offset", None if offset is None else offset.contiguous())
+
+    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unsigned codes [out, in] and scale and offset [out, groups], whatever the layout."""
+        n, k = self.out_features, self.in_features
+        if self.activation is not None:
+            scale = rows_from_panels(self.scale.float(), n)
+            offset = -self.center * scale if self.offset is None else rows_from_panels(self.offset.float(), n)
+            return from_panels(self.codes, n, k, self.nibbles), scale, offset
+        codes = self.codes
+        if self.nibbles:
+            runs = codes.reshape(n, -1, 1, RUN // 2)
+            codes = torch.cat([runs & 0x0F, runs >> 4], dim=2).reshape(n, k)
+        return codes, self.scale, self.offset
 
     def _set_activation(self, activation: Format | None) -> None:
-        self.activation = activation
-        self.block = None if activation is None else kernel_block(activation, self.in_features)
-        if activation is not None and self.block is None:
-            raise ValueError(f"the integer kernels cannot quantize inputs to {activation}; use with_activation")
-        self.act_bits = None if activation is None else activation.bits_per_code
+        """Quantize inputs to `activation` (None: float inputs) from now on, the codes laid out again for it."""
+        if activation != self.activation:
+            codes, scale, offset = self.unpacked()
+            for name in ("codes", "scale", "offset"):
+                delattr(self, name)
+            self._hold(codes, scale.clone(), offset.clone(), activation)
 
     @staticmethod
     def supports(fmt: Format, shape: tuple[int, int], activation: Format | None = None) -> bool:
@@ -121,26 +153,45 @@ class IntLinear(nn.Module):
 
     @classmethod
     def stack(cls, parts: list[IntLinear]) -> IntLinear | None:
-        """One module for layers that read the same input: their rows stacked (None unless the layouts agree)."""
+        """One module for layers that read the same input: their rows stacked (None unless the layouts agree).
+
+        The parts then read views of the stacked tensors. In panels, every part but the last must fill whole
+        panels of 16 rows for that.
+        """
         first = parts[0]
-        layout = (first.group, first.nibbles, first.in_features, first.activation)
-        if any((p.group, p.nibbles, p.in_features, p.activation) != layout for p in parts):
+
+        def layout(p):
+            return p.group, p.nibbles, p.in_features, p.activation, p.center, p.scale.dtype, p.offset is None
+
+        if any(layout(p) != layout(first) for p in parts):
+            return None
+        if first.activation is not None and any(p.out_features % PANEL for p in parts[:-1]):
             return None
         stacked = cls.__new__(cls)
         nn.Module.__init__(stacked)
         stacked.format, stacked.group, stacked.nibbles = first.format, first.group, first.nibbles
         stacked.in_features, stacked.out_features = first.in_features, sum(p.out_features for p in parts)
-        stacked.bias = None
-        stacked._set_activation(first.activation)
-        stack_rows(parts, stacked, ("codes", "scale", "offset", "bias"))
+        stacked.activation, stacked.block, stacked.act_bits = first.activation, first.block, first.act_bits
+        stacked.center, stacked.bias = first.center, None
+        stack_rows(parts, stacked, ("codes", "scale", "offset"), first.activation is not None)
+        if first.offset is None:
+            stacked.register_buffer("offset", None)
+        stack_rows(parts, stacked, ("bias",))
         return stacked
 
     def _kernel(self, operation: str):
-        """The compiled `operation` ("linear", "qlinear" or "dequantize") for this layer's code layout."""
+        """The compiled `operation` ("linear", "xlinear" or "dequantize") for this layer's code layout."""
         return getattr(native(), f"{'nibble' if self.nibbles else 'byte'}_{operation}")
 
     def weight_values(self) -> torch.Tensor:
+        if self.activation is not None:
+            codes, scale, offset = self.unpacked()
+            return codes.float() * self._per_input(scale) + self._per_input(offset)
         return self._kernel("dequantize")(self.codes, self.scale, self.offset, self.group)
+
+    def _per_input(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-group values [out, groups] repeated over each group's inputs: [out, in]."""
+        return values.repeat_interleave(self.group, dim=1)[:, :self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
@@ -164,10 +215,11 @@ class IntLinear(nn.Module):
         """
         codes, scale, offset, group, bias = self.codes, self.scale, self.offset, self.group, self.bias
         if self.activation is not None:
-            quantize, kernel, block, bits = native().quantize_rows, self._kernel("qlinear"), self.block, self.act_bits
+            kernel, block, bits = self._kernel("xlinear"), self.block, self.act_bits
+            n, center = self.out_features, float(self.center or 0)
             if bias is None:
-                return lambda x: kernel(*quantize(x, block, bits), block, codes, scale, offset, group)
-            return lambda x: kernel(*quantize(x, block, bits), block, codes, scale, offset, group).add_(bias)
+                return lambda x: kernel(x, block, bits, codes, scale, offset, group, n, center)
+            return lambda x: kernel(x, block, bits, codes, scale, offset, group, n, center).add_(bias)
         kernel = self._kernel("linear")
         if bias is None:
             return lambda x: kernel(x, codes, scale, offset, group)
@@ -178,11 +230,49 @@ class IntLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, format={self.format}{activation}"
 
 
-def stack_rows(parts: list[nn.Module], stacked: nn.Module, names: tuple[str, ...]) -> None:
+PANEL = 16  # weight rows per panel of the integer-dot kernels
+
+
+def to_panels(codes: torch.Tensor, nibbles: bool) -> torch.Tensor:
+    """Unsigned codes [out, in] in csrc/qdot.cpp's panel layout: [panels, runs * steps * 64] bytes."""
+    n, k = codes.shape
+    panels = -(-n // PANEL)
+    padded = torch.zeros(panels * PANEL, k, dtype=torch.uint8)
+    padded[:n] = codes
+    # [panel, lane, run, step, 4] -> [panel, run, step, lane, 4]: one step is 16 rows x 4 consecutive inputs
+    steps = padded.reshape(panels, PANEL, k // RUN, RUN // 4, 4).permute(0, 2, 3, 1, 4)
+    if nibbles:  # step j's low nibbles: inputs 4j..4j+3; high nibbles: 4j+16..4j+19
+        steps = steps[:, :, :4] | (steps[:, :, 4:] << 4)
+    return steps.contiguous().reshape(panels, -1)
+
+
+def from_panels(packed: torch.Tensor, n: int, k: int, nibbles: bool) -> torch.Tensor:
+    """The unsigned codes [n, k] back from `to_panels`."""
+    panels = packed.shape[0]
+    steps = packed.reshape(panels, k // RUN, RUN // 4 // (2 if nibbles else 1), PANEL, 4)
+    if nibbles:
+        steps = torch.cat([steps & 0x0F, steps >> 4], dim=2)
+    return steps.permute(0, 3, 1, 2, 4).reshape(panels * PANEL, k)[:n]
+
+
+def panel_params(values: torch.Tensor) -> torch.Tensor:
+    """Per-group values [out, groups] as [panels, groups, 16] (rows past the last padded with zeros)."""
+    n, groups = values.shape
+    padded = torch.zeros(-(-n // PANEL) * PANEL, groups)
+    padded[:n] = values
+    return padded.reshape(-1, PANEL, groups).transpose(1, 2).contiguous()
+
+
+def rows_from_panels(values: torch.Tensor, n: int) -> torch.Tensor:
+    return values.transpose(1, 2).reshape(-1, values.shape[1])[:n]
+
+
+def stack_rows(parts: list[nn.Module], stacked: nn.Module, names: tuple[str, ...], panels: bool = False) -> None:
     """Give `stacked` each named tensor of `parts` concatenated along rows, then point the parts at row views of it.
 
     A bias some parts lack is stacked as zeros for them; parameters stay parameters, buffers buffers. The parts
-    keep computing what they did, and nothing is stored twice.
+    keep computing what they did, and nothing is stored twice. With `panels`, the tensors' first dimension is
+    panels of PANEL rows (IntLinear.stack checks that the parts fill them).
     """
     for name in names:
         values = [getattr(part, name) for part in parts]
@@ -198,10 +288,11 @@ def stack_rows(parts: list[nn.Module], stacked: nn.Module, names: tuple[str, ...
             stacked.register_buffer(name, tensor)
         start = 0
         for part, value in zip(parts, values):
-            rows = tensor[start:start + part.out_features]
+            size = value.shape[0] if panels else part.out_features
+            rows = tensor[start:start + size]
             if value is not None:
                 setattr(part, name, nn.Parameter(rows, requires_grad=False) if parameter else rows)
-            start += part.out_features
+            start += size
 
 
 def quantized_linear(quantized: QuantizedTensor, bias: torch.Tensor | None = None,

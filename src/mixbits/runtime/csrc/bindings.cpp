@@ -9,6 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows", &quantize_rows, "float32 rows to int8 codes in blocks, their scales and run sums");
   m.def("nibble_qlinear", &nibble_qlinear, "int8 activations times 4-bit codes");
   m.def("byte_qlinear", &byte_qlinear, "int8 activations times 8-bit codes");
+  m.def("nibble_xlinear", &nibble_xlinear, "float32 rows quantized to int8, times 4-bit codes");
+  m.def("byte_xlinear", &byte_xlinear, "float32 rows quantized to int8, times 8-bit codes");
   m.def("qdot_isa", &qdot_isa, "the instruction set the integer-dot kernels use");
   m.def("set_qdot_isa", &set_qdot_isa, "use the integer-dot kernels of another instruction set (avx2, avxvnni, avx512vnni)");
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows");

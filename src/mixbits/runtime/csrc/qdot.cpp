@@ -7,15 +7,25 @@
 // fake-quantized forward computes the same numbers. It returns q (int8 [M, K]), d ([M, K / block]) and,
 // per run of 32 inputs, d times the sum of its codes ([M, K / 32]).
 //
-// qlinear(q, d, run_sums, block, codes, scales, offsets, group): weights w = c * s + o per group of `group`
-// inputs (a multiple of 32), codes c unsigned (nibbles two per byte as intgemm.cpp lays them out, or bytes):
+// qlinear(q, d, run_sums, block, codes, scales, offsets, group, n, center): weights w = c * s + o per group of `group`
+// inputs (a multiple of 32), unsigned codes c in the panel layout (below):
 //
-//     y[m, n] = sum over runs r:   d[m, r] * s[n, r] * (sum over the run of c * q)      (integer dot)
-//             + sum over groups g: o[n, g] * (sum over the group's runs of run_sums[m, r])
+//     y[m, n] = sum over runs r of 32 inputs:  d[m, r] * s[n, r] * (sum over the run of c * q)   (integer dot)
+//             + sum over groups g:  o[n, g] * (sum over the group's runs of run_sums[m, r])
 //
 // which is the float product of the dequantized activations and weights, up to float summation order.
-// The integer dot of a run has three implementations, compiled side by side and picked at run time for
-// the CPU: AVX-512 VNNI, AVX-VNNI, or AVX2.
+// Integer dots accumulate across runs while neither scale changes.
+//
+// Panel layout (runtime/linear.py's `to_panels` writes it): weight rows in panels of 16, padded with zero
+// rows; per panel and run of 32 inputs, steps of 4 inputs, each step 16 rows x 4 bytes (64 bytes), so one
+// load gives four codes of each of 16 rows. Codes of up to 4 bits take 4 steps of 64 bytes per run, the low
+// nibbles holding inputs 4j..4j+3 and the high ones 4j+16..4j+19; wider codes take 8 steps, a byte each.
+// Scales and offsets are [panel, group, 16], float32 or float16 (when that holds them exactly, as for any
+// format with 16-bit scales: 4.5 bits a weight for Q4_0, as llama.cpp reads). A symmetric format needs no
+// offsets: its codes are held as c + center, and its offset is -center * scale.
+//
+// The integer dot has three implementations, compiled side by side and picked at run time for the CPU:
+// AVX-512 VNNI, AVX-VNNI, or AVX2.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -24,21 +34,26 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
+#include <numeric>
 #include <string>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kRun = 32;
+constexpr int64_t kPanel = 16;  // weight rows per panel
 
 struct Problem {
-  int64_t m, n, k, block, blocks, group, groups, row_bytes;
+  int64_t m, n, k, group, groups, span, panels;  // span: runs whose integer dots add before a scale changes
   const int8_t* q;
-  const float* d;
+  const float* d;     // [m, k / 32]: each run's activation scale
   const float* sums;  // [m, groups]: the dequantized activations' sum over each weight group
   const uint8_t* codes;
-  const float* scale;
-  const float* offset;
+  const void* scale;   // float32, or float16 if `half`
+  const void* offset;  // the same; null for codes held as c + center (offset -center * scale)
+  bool half;
+  float center;
 };
 
 }  // namespace
@@ -135,34 +150,38 @@ std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t block, int64_t bits)
 namespace {
 
 at::Tensor qlinear(bool nibbles, const at::Tensor& q, const at::Tensor& d, const at::Tensor& run_sums, int64_t block,
-                   const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offsets, int64_t group) {
+                   const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
+                   int64_t group, int64_t n, double center) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q must be contiguous int8");
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "codes must be contiguous uint8");
-  const int64_t m = q.size(0), k = q.size(1), n = codes.size(0);
-  TORCH_CHECK(codes.size(1) * (nibbles ? 2 : 1) == k, "the activations have ", k, " features, the weight ",
-              codes.size(1) * (nibbles ? 2 : 1));
+  const int64_t m = q.size(0), k = q.size(1), runs = k / kRun;
   TORCH_CHECK(k % kRun == 0 && group % kRun == 0 && block % kRun == 0 && k % block == 0,
               "inputs, group and block must be multiples of 32, and the block must divide the inputs");
-  const int64_t groups = (k + group - 1) / group, blocks = k / block;
-  TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() && d.size(0) == m && d.size(1) == blocks,
+  const int64_t groups = (k + group - 1) / group, panels = (n + kPanel - 1) / kPanel;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+              codes.numel() == panels * runs * kRun * kPanel / (nibbles ? 2 : 1),
+              "codes must be contiguous uint8 in the panel layout for ", n, " rows of ", k, " inputs");
+  TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() && d.size(0) == m && d.size(1) == k / block,
               "d must be contiguous float32 [rows, blocks]");
   TORCH_CHECK(run_sums.scalar_type() == at::kFloat && run_sums.is_contiguous() && run_sums.size(0) == m &&
-              run_sums.size(1) == k / kRun, "run_sums must be contiguous float32 [rows, inputs / 32]");
-  for (const at::Tensor* t : {&scales, &offsets}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(0) == n && t->size(1) == groups,
-                "scales and offsets must be contiguous float32 [out_features, groups]");
+              run_sums.size(1) == runs, "run_sums must be contiguous float32 [rows, inputs / 32]");
+  const bool half = scales.scalar_type() == at::kHalf;
+  TORCH_CHECK((half || scales.scalar_type() == at::kFloat) && scales.is_contiguous() &&
+              scales.numel() == panels * groups * kPanel, "scales must be contiguous float32 or float16 [panels, groups, 16]");
+  if (offsets) {
+    TORCH_CHECK(offsets->scalar_type() == scales.scalar_type() && offsets->is_contiguous() &&
+                offsets->numel() == scales.numel(), "offsets must be laid out as the scales");
   }
-  // Each run has its own activation scale, so a run's block scale is looked up by run: expand d to runs.
-  at::Tensor run_scales = d.repeat_interleave(block / kRun, 1).contiguous();
+  at::Tensor run_scales = block == kRun ? d : d.repeat_interleave(block / kRun, 1).contiguous();
   at::Tensor sums = at::zeros({m, groups}, q.options().dtype(at::kFloat));
   const float* rs = run_sums.data_ptr<float>();
   float* gs = sums.data_ptr<float>();
   for (int64_t r = 0; r < m; ++r)
-    for (int64_t run = 0; run < k / kRun; ++run) gs[r * groups + run * kRun / group] += rs[r * (k / kRun) + run];
+    for (int64_t run = 0; run < runs; ++run) gs[r * groups + run * kRun / group] += rs[r * runs + run];
   at::Tensor y = at::empty({m, n}, q.options().dtype(at::kFloat));
-  const Problem p{m, n, k, kRun, k / kRun, group, groups, codes.size(1), q.data_ptr<int8_t>(),
-                  run_scales.data_ptr<float>(), gs, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-                  offsets.data_ptr<float>()};
+  const int64_t span = std::gcd(block, group) / kRun;
+  const Problem p{m, n, k, group, groups, span, panels, q.data_ptr<int8_t>(), run_scales.data_ptr<float>(), gs,
+                  codes.data_ptr<uint8_t>(), scales.data_ptr(), offsets ? offsets->data_ptr() : nullptr, half,
+                  static_cast<float>(center)};
   float* yp = y.data_ptr<float>();
   const std::string& isa = chosen_isa();
   if (isa == "avx512vnni") {
@@ -175,13 +194,31 @@ at::Tensor qlinear(bool nibbles, const at::Tensor& q, const at::Tensor& d, const
   return y;
 }
 
+
+// quantize_rows then qlinear, in one call (a decode step makes over a hundred of them).
+at::Tensor quantized_linear(bool nibbles, const at::Tensor& x, int64_t block, int64_t bits, const at::Tensor& codes,
+                            const at::Tensor& scales, const c10::optional<at::Tensor>& offsets, int64_t group, int64_t n,
+                            double center) {
+  const std::vector<at::Tensor> q = quantize_rows(x, block, bits);
+  return qlinear(nibbles, q[0], q[1], q[2], block, codes, scales, offsets, group, n, center);
+}
+
 }  // namespace
 
+at::Tensor nibble_xlinear(at::Tensor x, int64_t block, int64_t bits, at::Tensor codes, at::Tensor scales,
+                          c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center) {
+  return quantized_linear(true, x, block, bits, codes, scales, offsets, group, n, center);
+}
+at::Tensor byte_xlinear(at::Tensor x, int64_t block, int64_t bits, at::Tensor codes, at::Tensor scales,
+                        c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center) {
+  return quantized_linear(false, x, block, bits, codes, scales, offsets, group, n, center);
+}
+
 at::Tensor nibble_qlinear(at::Tensor q, at::Tensor d, at::Tensor run_sums, int64_t block, at::Tensor codes,
-                          at::Tensor scales, at::Tensor offsets, int64_t group) {
-  return qlinear(true, q, d, run_sums, block, codes, scales, offsets, group);
+                          at::Tensor scales, c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center) {
+  return qlinear(true, q, d, run_sums, block, codes, scales, offsets, group, n, center);
 }
 at::Tensor byte_qlinear(at::Tensor q, at::Tensor d, at::Tensor run_sums, int64_t block, at::Tensor codes,
-                        at::Tensor scales, at::Tensor offsets, int64_t group) {
-  return qlinear(false, q, d, run_sums, block, codes, scales, offsets, group);
+                        at::Tensor scales, c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center) {
+  return qlinear(false, q, d, run_sums, block, codes, scales, offsets, group, n, center);
 }

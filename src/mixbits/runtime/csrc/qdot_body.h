@@ -1,114 +1,164 @@
 // The body of qdot.cpp's kernels, included once per instruction set inside its own namespace and
 // `#pragma GCC target` region (so each copy is compiled for that set and chosen at run time).
-// MIXBITS_DOT selects how 32 unsigned weight codes meet 32 signed activation codes:
-//   0: AVX2 (vpmaddubsw + vpmaddwd), 1: AVX-VNNI (vpdpbusd, VEX), 2: AVX-512 VNNI on 256-bit registers.
+// MIXBITS_DOT: 0 AVX2 (vpmaddubsw + vpmaddwd on 8 lanes), 1 AVX-VNNI (vpdpbusd on 8 lanes),
+// 2 AVX-512 VNNI (vpdpbusd on 16 lanes).
+//
+// Vector lanes are weight rows: lane i of an accumulator sums row i's products, four codes per step
+// (vpdpbusd: four u8 x s8 products into each int32 lane), so a run of 32 inputs is 8 steps with the
+// activation's 4 bytes broadcast to every lane, and no horizontal sums are needed.
 
-// Byte codes in 0..255 against int8 need care on AVX2: vpmaddubsw adds two u8*s8 products in a
-// saturating int16 (255 * 128 * 2 > 32767), so they are widened to int16 first. VNNI sums four
-// products straight into int32, exactly, for any byte.
-template <bool Nibbles>
-inline __m256i dot_run(__m256i w, __m256i x) {
-#if MIXBITS_DOT == 0
-  const __m256i ones = _mm256_set1_epi16(1);
-  if (Nibbles) return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
-  const __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(w)),
-                                       _mm256_cvtepi8_epi16(_mm256_castsi256_si128(x)));
-  const __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1)),
-                                       _mm256_cvtepi8_epi16(_mm256_extracti128_si256(x, 1)));
-  return _mm256_add_epi32(lo, hi);
-#elif MIXBITS_DOT == 1
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, x);
+#if MIXBITS_DOT == 2
+struct V {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int kLanes = 16;
+  static I load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static I broadcast(const int8_t* p) {
+    int32_t four;
+    std::memcpy(&four, p, 4);
+    return _mm512_set1_epi32(four);
+  }
+  static I low(I v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
+  static I high(I v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
+  static I dot(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }  // exact for any byte
+  static I dot_bytes(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
+  static I zero() { return _mm512_setzero_si512(); }
+  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  static F zerof() { return _mm512_setzero_ps(); }
+  static F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static F loadh(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+};
 #else
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+struct V {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int kLanes = 8;
+  static I load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I broadcast(const int8_t* p) {
+    int32_t four;
+    std::memcpy(&four, p, 4);
+    return _mm256_set1_epi32(four);
+  }
+  static I low(I v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+  static I high(I v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+#if MIXBITS_DOT == 1
+  static I dot(I acc, I w, I x) { return _mm256_dpbusd_avx_epi32(acc, w, x); }
+  static I dot_bytes(I acc, I w, I x) { return _mm256_dpbusd_avx_epi32(acc, w, x); }
+#else
+  // vpmaddubsw adds two u8 x s8 products in a saturating int16: exact for codes below 16 (15 * 128 * 2 < 2^15).
+  static I dot(I acc, I w, I x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+  }
+  // Byte codes would overflow it (255 * 128 * 2), so they go as two nibbles: c x = 16 (hi x) + lo x.
+  static I dot_bytes(I acc, I w, I x) {
+    const I hi = dot(zero(), high(w), x);
+    return _mm256_add_epi32(dot(acc, low(w), x), _mm256_slli_epi32(hi, 4));
+  }
 #endif
+  static I zero() { return _mm256_setzero_si256(); }
+  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  static F zerof() { return _mm256_setzero_ps(); }
+  static F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static F loadh(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+};
+#endif
+
+// The kLanes per-group values of `values` (float32 or float16 [panels, groups, 16]) at `index`.
+inline V::F load_params(const void* values, bool half, int64_t index) {
+  return half ? V::loadh(static_cast<const uint16_t*>(values) + index) : V::loadf(static_cast<const float*>(values) + index);
 }
 
-// The 32 codes of one run, in input order, one per byte. Nibbles: byte j holds input j (low) and j + 16 (high).
-template <bool Nibbles>
-inline __m256i load_codes(const uint8_t* codes) {
-  if (!Nibbles) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
-  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), mask), _mm_and_si128(packed, mask));
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// RM activation rows against RN weight rows, over all K inputs; writes out[m * ldo + n].
-template <bool Nibbles, int RM, int RN>
-inline void tile(const Problem& p, int64_t m0, int64_t n0, float* out) {
-  __m256 acc[RM][RN];
-  for (int m = 0; m < RM; ++m)
-    for (int n = 0; n < RN; ++n) acc[m][n] = _mm256_setzero_ps();
+// RM activation rows against the kLanes weight rows of one panel starting at lane `lane0`.
+// One activation row gets two integer accumulators, so that consecutive vpdpbusd do not wait on each other.
+template <bool Nibbles, int RM>
+inline void tile(const Problem& p, int64_t m0, int64_t panel, int64_t lane0, float* y) {
+  constexpr int kChains = RM == 1 ? 2 : 1;
+  constexpr int64_t kRunBytes = Nibbles ? kRun * kPanel / 2 : kRun * kPanel;
+  typename V::F total[RM];
+  typename V::I acc[RM][kChains];
+  for (int m = 0; m < RM; ++m) {
+    total[m] = V::zerof();
+    for (int c = 0; c < kChains; ++c) acc[m][c] = V::zero();
+  }
   const int64_t runs = p.k / kRun;
+  const uint8_t* w = p.codes + panel * runs * kRunBytes + lane0 * 4;
+  const int64_t params = panel * p.groups * kPanel + lane0;  // this panel's first scale (and offset)
   const int8_t* x = p.q + m0 * p.k;
-  const float* d = p.d + m0 * p.blocks;
-  const uint8_t* codes = p.codes + n0 * p.row_bytes;
-  const float* s = p.scale + n0 * p.groups;
   for (int64_t r = 0; r < runs; ++r) {
-    const int64_t b = r * kRun / p.block, g = r * kRun / p.group;
-    __m256i w[RN];
-    for (int n = 0; n < RN; ++n) w[n] = load_codes<Nibbles>(codes + n * p.row_bytes + r * (Nibbles ? kRun / 2 : kRun));
-    for (int m = 0; m < RM; ++m) {
-      const __m256i xm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * p.k + r * kRun));
-      const float dm = d[m * p.blocks + b];
-      for (int n = 0; n < RN; ++n) {
-        const __m256 dot = _mm256_cvtepi32_ps(dot_run<Nibbles>(w[n], xm));
-        acc[m][n] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dm * s[n * p.groups + g]), acc[m][n]);
+    const uint8_t* wr = w + r * kRunBytes;
+    const int8_t* xr = x + r * kRun;
+    if (Nibbles) {  // 64-byte step j: low nibbles hold inputs 4j..4j+3 of each row, high ones 4j+16..4j+19
+      for (int j = 0; j < 4; ++j) {
+        const typename V::I packed = V::load(wr + j * 4 * kPanel);
+        const typename V::I lo = V::low(packed), hi = V::high(packed);
+        for (int m = 0; m < RM; ++m) {
+          acc[m][0] = V::dot(acc[m][0], lo, V::broadcast(xr + m * p.k + 4 * j));
+          acc[m][kChains - 1] = V::dot(acc[m][kChains - 1], hi, V::broadcast(xr + m * p.k + 4 * j + 16));
+        }
+      }
+    } else {
+      for (int j = 0; j < 8; ++j) {
+        const typename V::I codes = V::load(wr + j * 4 * kPanel);
+        for (int m = 0; m < RM; ++m)
+          acc[m][j % kChains] = V::dot_bytes(acc[m][j % kChains], codes, V::broadcast(xr + m * p.k + 4 * j));
+      }
+    }
+    if ((r + 1) % p.span == 0 || r + 1 == runs) {  // the activation scale or the weight scale changes next
+      const typename V::F s = load_params(p.scale, p.half, params + (r * kRun / p.group) * kPanel);
+      for (int m = 0; m < RM; ++m) {
+        typename V::I sum = acc[m][0];
+        if (kChains == 2) sum = V::add(sum, acc[m][kChains - 1]);
+        total[m] = V::fmadd(V::cvt(sum), V::mul(s, V::set1(p.d[(m0 + m) * runs + r])), total[m]);
+        for (int c = 0; c < kChains; ++c) acc[m][c] = V::zero();
       }
     }
   }
+  const int64_t first = panel * kPanel + lane0, valid = std::min<int64_t>(V::kLanes, p.n - first);
   for (int m = 0; m < RM; ++m) {
-    const float* xs = p.sums + (m0 + m) * p.groups;
-    for (int n = 0; n < RN; ++n) {
-      const float* o = p.offset + (n0 + n) * p.groups;
-      float total = hsum(acc[m][n]);
-      for (int64_t g = 0; g < p.groups; ++g) total += o[g] * xs[g];
-      out[m * p.n + n] = total;
+    const float* sums = p.sums + (m0 + m) * p.groups;
+    for (int64_t g = 0; g < p.groups; ++g) {  // offsets, or -center * scale for codes held as c + center
+      const typename V::F o = p.offset != nullptr ? load_params(p.offset, p.half, params + g * kPanel)
+                                                  : V::mul(load_params(p.scale, p.half, params + g * kPanel), V::set1(-p.center));
+      total[m] = V::fmadd(o, V::set1(sums[g]), total[m]);
+    }
+    float* out = y + (m0 + m) * p.n + first;
+    if (valid == V::kLanes) {
+      V::store(out, total[m]);
+    } else {
+      alignas(64) float lanes[V::kLanes];
+      V::store(lanes, total[m]);
+      std::copy(lanes, lanes + valid, out);
     }
   }
 }
 
-template <bool Nibbles, int RM>
-inline void tile_rows(const Problem& p, int64_t m0, int64_t n0, int64_t rn, float* out) {
-  switch (rn) {
-    case 1: tile<Nibbles, RM, 1>(p, m0, n0, out); break;
-    case 2: tile<Nibbles, RM, 2>(p, m0, n0, out); break;
-    case 3: tile<Nibbles, RM, 3>(p, m0, n0, out); break;
-    default: tile<Nibbles, RM, 4>(p, m0, n0, out); break;
-  }
-}
-
-// Decode (one activation row) takes weight rows four at a time; prefill tiles of 4 activation rows by
-// 2 weight rows keep 8 accumulators in registers. Each thread takes a slice of weight rows and walks
-// the activations in panels of kPanel rows, so a panel stays in cache while its slice passes over it.
+// Threads take slices of (panel, lane group) units, weight rows that are contiguous in memory; each walks
+// the activations in blocks of kRows rows, so a block stays in cache while the slice's weights pass over it.
 template <bool Nibbles>
 void run(const Problem& p, float* y) {
-  constexpr int64_t kPanel = 64;
-  const int64_t grain = p.m == 1 ? 16 : 8;
-  at::parallel_for(0, p.n, grain, [&](int64_t begin, int64_t end) {
-    if (p.m == 1) {
-      for (int64_t n0 = begin; n0 < end; n0 += 4) {
-        if (n0 + 8 < end) {  // the weights stream from memory: ask for the rows after next now
-          const char* ahead = reinterpret_cast<const char*>(p.codes + (n0 + 8) * p.row_bytes);
-          for (int64_t line = 0; line < 4 * p.row_bytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-        }
-        tile_rows<Nibbles, 1>(p, 0, n0, std::min<int64_t>(4, end - n0), y + n0);
-      }
-      return;
-    }
-    for (int64_t panel = 0; panel < p.m; panel += kPanel) {
-      const int64_t panel_end = std::min(p.m, panel + kPanel);
-      for (int64_t n0 = begin; n0 < end; n0 += 2) {
-        const int64_t rn = std::min<int64_t>(2, end - n0);
-        int64_t m0 = panel;
-        for (; m0 + 4 <= panel_end; m0 += 4) tile_rows<Nibbles, 4>(p, m0, n0, rn, y + m0 * p.n + n0);
-        for (; m0 < panel_end; ++m0) tile_rows<Nibbles, 1>(p, m0, n0, rn, y + m0 * p.n + n0);
+  constexpr int64_t kRows = 64;
+  constexpr int kTile = V::kLanes == 16 ? 8 : 4;  // activation rows per tile: as many accumulators as registers allow
+  const int64_t per_panel = kPanel / V::kLanes, units = p.panels * per_panel;
+  at::parallel_for(0, units, p.m == 1 ? 8 : 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = 0; block < p.m; block += kRows) {
+      const int64_t block_end = std::min(p.m, block + kRows);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t panel = unit / per_panel, lane0 = (unit % per_panel) * V::kLanes;
+        if (panel * kPanel + lane0 >= p.n) continue;  // lanes past the last row: padding
+        int64_t m0 = block;
+        for (; m0 + kTile <= block_end; m0 += kTile) tile<Nibbles, kTile>(p, m0, panel, lane0, y);
+        for (; m0 + 2 <= block_end; m0 += 2) tile<Nibbles, 2>(p, m0, panel, lane0, y);
+        for (; m0 < block_end; ++m0) tile<Nibbles, 1>(p, m0, panel, lane0, y);
       }
     }
   });
