@@ -30,6 +30,7 @@ from .models.loaded import LoadedModel
 from .models.structure import transformer_blocks
 
 BATCH = 8  # windows per block forward
+SAMPLE_ROWS, SAMPLE_STRIDE = 512, 31  # input rows kept as a sample: spread over windows and positions
 
 
 @dataclass
@@ -38,6 +39,8 @@ class InputStats:
     abs_mean: torch.Tensor  # [C]
     abs_max: torch.Tensor  # [C]
     tokens: int
+    sample: torch.Tensor | None = None  # [<= SAMPLE_ROWS, C]: every SAMPLE_STRIDE-th input row, for errors that
+    # depend on the inputs themselves (quantized activations), not only on X^T X
 
 
 class _Accumulator:
@@ -51,15 +54,20 @@ class _Accumulator:
             self.gram = torch.zeros(channels, channels, dtype=torch.float64)
             self.abs_sum = torch.zeros(channels, dtype=torch.float64)
             self.abs_max = torch.zeros(channels)
-            self.tokens = 0
+            self.tokens = self.sampled = 0
+            self.rows: list[torch.Tensor] = []
         self.gram += (rows.T @ rows).double()
+        if self.sampled < SAMPLE_ROWS:
+            self.rows.append(rows[::SAMPLE_STRIDE][:SAMPLE_ROWS - self.sampled].clone())
+            self.sampled += len(self.rows[-1])
         magnitude = rows.abs()
         self.abs_sum += magnitude.sum(0).double()
         self.abs_max = torch.maximum(self.abs_max, magnitude.amax(0))
         self.tokens += rows.shape[0]
 
     def stats(self) -> InputStats:
-        return InputStats((self.gram / self.tokens).float(), (self.abs_sum / self.tokens).float(), self.abs_max, self.tokens)
+        return InputStats((self.gram / self.tokens).float(), (self.abs_sum / self.tokens).float(), self.abs_max, self.tokens,
+                          torch.cat(self.rows))
 
 
 def _no_tokens(linear: nn.Linear) -> InputStats:

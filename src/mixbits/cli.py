@@ -62,6 +62,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         "llama.cpp's Q8_0: W4A8 with --format q4_0), int8:token (per token) or fp8_e4m3:ch; the packed "
                         "runtime then multiplies int8 codes by weight codes (default: float inputs)")
     q.add_argument("--awq", action="store_true", help="activation-aware scaling searched on calibration data")
+    q.add_argument("--smoothquant", action="store_true",
+                   help="with --act, first migrate activation outliers into the weights (SmoothQuant), the strength "
+                        "searched on calibration data")
     q.add_argument("--rotate", action="store_true", help="Hadamard rotation of the residual stream (families with an adapter; not gemma2/gemma3)")
     q.add_argument("--online-hadamard", action="store_true", help="with --rotate, also rotate every down_proj input at run time")
     _add_calibration_args(q)
@@ -367,7 +370,9 @@ def _run_quantize(args) -> int:
                                "instead, e.g. --pin model.embed_tokens=q8_0")
     solver = args.solver or "rtn"
     texts = _eval_texts(args) if args.evaluate else None
-    calibrated = solver == "gptq" or args.awq or plan is not None or planning
+    if args.smoothquant and not args.act:
+        raise MixbitsError("SmoothQuant moves outliers out of the inputs for their quantization; give --act too")
+    calibrated = solver == "gptq" or args.awq or args.smoothquant or plan is not None or planning
     if calibrated:
         _check_calibration(args)
     loaded = load_model(args.model)
@@ -387,7 +392,7 @@ def _run_quantize(args) -> int:
         if not args.json:
             _print_plan(plan, sensitivity)
     report = quantize(
-        loaded, fmt, solver=solver, awq=args.awq, rotate=args.rotate, online_hadamard=args.online_hadamard,
+        loaded, fmt, solver=solver, awq=args.awq, smooth=args.smoothquant, rotate=args.rotate, online_hadamard=args.online_hadamard,
         calibration=args.calib_text, calibration_windows=args.calib_windows,
         calibration_len=args.calib_window_len, clip_search=args.clip_search, include_head=args.head, head_format=head_format,
         embedding_format=embedding_format, plan=plan, gptq=_gptq_settings(args), activation=activation,

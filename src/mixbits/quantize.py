@@ -2,9 +2,9 @@
 
 Two paths:
 - data-free: round-to-nearest of every Linear (`solver="rtn"` without AWQ);
-- calibrated (`solver="gptq"` and/or `awq=True`): calibration windows run
-  through the model block by block (`calibrate.SequentialCalibration`). In
-  each block, AWQ scales are searched and folded on the float block first;
+- calibrated (`solver="gptq"`, `awq=True` and/or `smooth=True`): calibration
+  windows run through the model block by block (`calibrate.SequentialCalibration`).
+  In each block, AWQ or SmoothQuant scales are searched and folded on the float block first;
   then the Linears are quantized stage by stage (those reading the same
   input together), each stage's input statistics taken with the earlier
   stages already quantized; the quantized block's outputs feed the next.
@@ -74,6 +74,7 @@ class QuantizationReport(LayerTotals):
     clip_search: bool
     solver: str = "rtn"
     awq: bool = False
+    smooth: bool = False  # SmoothQuant's scales folded before quantizing (with quantized inputs)
     rotation: dict | None = None
     calibration: dict | None = None  # text, windows, length
     gptq: GptqSettings = field(default_factory=GptqSettings)
@@ -95,7 +96,8 @@ class QuantizationReport(LayerTotals):
     @property
     def method(self) -> str:
         """Short name of what was done, e.g. "gptq+awq" or "rtn+rotate"."""
-        parts = [self.solver] + (["awq"] if self.awq else []) + (["rotate"] if self.rotation else [])
+        parts = ([self.solver] + (["awq"] if self.awq else []) + (["smoothquant"] if self.smooth else [])
+                 + (["rotate"] if self.rotation else []))
         return "+".join(parts)
 
     def as_dict(self) -> dict:
@@ -104,6 +106,7 @@ class QuantizationReport(LayerTotals):
             "method": self.method,
             "solver": self.solver,
             "awq": self.awq,
+            "smooth": self.smooth,
             "rotation": self.rotation,
             "clip_search": self.clip_search,
             "calibration": self.calibration,
@@ -132,6 +135,7 @@ def quantize(
     *,
     solver: str = "rtn",
     awq: bool = False,
+    smooth: bool = False,
     rotate: bool = False,
     online_hadamard: bool = False,
     calibration: str | Path | torch.Tensor | None = None,
@@ -163,15 +167,21 @@ def quantize(
     `plan` gives every layer its own option and solver instead of `format`
     and `solver`. `activation` rounds the inputs of every quantized layer to
     that activation format as the model runs (W4A8 with `int8:g32`; see
-    `activations`), after the weights are solved with float inputs. Returns
+    `activations`), after the weights are solved with float inputs; `smooth`
+    first folds SmoothQuant's scales, searched for that format. Returns
     the exact bit count of everything quantized.
     """
     if solver not in defaults.SOLVERS:
         raise MixbitsError(f"unknown solver {solver!r}; use one of {', '.join(defaults.SOLVERS)}")
     if online_hadamard and not rotate:
         raise MixbitsError("the online Hadamard before down_proj is part of the rotation; add rotate=True (--rotate)")
-    if plan is not None and (awq or rotate):
-        raise MixbitsError("plans are measured on the model as it is: --awq and --rotate do not combine with a plan yet")
+    if plan is not None and (awq or rotate or smooth):
+        raise MixbitsError("plans are measured on the model as it is: --awq, --smoothquant and --rotate do not combine "
+                           "with a plan yet")
+    if smooth and activation is None:
+        raise MixbitsError("SmoothQuant moves outliers out of the inputs for their quantization; give --act too")
+    if smooth and awq:
+        raise MixbitsError("give either --awq or --smoothquant: both fold per-channel scales into the same layers")
     module = model.model if isinstance(model, LoadedModel) else model
     adapter_for(module).prepare(module)  # stacked experts become Linears (same function)
     head = None
@@ -209,19 +219,19 @@ def quantize(
     # Refuse unsupported architectures and short texts before changing anything.
     if rotate:
         adapter_for(module).layout(module, "rotation")
-    if awq:
-        adapter_for(module).layout(module, "activation-aware scaling")
+    if awq or smooth:
+        adapter_for(module).layout(module, "SmoothQuant" if smooth else "activation-aware scaling")
     solvers = {s for o, s in choices.values() if o != KEEP} or {"rtn"} if plan is not None else {solver}
     # A plan's damage was measured with calibration statistics (RTN's clip search on the output error too),
     # so plans always run calibrated.
-    calibrated = "gptq" in solvers or awq or plan is not None
+    calibrated = "gptq" in solvers or awq or smooth or plan is not None
     windows = spec = None
     if calibrated:
         windows, spec = calibration_data(model, calibration, calibration_windows, calibration_len)
 
     label = "plan" if plan is not None else uniform[0]
-    report = QuantizationReport(label, clip_search, solvers.pop() if len(solvers) == 1 else "mixed", awq, calibration=spec,
-                                gptq=gptq)
+    report = QuantizationReport(label, clip_search, solvers.pop() if len(solvers) == 1 else "mixed", awq, smooth,
+                                calibration=spec, gptq=gptq)
     reset_peak()
     start = time.perf_counter()
     if rotate:
@@ -229,7 +239,7 @@ def quantize(
     if include_head:
         untie_head(module)
     if calibrated:
-        _quantize_calibrated(module, choices, windows, report, include_head, progress)
+        _quantize_calibrated(module, choices, windows, report, include_head, progress, act)
     else:
         for name, linear in tqdm(quantizable_linears(module, include_head), desc="quantize", disable=not progress, leave=False):
             _solve([name], [linear], None, choices, report)
@@ -259,14 +269,16 @@ def _plan_choices(plan: Plan, module: nn.Module, names: list[str]) -> dict[str, 
 
 
 def _quantize_calibrated(module: nn.Module, choices: dict[str, tuple[str, str]], windows, report: QuantizationReport,
-                         include_head: bool, progress: bool) -> None:
-    fmt = parse_format(report.format) if report.awq else None  # AWQ runs without a plan: one format
-    decoder = adapter_for(module).layout(module, "activation-aware scaling") if report.awq else None
+                         include_head: bool, progress: bool, activation: Format | None = None) -> None:
+    scaled = report.awq or report.smooth
+    fmt = parse_format(report.format) if scaled else None  # AWQ and SmoothQuant run without a plan: one format
+    decoder = adapter_for(module).layout(module, "per-channel scaling") if scaled else None
+    smoothing = activation if report.smooth else None
     sequence = SequentialCalibration(module, windows)
     for index, block in enumerate(tqdm(sequence, desc=f"{report.method} blocks", disable=not progress, leave=False)):
         stages = block.stages()
         if decoder is not None:
-            report.scaled += scale_block(decoder.blocks[index], block, fmt, stages)
+            report.scaled += scale_block(decoder.blocks[index], block, fmt, stages, smoothing)
         for stage in stages:
             stats = block.stats(stage.linears)[stage.linears[0]]
             routed = stats.tokens < block.inputs.shape[0] * block.inputs.shape[1]  # not every token: an expert

@@ -1,4 +1,5 @@
-"""Activation-aware scaling (AWQ): per-input-channel scales that make weights easier to round.
+"""Per-input-channel scales folded into the model: AWQ (weights easier to round) and SmoothQuant (inputs
+easier to round).
 
 For Linears reading an input X, W x = (W diag(s)) (x / s). Input channels
 that carry large activations matter most, so scaling their weight columns up
@@ -17,6 +18,14 @@ attention). In a mixture of experts the norm before the MLP feeds the
 router and every expert: one scale for all, searched on each expert's own
 tokens (the router is scaled alike, never quantized). The model computes
 the same function before quantization.
+
+SmoothQuant (Xiao et al.) migrates the activation outliers that make inputs
+hard to quantize into the weights: s_j = max|x_j|^alpha / max_i |w_ij|^(1-alpha)
+over every Linear reading the input, folded the same way. alpha is chosen
+from a grid (and "no scaling" is on it) by the output error with both sides
+rounded, the inputs to the activation format and the weights to theirs,
+summed over a sample of the calibration inputs (`InputStats.sample`): unlike
+weight rounding alone, that error is not a function of X^T X.
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ import torch
 from torch import nn
 
 from ..calibrate import BlockCalibration, InputStats, SequentialCalibration, Stage
+from ..activations import fake_quantize
 from ..formats import Format
 from ..models.adapter import BlockLayout
 from ..models.registry import adapter_for
 
 ALPHAS = tuple(i / 20 for i in range(20))  # 0, 0.05, ..., 0.95
+SMOOTH_ALPHAS = tuple(i / 10 for i in range(1, 10))  # SmoothQuant's migration strength: 0.1 ... 0.9
 
 
 @dataclass
@@ -44,9 +55,11 @@ class ScaledGroup:
 
 @torch.no_grad()
 def scale_layer(
-    layer: BlockLayout, stats: dict[nn.Linear, InputStats], fmt: Format, names: dict[nn.Linear, str]
+    layer: BlockLayout, stats: dict[nn.Linear, InputStats], fmt: Format | None, names: dict[nn.Linear, str],
+    activation: Format | None = None,
 ) -> list[ScaledGroup]:
-    """Search and fold scales for every scalable input of one decoder block, in place."""
+    """Search and fold scales for every scalable input of one decoder block, in place: AWQ's, or SmoothQuant's
+    when inputs are quantized to `activation` (weights rounded to `fmt` in its error; None: float weights)."""
     groups: list[tuple[nn.Module, list[nn.Module], float]] = [
         (layer.input_norm, layer.attention_in, layer.norm_offset),
         (layer.post_norm, layer.mlp_in, layer.norm_offset),
@@ -59,28 +72,32 @@ def scale_layer(
     for producer, readers, offset in groups:
         # A mixture's router reads the input too: it is scaled alike but, never quantized, adds no error.
         quantized = [reader for reader in readers if reader in stats]
-        scales, group = search_scales([linear.weight for linear in quantized], [stats[linear] for linear in quantized], fmt)
+        weights, seen = [linear.weight for linear in quantized], [stats[linear] for linear in quantized]
+        scales, group = (search_scales(weights, seen, fmt) if activation is None
+                         else search_smoothing(weights, seen, fmt, activation))
         group.linears = [names[linear] for linear in quantized]
         fold_scales(producer, readers, scales, offset)
         found.append(group)
     return found
 
 
-def scale_block(layer: BlockLayout, block: BlockCalibration, fmt: Format,
-                stages: list[Stage] | None = None) -> list[ScaledGroup]:
+def scale_block(layer: BlockLayout, block: BlockCalibration, fmt: Format | None,
+                stages: list[Stage] | None = None, activation: Format | None = None) -> list[ScaledGroup]:
     """`scale_layer` on one calibrated block, its statistics taken from the block's stages."""
     stages = block.stages() if stages is None else stages
     linears = [linear for stage in stages for linear in stage.linears]
     names = {linear: name for stage in stages for name, linear in zip(stage.names, stage.linears)}
-    return scale_layer(layer, block.stats(linears), fmt, names)
+    return scale_layer(layer, block.stats(linears), fmt, names, activation)
 
 
 @torch.no_grad()
-def scale_model(model: nn.Module, windows: torch.Tensor, fmt: Format) -> list[ScaledGroup]:
-    """Search and fold AWQ scales block by block over calibration `windows` (no quantization); in place."""
-    layout = adapter_for(model).layout(model, "activation-aware scaling")
+def scale_model(model: nn.Module, windows: torch.Tensor, fmt: Format | None,
+                activation: Format | None = None) -> list[ScaledGroup]:
+    """Search and fold AWQ scales (SmoothQuant's with an `activation` format) block by block over calibration
+    `windows`, without quantizing; in place."""
+    layout = adapter_for(model).layout(model, "SmoothQuant" if activation is not None else "activation-aware scaling")
     return [group for index, block in enumerate(SequentialCalibration(model, windows))
-            for group in scale_block(layout.blocks[index], block, fmt)]
+            for group in scale_block(layout.blocks[index], block, fmt, activation=activation)]
 
 
 def search_scales(weights: list[torch.Tensor], stats: list[InputStats], fmt: Format) -> tuple[torch.Tensor, ScaledGroup]:
@@ -113,6 +130,41 @@ def search_scales(weights: list[torch.Tensor], stats: list[InputStats], fmt: For
             best = (error, alpha, scales)
     error, alpha, scales = best
     return scales, ScaledGroup([], alpha, unscaled, error)
+
+
+def search_smoothing(weights: list[torch.Tensor], stats: list[InputStats], fmt: Format | None,
+                     activation: Format) -> tuple[torch.Tensor, ScaledGroup]:
+    """SmoothQuant's scales (best alpha, or none) for Linears reading one input, by the output error on the
+    input sample with the inputs rounded to `activation` and the weights to `fmt` (float if None).
+
+    The sample is the input's own (in a mixture, that of the reader that saw the most tokens: experts see
+    subsets of the same input), and so is the activations' maximum.
+    """
+    seen = [s for s in stats if s.tokens > 0]
+    sample = max(seen, key=lambda s: s.tokens).sample.float()
+    reference = [sample @ weight.detach().float().T for weight in weights]
+    largest_input = torch.stack([s.abs_max.float() for s in seen]).amax(0).clamp(min=1e-5)
+    largest_weight = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0).clamp(min=1e-5)
+
+    def error(scales: torch.Tensor | None) -> float:
+        x = sample if scales is None else sample / scales
+        rounded = fake_quantize(x, activation)
+        total = 0.0
+        for weight, expected in zip(weights, reference):
+            w = weight.detach().float() if scales is None else weight.detach().float() * scales
+            w = w if fmt is None else fmt.quantize(w).dequantize()
+            total += float((rounded @ w.T - expected).pow(2).sum())
+        return total
+
+    unscaled = error(None)
+    best = (unscaled, 0.0, torch.ones_like(largest_input))
+    for alpha in SMOOTH_ALPHAS:
+        scales = (largest_input.pow(alpha) / largest_weight.pow(1 - alpha)).clamp(min=1e-5)
+        found = error(scales)
+        if found < best[0]:
+            best = (found, alpha, scales)
+    found, alpha, scales = best
+    return scales, ScaledGroup([], alpha, unscaled, found)
 
 
 def fold_scales(producer: nn.Module, linears: list[nn.Linear], scales: torch.Tensor, offset: float = 0.0) -> None:
