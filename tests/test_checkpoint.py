@@ -73,7 +73,7 @@ def test_saved_model_computes_what_the_fake_quantized_one_did(tmp_path, fmt, hea
 
 
 @pytest.mark.parametrize("fmt, act", [("q4_0", "int8:g32"), ("int8:ch:sym", "int8:token"), ("nf4:g32", "int8:g32"),
-                                      ("q4_0", "fp8_e4m3:ch")])
+                                      ("q4_0", "fp8_e4m3:ch"), ("mxfp4", "int8:g32")])
 def test_quantized_inputs_are_saved_and_computed_as_at_quantization(tmp_path, fmt, act):
     from mixbits.activations import fake_quantize, parse_activation
     from mixbits.runtime import IntLinear

@@ -20,7 +20,8 @@ from mixbits.solvers import round_to_nearest
 pytestmark = pytest.mark.skipif(native() is None, reason="integer kernels unavailable (no compiler or no AVX2)")
 
 WEIGHTS = ["q4_0", "q4_1", "q4_k", "q8_0", "int4:g128:asym", "int3:g64:asym", "int2:g32:sym", "int8:ch:sym",
-           "int5:g64:asym", "int6:g64:sym:scale=i8", "int7:g32:asym", "int4:g64:sym:scale=e8m0"]
+           "int5:g64:asym", "int6:g64:sym:scale=i8", "int7:g32:asym", "int4:g64:sym:scale=e8m0",
+           "mxfp4", "fp4_e2m1:g32:scale=fp16", "fp4_e2m1:g64:scale=bf16"]  # the last three by table lookup
 ACTIVATIONS = ["int8:g32", "int8:g64", "int8:token", "int4:g32"]
 ISAS = ["avx2", "avxvnni", "avx512vnni"]
 
@@ -86,6 +87,12 @@ def test_formats_the_kernels_cannot_serve_are_fake_quantized():
         module = quantized_linear(quantized, None, fmt)
         assert not isinstance(module, IntLinear)
         assert torch.allclose(module(x), fake_quantize(x, fmt) @ quantized.dequantize().T, atol=1e-5)
+    for weight in ("nvfp4", "nf4:g32", "lut4:g32"):  # groups of 16; values no integer table holds exactly
+        quantized = round_to_nearest(torch.randn(16, 96), parse_format(weight))
+        module = quantized_linear(quantized, None, parse_activation("int8:g32"))
+        assert not isinstance(module, IntLinear)
+        expected = fake_quantize(x, parse_activation("int8:g32")) @ quantized.dequantize().T
+        assert torch.allclose(module(x), expected, atol=1e-5)
     linear = with_activation(torch.nn.Linear(96, 16), parse_activation("int8:token"))
     assert torch.allclose(linear(x), torch.nn.functional.linear(fake_quantize(x, linear.activation), linear.weight,
                                                                 linear.bias), atol=1e-6)

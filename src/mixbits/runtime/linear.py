@@ -90,7 +90,15 @@ class IntLinear(nn.Module):
         codes = ungroup(quantized.codes, quantized.shape).to(torch.int16)
         scale = quantized.params["scale"].reshape(self.out_features, -1).float()
         self.center = None  # symmetric codes are held as c + center, so the offset is -center * scale
-        if fmt.symmetric:
+        found = code_table(fmt)
+        self.register_buffer("table", None)
+        if found is not None:  # the nibbles index unsigned codes table = k + center, in units of the scale
+            integers, unit = found
+            self.center = -int(integers.min())
+            self.table = (integers + self.center).to(torch.uint8)
+            scale = scale * unit
+            codes, offset = codes, -self.center * scale
+        elif fmt.symmetric:
             self.center = 8 if self.nibbles else 2 ** (fmt.code_bits - 1)
             codes, offset = codes + self.center, -self.center * scale
         elif fmt.min is not None:  # w = q * scale + min already
@@ -103,6 +111,8 @@ class IntLinear(nn.Module):
     def _hold(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, activation: Format | None) -> None:
         """Keep unsigned codes [out, in] and scale and offset [out, groups] laid out for `activation`'s kernel."""
         block = None if activation is None else kernel_block(activation, self.in_features)
+        if activation is None and self.table is not None:
+            raise ValueError(f"{self.format} runs only on the integer-dot kernels: give an activation format")
         if activation is not None and block is None:
             raise ValueError(f"the integer kernels cannot quantize inputs to {activation}; use with_activation")
         self.activation, self.block = activation, block
@@ -122,7 +132,8 @@ class IntLinear(nn.Module):
         self.register_buffer("offset", None if offset is None else offset.contiguous())
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unsigned codes [out, in] and scale and offset [out, groups], whatever the layout."""
+        """Unsigned codes [out, in] (a table format's indices) and scale and offset [out, groups], whatever the
+        layout."""
         n, k = self.out_features, self.in_features
         if self.activation is not None:
             scale = rows_from_panels(self.scale.float(), n)
@@ -145,11 +156,14 @@ class IntLinear(nn.Module):
     @staticmethod
     def supports(fmt: Format, shape: tuple[int, int], activation: Format | None = None) -> bool:
         cols = shape[1]
-        if not isinstance(fmt, IntFormat) or cols % RUN:
+        if cols % RUN:
             return False
         if activation is not None and kernel_block(activation, cols) is None:
             return False
-        return fmt.granularity.kind == "channel" or (fmt.granularity.kind == "group" and fmt.granularity.size % RUN == 0)
+        if not (fmt.granularity.kind == "channel" or (fmt.granularity.kind == "group" and fmt.granularity.size % RUN == 0)):
+            return False
+        # table formats only on the integer-dot kernels (quantized inputs)
+        return isinstance(fmt, IntFormat) or (activation is not None and code_table(fmt) is not None)
 
     @classmethod
     def stack(cls, parts: list[IntLinear]) -> IntLinear | None:
@@ -161,7 +175,8 @@ class IntLinear(nn.Module):
         first = parts[0]
 
         def layout(p):
-            return p.group, p.nibbles, p.in_features, p.activation, p.center, p.scale.dtype, p.offset is None
+            table = None if p.table is None else tuple(p.table.tolist())
+            return p.group, p.nibbles, p.in_features, p.activation, p.center, p.scale.dtype, p.offset is None, table
 
         if any(layout(p) != layout(first) for p in parts):
             return None
@@ -173,6 +188,7 @@ class IntLinear(nn.Module):
         stacked.in_features, stacked.out_features = first.in_features, sum(p.out_features for p in parts)
         stacked.activation, stacked.block, stacked.act_bits = first.activation, first.block, first.act_bits
         stacked.center, stacked.bias = first.center, None
+        stacked.register_buffer("table", first.table)
         stack_rows(parts, stacked, ("codes", "scale", "offset"), first.activation is not None)
         if first.offset is None:
             stacked.register_buffer("offset", None)
@@ -186,7 +202,8 @@ class IntLinear(nn.Module):
     def weight_values(self) -> torch.Tensor:
         if self.activation is not None:
             codes, scale, offset = self.unpacked()
-            return codes.float() * self._per_input(scale) + self._per_input(offset)
+            values = codes if self.table is None else self.table[codes.long()]
+            return values.float() * self._per_input(scale) + self._per_input(offset)
         return self._kernel("dequantize")(self.codes, self.scale, self.offset, self.group)
 
     def _per_input(self, values: torch.Tensor) -> torch.Tensor:
@@ -217,9 +234,12 @@ class IntLinear(nn.Module):
         if self.activation is not None:
             kernel, block, bits = self._kernel("xlinear"), self.block, self.act_bits
             n, center = self.out_features, float(self.center or 0)
-            if bias is None:
-                return lambda x: kernel(x, block, bits, codes, scale, offset, group, n, center)
-            return lambda x: kernel(x, block, bits, codes, scale, offset, group, n, center).add_(bias)
+            if self.nibbles:
+                table = self.table
+                product = lambda x: kernel(x, block, bits, codes, scale, offset, group, n, center, table)  # noqa: E731
+            else:
+                product = lambda x: kernel(x, block, bits, codes, scale, offset, group, n, center)  # noqa: E731
+            return product if bias is None else lambda x: product(x).add_(bias)
         kernel = self._kernel("linear")
         if bias is None:
             return lambda x: kernel(x, codes, scale, offset, group)
@@ -231,6 +251,23 @@ class IntLinear(nn.Module):
 
 
 PANEL = 16  # weight rows per panel of the integer-dot kernels
+
+
+def code_table(fmt: Format) -> tuple[torch.Tensor, float] | None:
+    """For a 4-bit format whose values are table[code] * scale with every table value an integer multiple of
+    one unit (FP4 E2M1's 0, 0.5, ..., 6 are multiples of 0.5): the integers (int16 [16]) and the unit. None for
+    any other format (NF4's values, for one, are not such multiples)."""
+    from ..formats.minifloat import MinifloatFormat
+    from ..formats.mx import MXFormat
+
+    if not isinstance(fmt, (MinifloatFormat, MXFormat)) or fmt.code_bits != 4:
+        return None
+    values = fmt.element.decode(torch.arange(16, dtype=torch.uint8)).double()
+    unit = float(values.abs()[values != 0].min())
+    integers = values / unit
+    if not torch.equal(integers, integers.round()) or float(integers.max() - integers.min()) > 127:
+        return None  # vpmaddubsw (AVX2) adds two code x int8 products exactly only for codes below 128
+    return integers.to(torch.int16), unit
 
 
 def to_panels(codes: torch.Tensor, nibbles: bool) -> torch.Tensor:

@@ -26,6 +26,10 @@
 //
 // The integer dot has three implementations, compiled side by side and picked at run time for the CPU:
 // AVX-512 VNNI, AVX-VNNI, or AVX2.
+//
+// Table formats (4-bit codes indexing 16 values that are integer multiples of one unit, as FP4 E2M1's
+// {0, 0.5, ..., 6} are of 0.5; llama.cpp's IQ4_NL works alike): the nibbles index a table of 16 unsigned
+// codes c (the integers plus a center) with one vpshufb, and the scales include the unit.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -54,6 +58,7 @@ struct Problem {
   const void* offset;  // the same; null for codes held as c + center (offset -center * scale)
   bool half;
   float center;
+  const uint8_t* table;  // 16 codes the nibbles index (table formats), or null: the nibbles are the codes
 };
 
 }  // namespace
@@ -151,7 +156,7 @@ namespace {
 
 at::Tensor qlinear(bool nibbles, const at::Tensor& q, const at::Tensor& d, const at::Tensor& run_sums, int64_t block,
                    const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
-                   int64_t group, int64_t n, double center) {
+                   int64_t group, int64_t n, double center, const c10::optional<at::Tensor>& table) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q must be contiguous int8");
   const int64_t m = q.size(0), k = q.size(1), runs = k / kRun;
   TORCH_CHECK(k % kRun == 0 && group % kRun == 0 && block % kRun == 0 && k % block == 0,
@@ -171,6 +176,10 @@ at::Tensor qlinear(bool nibbles, const at::Tensor& q, const at::Tensor& d, const
     TORCH_CHECK(offsets->scalar_type() == scales.scalar_type() && offsets->is_contiguous() &&
                 offsets->numel() == scales.numel(), "offsets must be laid out as the scales");
   }
+  if (table) {
+    TORCH_CHECK(nibbles && table->scalar_type() == at::kByte && table->is_contiguous() && table->numel() == 16,
+                "a code table must be 16 contiguous uint8 values, for 4-bit codes");
+  }
   at::Tensor run_scales = block == kRun ? d : d.repeat_interleave(block / kRun, 1).contiguous();
   at::Tensor sums = at::zeros({m, groups}, q.options().dtype(at::kFloat));
   const float* rs = run_sums.data_ptr<float>();
@@ -181,15 +190,19 @@ at::Tensor qlinear(bool nibbles, const at::Tensor& q, const at::Tensor& d, const
   const int64_t span = std::gcd(block, group) / kRun;
   const Problem p{m, n, k, group, groups, span, panels, q.data_ptr<int8_t>(), run_scales.data_ptr<float>(), gs,
                   codes.data_ptr<uint8_t>(), scales.data_ptr(), offsets ? offsets->data_ptr() : nullptr, half,
-                  static_cast<float>(center)};
+                  static_cast<float>(center), table ? table->data_ptr<uint8_t>() : nullptr};
   float* yp = y.data_ptr<float>();
   const std::string& isa = chosen_isa();
+  const int kind = !nibbles ? 0 : (table ? 2 : 1);  // bytes, nibbles, nibbles through a table
   if (isa == "avx512vnni") {
-    nibbles ? avx512vnni::run<true>(p, yp) : avx512vnni::run<false>(p, yp);
+    kind == 0 ? avx512vnni::run<false, false>(p, yp) : kind == 1 ? avx512vnni::run<true, false>(p, yp)
+                                                              : avx512vnni::run<true, true>(p, yp);
   } else if (isa == "avxvnni") {
-    nibbles ? avxvnni::run<true>(p, yp) : avxvnni::run<false>(p, yp);
+    kind == 0 ? avxvnni::run<false, false>(p, yp) : kind == 1 ? avxvnni::run<true, false>(p, yp)
+                                                           : avxvnni::run<true, true>(p, yp);
   } else {
-    nibbles ? avx2::run<true>(p, yp) : avx2::run<false>(p, yp);
+    kind == 0 ? avx2::run<false, false>(p, yp) : kind == 1 ? avx2::run<true, false>(p, yp)
+                                                        : avx2::run<true, true>(p, yp);
   }
   return y;
 }
@@ -198,27 +211,29 @@ at::Tensor qlinear(bool nibbles, const at::Tensor& q, const at::Tensor& d, const
 // quantize_rows then qlinear, in one call (a decode step makes over a hundred of them).
 at::Tensor quantized_linear(bool nibbles, const at::Tensor& x, int64_t block, int64_t bits, const at::Tensor& codes,
                             const at::Tensor& scales, const c10::optional<at::Tensor>& offsets, int64_t group, int64_t n,
-                            double center) {
+                            double center, const c10::optional<at::Tensor>& table) {
   const std::vector<at::Tensor> q = quantize_rows(x, block, bits);
-  return qlinear(nibbles, q[0], q[1], q[2], block, codes, scales, offsets, group, n, center);
+  return qlinear(nibbles, q[0], q[1], q[2], block, codes, scales, offsets, group, n, center, table);
 }
 
 }  // namespace
 
 at::Tensor nibble_xlinear(at::Tensor x, int64_t block, int64_t bits, at::Tensor codes, at::Tensor scales,
-                          c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center) {
-  return quantized_linear(true, x, block, bits, codes, scales, offsets, group, n, center);
+                          c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center,
+                          c10::optional<at::Tensor> table) {
+  return quantized_linear(true, x, block, bits, codes, scales, offsets, group, n, center, table);
 }
 at::Tensor byte_xlinear(at::Tensor x, int64_t block, int64_t bits, at::Tensor codes, at::Tensor scales,
                         c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center) {
-  return quantized_linear(false, x, block, bits, codes, scales, offsets, group, n, center);
+  return quantized_linear(false, x, block, bits, codes, scales, offsets, group, n, center, c10::nullopt);
 }
 
 at::Tensor nibble_qlinear(at::Tensor q, at::Tensor d, at::Tensor run_sums, int64_t block, at::Tensor codes,
-                          at::Tensor scales, c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center) {
-  return qlinear(true, q, d, run_sums, block, codes, scales, offsets, group, n, center);
+                          at::Tensor scales, c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center,
+                          c10::optional<at::Tensor> table) {
+  return qlinear(true, q, d, run_sums, block, codes, scales, offsets, group, n, center, table);
 }
 at::Tensor byte_qlinear(at::Tensor q, at::Tensor d, at::Tensor run_sums, int64_t block, at::Tensor codes,
                         at::Tensor scales, c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center) {
-  return qlinear(false, q, d, run_sums, block, codes, scales, offsets, group, n, center);
+  return qlinear(false, q, d, run_sums, block, codes, scales, offsets, group, n, center, c10::nullopt);
 }

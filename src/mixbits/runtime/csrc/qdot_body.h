@@ -19,6 +19,8 @@ struct V {
     return _mm512_set1_epi32(four);
   }
   static I low(I v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
+  static I table(const uint8_t* t) { return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t))); }
+  static I lookup(I table, I index) { return _mm512_shuffle_epi8(table, index); }
   static I high(I v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
   static I dot(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }  // exact for any byte
   static I dot_bytes(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
@@ -45,6 +47,8 @@ struct V {
     return _mm256_set1_epi32(four);
   }
   static I low(I v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+  static I table(const uint8_t* t) { return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t))); }
+  static I lookup(I table, I index) { return _mm256_shuffle_epi8(table, index); }
   static I high(I v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
 #if MIXBITS_DOT == 1
   static I dot(I acc, I w, I x) { return _mm256_dpbusd_avx_epi32(acc, w, x); }
@@ -80,7 +84,8 @@ inline V::F load_params(const void* values, bool half, int64_t index) {
 
 // RM activation rows against the kLanes weight rows of one panel starting at lane `lane0`.
 // One activation row gets two integer accumulators, so that consecutive vpdpbusd do not wait on each other.
-template <bool Nibbles, int RM>
+// Lookup: the nibbles index p.table (16 unsigned bytes, vpshufb), which holds the weights' codes.
+template <bool Nibbles, bool Lookup, int RM>
 inline void tile(const Problem& p, int64_t m0, int64_t panel, int64_t lane0, float* y) {
   constexpr int kChains = RM == 1 ? 2 : 1;
   constexpr int64_t kRunBytes = Nibbles ? kRun * kPanel / 2 : kRun * kPanel;
@@ -94,13 +99,18 @@ inline void tile(const Problem& p, int64_t m0, int64_t panel, int64_t lane0, flo
   const uint8_t* w = p.codes + panel * runs * kRunBytes + lane0 * 4;
   const int64_t params = panel * p.groups * kPanel + lane0;  // this panel's first scale (and offset)
   const int8_t* x = p.q + m0 * p.k;
+  const typename V::I table = Lookup ? V::table(p.table) : V::zero();
   for (int64_t r = 0; r < runs; ++r) {
     const uint8_t* wr = w + r * kRunBytes;
     const int8_t* xr = x + r * kRun;
     if (Nibbles) {  // 64-byte step j: low nibbles hold inputs 4j..4j+3 of each row, high ones 4j+16..4j+19
       for (int j = 0; j < 4; ++j) {
         const typename V::I packed = V::load(wr + j * 4 * kPanel);
-        const typename V::I lo = V::low(packed), hi = V::high(packed);
+        typename V::I lo = V::low(packed), hi = V::high(packed);
+        if (Lookup) {
+          lo = V::lookup(table, lo);
+          hi = V::lookup(table, hi);
+        }
         for (int m = 0; m < RM; ++m) {
           acc[m][0] = V::dot(acc[m][0], lo, V::broadcast(xr + m * p.k + 4 * j));
           acc[m][kChains - 1] = V::dot(acc[m][kChains - 1], hi, V::broadcast(xr + m * p.k + 4 * j + 16));
@@ -144,7 +154,7 @@ inline void tile(const Problem& p, int64_t m0, int64_t panel, int64_t lane0, flo
 
 // Threads take slices of (panel, lane group) units, weight rows that are contiguous in memory; each walks
 // the activations in blocks of kRows rows, so a block stays in cache while the slice's weights pass over it.
-template <bool Nibbles>
+template <bool Nibbles, bool Lookup>
 void run(const Problem& p, float* y) {
   constexpr int64_t kRows = 64;
   constexpr int kTile = V::kLanes == 16 ? 8 : 4;  // activation rows per tile: as many accumulators as registers allow
@@ -156,9 +166,9 @@ void run(const Problem& p, float* y) {
         const int64_t panel = unit / per_panel, lane0 = (unit % per_panel) * V::kLanes;
         if (panel * kPanel + lane0 >= p.n) continue;  // lanes past the last row: padding
         int64_t m0 = block;
-        for (; m0 + kTile <= block_end; m0 += kTile) tile<Nibbles, kTile>(p, m0, panel, lane0, y);
-        for (; m0 + 2 <= block_end; m0 += 2) tile<Nibbles, 2>(p, m0, panel, lane0, y);
-        for (; m0 < block_end; ++m0) tile<Nibbles, 1>(p, m0, panel, lane0, y);
+        for (; m0 + kTile <= block_end; m0 += kTile) tile<Nibbles, Lookup, kTile>(p, m0, panel, lane0, y);
+        for (; m0 + 2 <= block_end; m0 += 2) tile<Nibbles, Lookup, 2>(p, m0, panel, lane0, y);
+        for (; m0 < block_end; ++m0) tile<Nibbles, Lookup, 1>(p, m0, panel, lane0, y);
       }
     }
   });
