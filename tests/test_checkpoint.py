@@ -102,7 +102,8 @@ def test_quantized_inputs_are_saved_and_computed_as_at_quantization(tmp_path, fm
 def test_embedding_is_stored_in_16_bits_or_quantized_and_looked_up_from_codes(tmp_path, embedding):
     from safetensors.torch import load_file
 
-    from mixbits.runtime import QuantizedEmbedding
+    from mixbits.runtime import IntLinear, QuantizedEmbedding
+    from mixbits.runtime.embedding import TiedEmbedding
 
     original = tiny_llama().model.embed_tokens.weight.detach().clone()
     model, report = quantized_copy(embedding_format=embedding)
@@ -118,6 +119,9 @@ def test_embedding_is_stored_in_16_bits_or_quantized_and_looked_up_from_codes(tm
     embed = loaded.model.embed_tokens
     if embedding is None:
         assert isinstance(embed, torch.nn.Embedding) and torch.equal(embed.weight, table)
+    elif isinstance(loaded.lm_head, IntLinear):  # rows read from the head's codes: the codes are held once
+        assert isinstance(embed, TiedEmbedding) and embed.head is loaded.lm_head
+        assert torch.allclose(embed(PROMPT), table[PROMPT], rtol=1e-6, atol=1e-7)
     else:
         assert isinstance(embed, QuantizedEmbedding) and not isinstance(loaded.lm_head, torch.nn.Linear)
         assert torch.equal(embed(PROMPT), table[PROMPT])

@@ -103,3 +103,13 @@ def test_activation_short_forms():
     assert str(parse_activation("int8:g32")) == str(parse_format("int8:g32:sym:scale=fp32"))
     with pytest.raises(FormatError, match="per token"):
         parse_activation("int8:tensor:sym")
+
+
+@pytest.mark.parametrize("weight, act", [(w, a) for w in ("q8_0", "q4_1", "int4:g64:asym") for a in (None, "int8:g32")]
+                         + [("mxfp4", "int8:g32")])  # table formats run only with quantized inputs
+def test_rows_read_from_the_codes_are_the_dequantized_rows(weight, act):
+    torch.manual_seed(3)
+    quantized = round_to_nearest(torch.randn(50, 128), parse_format(weight))
+    module = quantized_linear(quantized, None, None if act is None else parse_activation(act))
+    ids = torch.tensor([0, 17, 49, 3, 17])
+    assert torch.allclose(module.rows(ids), quantized.dequantize()[ids], rtol=1e-6, atol=1e-7)

@@ -225,7 +225,8 @@ def _tie_to_quantized(model: nn.Module, tied: dict[str, str], built: dict[str, n
 
     Returns the aliases so replaced (taken out of `tied`).
     """
-    from ..runtime import QuantizedEmbedding, quantized_linear
+    from ..runtime import IntLinear, QuantizedEmbedding, quantized_linear
+    from ..runtime.embedding import TiedEmbedding
 
     replaced = set()
     for alias, kept in list(tied.items()):
@@ -242,6 +243,10 @@ def _tie_to_quantized(model: nn.Module, tied: dict[str, str], built: dict[str, n
         activation = outer.get("head_activation")
         head = quantized_linear(owner.quantized(), None, None if activation is None else parse_activation(activation))
         setattr(model.get_submodule(parent) if parent else model, child, head)
+        if isinstance(head, IntLinear):  # the embedding reads its rows from the head's codes: held once
+            embed_parent, _, embed_child = kept.rpartition(".")[0].rpartition(".")
+            setattr(model.get_submodule(embed_parent) if embed_parent else model, embed_child,
+                    TiedEmbedding(head, owner.embed_scale))
         del tied[alias]
         replaced.add(alias)
     return replaced

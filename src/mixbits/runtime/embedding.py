@@ -3,6 +3,8 @@
 Groups run along each row (the hidden dimension), so every token's row
 dequantizes on its own: a lookup decodes `len(ids)` rows, never the matrix.
 Formats whose parameters are per row or per group (not per tensor) qualify.
+An embedding tied to an output head the integer kernels compute
+(`TiedEmbedding`) reads its rows from the head's codes, so they are held once.
 """
 
 from __future__ import annotations
@@ -56,3 +58,20 @@ class QuantizedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.format}"
+
+
+class TiedEmbedding(nn.Module):
+    """E[ids] decoded from the codes of the IntLinear head tied to the embedding, times `scale` if given."""
+
+    def __init__(self, head: nn.Module, scale: torch.Tensor | None = None):
+        super().__init__()
+        self.head = head  # registered here too: the module tree shows where the codes are read from
+        self.register_buffer("embed_scale", None if scale is None else torch.as_tensor(scale).float(), persistent=False)
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.head.rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+        return rows if self.embed_scale is None else rows * self.embed_scale
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, codes of the tied head"

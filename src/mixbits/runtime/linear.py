@@ -206,6 +206,28 @@ class IntLinear(nn.Module):
             return values.float() * self._per_input(scale) + self._per_input(offset)
         return self._kernel("dequantize")(self.codes, self.scale, self.offset, self.group)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Weight rows `ids` (1-D) dequantized from the codes, [len(ids), in]: an embedding tied to this layer."""
+        n, k = len(ids), self.in_features
+        if self.activation is not None:  # panels: the rows' panels, then each row's lane
+            panel, lane = ids // PANEL, ids % PANEL
+            steps = self.codes[panel].reshape(n, k // RUN, -1, PANEL, 4).permute(0, 3, 1, 2, 4)[torch.arange(n), lane]
+            if self.nibbles:
+                steps = torch.cat([steps & 0x0F, steps >> 4], dim=2)
+            codes = steps.reshape(n, k)
+            scale = self.scale.float()[panel, :, lane]
+            offset = None if self.offset is None else self.offset.float()[panel, :, lane]
+        else:
+            codes = self.codes[ids]
+            if self.nibbles:
+                runs = codes.reshape(n, -1, 1, RUN // 2)
+                codes = torch.cat([runs & 0x0F, runs >> 4], dim=2).reshape(n, k)
+            scale, offset = self.scale[ids], self.offset[ids]
+        values = (codes if self.table is None else self.table[codes.long()]).float()
+        if self.center is not None:  # (c + center - center) * scale: exactly the format's own c * scale
+            return (values - self.center) * self._per_input(scale)
+        return values * self._per_input(scale) + self._per_input(offset)
+
     def _per_input(self, values: torch.Tensor) -> torch.Tensor:
         """Per-group values [out, groups] repeated over each group's inputs: [out, in]."""
         return values.repeat_interleave(self.group, dim=1)[:, :self.in_features]
