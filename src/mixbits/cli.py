@@ -111,12 +111,15 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_eval_args(e)
     e.set_defaults(run=_run_eval)
 
-    x = commands.add_parser("export", help="write a packed checkpoint for another runtime (GGUF for llama.cpp)",
-                            description="Write a checkpoint's quantized layers bit for bit as GGML block types; "
-                                        "layers in other formats are an error naming the nearest GGML type.")
+    x = commands.add_parser("export", help="write a packed checkpoint for another runtime (GGUF for llama.cpp, "
+                                           "compressed-tensors for vLLM)",
+                            description="Write a checkpoint's quantized layers from their codes: as GGML block types "
+                                        "(gguf) or compressed-tensors' packed integers (compressed-tensors); layers "
+                                        "in formats the target cannot hold are an error naming what it can.")
     x.add_argument("checkpoint", help="directory written by `mixbits quantize --out`")
-    x.add_argument("--to", choices=("gguf",), default="gguf", help="output format (default: %(default)s)")
-    x.add_argument("--out", "-o", required=True, help="the file to write")
+    x.add_argument("--to", choices=("gguf", "compressed-tensors"), default="gguf",
+                   help="output format (default: %(default)s)")
+    x.add_argument("--out", "-o", required=True, help="the file (gguf) or new directory (compressed-tensors) to write")
     x.add_argument("--tokenizer-gguf", help="copy the tokenizer metadata from this GGUF (default: the source model's "
                                             "GGUF when known, else converted from the checkpoint's tokenizer files)")
     x.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -591,6 +594,14 @@ def _run_export(args) -> int:
     from .io.gguf import export_gguf
 
     out = Path(args.out)
+    if args.to == "compressed-tensors":
+        from .io.compressed_tensors import export_compressed_tensors
+
+        if out.exists():
+            raise MixbitsError(f"{out} exists; give a new directory to write the compressed-tensors model to")
+        path = export_compressed_tensors(args.checkpoint, out)
+        print(f"wrote {path} ({sum(p.stat().st_size for p in path.iterdir()) / 1e6:.1f} MB)")
+        return 0
     if out.exists() and out.is_dir():
         raise MixbitsError(f"{out} is a directory; give the GGUF file to write, e.g. {out / 'model.gguf'}")
     path = export_gguf(args.checkpoint, out, tokenizer_gguf=args.tokenizer_gguf)
