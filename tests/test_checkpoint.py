@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mixbits
+from mixbits.activations import parse_activation
 from mixbits.formats import catalog, parse_format
 from mixbits.formats.storage import restore, store, stored_bytes
 from mixbits.io.checkpoint import CheckpointError, checkpoint_info, load_quantized, save_quantized
@@ -222,3 +223,19 @@ def test_writing_is_atomic(tmp_path, monkeypatch, quantized):
         save_quantized(model, report, target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the old checkpoint is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "notes"]  # and no temporary is left
+
+
+def test_a_plan_sets_each_layers_input_format(tmp_path):
+    from mixbits.models.structure import quantizable_linears
+
+    model = tiny_llama()
+    layers = [LayerPlan(name, name, "q4_0", "rtn", tuple(linear.weight.shape),
+                        activation="int8:token" if ".mlp." in name else None)
+              for name, linear in quantizable_linears(model, False)]
+    Plan(layers).save(tmp_path / "plan.json")  # through the file: the field is written and read back
+    report = mixbits.quantize(model, plan=Plan.load(tmp_path / "plan.json"), activation="int8:g32", calibration=CALIBRATION, progress=False)
+    for layer in report.layers:  # the plan's own format wins; the others take the command's
+        assert layer.activation == ("int8:token" if ".mlp." in layer.name else "int8:g32")
+        assert str(model.get_submodule(layer.name).activation) == str(parse_activation(layer.activation))
+    with pytest.raises(mixbits.MixbitsError, match="activation"):
+        Plan([LayerPlan(layers[0].name, layers[0].name, "q4_0", "rtn", layers[0].shape, activation="int8:tensor:sym")])

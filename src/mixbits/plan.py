@@ -5,7 +5,9 @@ The plan is the contract between deciding (measure, allocate) and doing
 the layer in 16-bit), the solver, the layer's shape, its tie group (layers of
 one group must share an option, e.g. q/k/v that will be fused) and the damage
 the allocator predicted for the layer's group (the same on every layer of a
-group: damage is measured per group, so the plan's total counts each group once). Bits are never trusted from the file: they are
+group: damage is measured per group, so the plan's total counts each group once), and optionally
+the format its inputs are rounded to as the model runs ("activation", e.g.
+"int8:g32"; absent: float inputs). Bits are never trusted from the file: they are
 recomputed from the option and shape by the one bit-counting function, so an
 edited plan reports its true size.
 
@@ -64,6 +66,7 @@ class LayerPlan:
     solver: str
     shape: tuple[int, int]
     damage: float | None = None
+    activation: str | None = None  # the format the layer's inputs are rounded to (activations.parse_activation)
 
     @property
     def bits(self) -> int:
@@ -74,8 +77,9 @@ class LayerPlan:
         return self.shape[0] * self.shape[1]
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "group": self.group, "option": self.option, "solver": self.solver,
-                "shape": list(self.shape), "bits": self.bits, "damage": self.damage}
+        entry = {"name": self.name, "group": self.group, "option": self.option, "solver": self.solver,
+                 "shape": list(self.shape), "bits": self.bits, "damage": self.damage}
+        return entry if self.activation is None else {**entry, "activation": self.activation}
 
 
 @dataclass
@@ -104,6 +108,13 @@ class Plan(LayerTotals):
                     parse_format(layer.option)
                 except MixbitsError as error:
                     raise PlanError(f"layer {layer.name}: {error}") from None
+            if layer.activation is not None:
+                from .activations import parse_activation
+
+                try:
+                    parse_activation(layer.activation)
+                except MixbitsError as error:
+                    raise PlanError(f"layer {layer.name}'s activation: {error}") from None
             chosen = (layer.option, layer.solver)
             first = options.setdefault(layer.group, (*chosen, layer.name))
             if first[:2] != chosen:
@@ -146,8 +157,10 @@ class Plan(LayerTotals):
         for index, entry in enumerate(data.get("layers") or []):
             try:
                 rows, cols = (int(n) for n in entry["shape"])
+                activation = entry.get("activation")
                 layers.append(LayerPlan(str(entry["name"]), str(entry.get("group", entry["name"])), str(entry["option"]),
-                                        str(entry.get("solver", "rtn")), (rows, cols), entry.get("damage")))
+                                        str(entry.get("solver", "rtn")), (rows, cols), entry.get("damage"),
+                                        None if activation is None else str(activation)))
             except (KeyError, TypeError, ValueError):
                 raise PlanError(f"plan layer {index} needs name, option and shape [rows, cols]") from None
         return cls(layers, data.get("model") or {}, data.get("budget") or {}, data.get("damage", "proxy"))

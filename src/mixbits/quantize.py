@@ -167,7 +167,8 @@ def quantize(
     `plan` gives every layer its own option and solver instead of `format`
     and `solver`. `activation` rounds the inputs of every quantized layer to
     that activation format as the model runs (W4A8 with `int8:g32`; see
-    `activations`), after the weights are solved with float inputs; `smooth`
+    `activations`), after the weights are solved with float inputs (a plan's
+    layers may name their own, which win); `smooth`
     first folds SmoothQuant's scales, searched for that format. Returns
     the exact bit count of everything quantized.
     """
@@ -244,8 +245,10 @@ def quantize(
         for name, linear in tqdm(quantizable_linears(module, include_head), desc="quantize", disable=not progress, leave=False):
             _solve([name], [linear], None, choices, report)
     _quantize_outer(module, embedding_option, report)
-    if act is not None:
-        _quantize_inputs(module, act, report)
+    planned = {} if plan is None else {layer.name: parse_activation(layer.activation) for layer in plan.layers
+                                       if layer.activation is not None}
+    if act is not None or planned:
+        _quantize_inputs(module, act, report, planned)
     report.seconds = time.perf_counter() - start
     report.peak_memory_bytes = peak_bytes()
     return report
@@ -315,15 +318,19 @@ def _solve(names: list[str], linears: list[nn.Linear], hessian: torch.Tensor | N
             report.layers.append(LayerReport(names[i], (rows, cols), option_bits(option, rows, cols), option, solver))
 
 
-def _quantize_inputs(module: nn.Module, activation: Format, report: QuantizationReport) -> None:
-    """Every quantized layer's inputs rounded to `activation` from now on (16-bit layers keep float inputs), and
-    those of a head tied to a quantized embedding (recorded on the embedding's report: `activation` there is
-    its tied head's)."""
+def _quantize_inputs(module: nn.Module, activation: Format | None, report: QuantizationReport,
+                     planned: dict[str, Format]) -> None:
+    """Every quantized layer's inputs rounded to its plan's activation format or else `activation` from now on
+    (16-bit layers keep float inputs unless their plan says otherwise), and those of a head tied to a quantized
+    embedding (recorded on the embedding's report: `activation` there is its tied head's)."""
     modules = dict(module.named_modules())
     for layer in report.layers:
-        if layer.option != KEEP:
-            with_activation(modules[layer.name], activation)
-            layer.activation = activation_name(activation)
+        chosen = planned.get(layer.name, activation if layer.option != KEEP else None)
+        if chosen is not None:
+            with_activation(modules[layer.name], chosen)
+            layer.activation = activation_name(chosen)
+    if activation is None:
+        return
     head, embed = output_head(module), module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
     tied = head is not None and isinstance(embed, nn.Embedding) and head[1].weight is embed.weight
     for layer in report.outer:
