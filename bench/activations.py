@@ -6,7 +6,10 @@ the activation format as the model runs (`mixbits quantize --act`), and is
 scored on every evaluation domain against fp32 as every other table is.
 Activation formats: `int8:token` (a float32 scale per token, dynamic),
 `int8:g32` (per 32 inputs of a token, as llama.cpp's Q8_0 activations),
-`int4:token` (W4A4 research point). The embedding and the head stay 16-bit.
+`int4:token` (W8A4 and W4A4 research points; W4A4 also with QuaRot's
+rotation, an online Hadamard before every down_proj included, in fake
+quantization only: checkpoints do not hold online rotations). The embedding
+and the head stay 16-bit.
 
 Prefill speed: the 512-token prompt of bench/speed.py through mixbits'
 decoder, for the fp32 model and for the W8A8 and W4A8 checkpoints of this
@@ -36,19 +39,22 @@ from common import RESULTS, domain_cells, domain_protocol, earlier_results, writ
 
 NAME = "activations"
 WORK = Path(__file__).parent / "work" / "activations"
-# (label, weight format, solver, activation format or None, SmoothQuant)
+# (label, weight format, solver, activation format or None, options: SmoothQuant, QuaRot rotation)
+SMOOTH, ROTATE = {"smooth": True}, {"rotate": True, "online_hadamard": True}
 ROWS = [
-    ("W8A16", "int8:ch:sym", "rtn", None, False),
-    ("W8A8", "int8:ch:sym", "rtn", "int8:token", False),
-    ("W8A8 + SmoothQuant", "int8:ch:sym", "rtn", "int8:token", True),
-    ("W8A8 (blocks of 32)", "int8:ch:sym", "rtn", "int8:g32", False),
-    ("W4A16", "q4_0", "gptq", None, False),
-    ("W4A8", "q4_0", "gptq", "int8:g32", False),
-    ("W4A8 + SmoothQuant", "q4_0", "gptq", "int8:g32", True),
-    ("W4A8 per token", "int4:g128:asym", "gptq", "int8:token", False),
-    ("W4A8 per token + SmoothQuant", "int4:g128:asym", "gptq", "int8:token", True),
-    ("W8A4", "int8:ch:sym", "rtn", "int4:token", False),
-    ("W8A4 + SmoothQuant", "int8:ch:sym", "rtn", "int4:token", True),
+    ("W8A16", "int8:ch:sym", "rtn", None, {}),
+    ("W8A8", "int8:ch:sym", "rtn", "int8:token", {}),
+    ("W8A8 + SmoothQuant", "int8:ch:sym", "rtn", "int8:token", SMOOTH),
+    ("W8A8 (blocks of 32)", "int8:ch:sym", "rtn", "int8:g32", {}),
+    ("W4A16", "q4_0", "gptq", None, {}),
+    ("W4A8", "q4_0", "gptq", "int8:g32", {}),
+    ("W4A8 + SmoothQuant", "q4_0", "gptq", "int8:g32", SMOOTH),
+    ("W4A8 per token", "int4:g128:asym", "gptq", "int8:token", {}),
+    ("W4A8 per token + SmoothQuant", "int4:g128:asym", "gptq", "int8:token", SMOOTH),
+    ("W8A4", "int8:ch:sym", "rtn", "int4:token", {}),
+    ("W8A4 + SmoothQuant", "int8:ch:sym", "rtn", "int4:token", SMOOTH),
+    ("W4A4", "int4:g128:asym", "gptq", "int4:token", {}),
+    ("W4A4 + rotation", "int4:g128:asym", "gptq", "int4:token", ROTATE),
 ]
 SPEED = ["W8A8", "W4A8"]  # rows whose checkpoints are timed against fp32
 PROMPT, REPEATS = 512, 3
@@ -91,14 +97,14 @@ def main() -> None:
     references = reference_scores(loaded.model, domains)
     record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
     record["prefill"] = {"fp32": prefill_tokens_per_s(loaded.model)}
-    for label, fmt, solver, act, smooth in ROWS:
+    for label, fmt, solver, act, options in ROWS:
         if label in done:
             row = done[label]
         else:
             model = copy.deepcopy(loaded.model)
             cpu = time.process_time()
-            report = mixbits.quantize(model, fmt, solver=solver, activation=act, smooth=smooth,
-                                      calibration=calibration, progress=False)
+            report = mixbits.quantize(model, fmt, solver=solver, activation=act, calibration=calibration,
+                                      progress=False, **options)
             cpu = time.process_time() - cpu
             result = evaluate_domains(model, domains, references, progress=False)
             row = {"label": label, **report.as_dict(), "activation": act, **result.as_dict(), "cpu_seconds": cpu}
