@@ -83,7 +83,8 @@ def test_quantized_inputs_are_saved_and_computed_as_at_quantization(tmp_path, fm
     assert {layer.activation for layer in report.layers} == {act}
     # the fake-quantized model rounds each layer's input: check one layer against its own oracle
     q_proj, seen = model.model.layers[0].self_attn.q_proj, {}
-    q_proj.register_forward_hook(lambda module, args, out: seen.update(x=args[0], y=out))
+    q_proj.register_forward_pre_hook(lambda module, args: seen.update(x=args[0]), prepend=True)  # the raw input
+    q_proj.register_forward_hook(lambda module, args, out: seen.update(y=out))
     logits(model)
     expected = torch.nn.functional.linear(fake_quantize(seen["x"], parse_activation(act)), q_proj.weight)
     assert torch.allclose(seen["y"], expected, atol=1e-6)
@@ -239,3 +240,22 @@ def test_a_plan_sets_each_layers_input_format(tmp_path):
         assert str(model.get_submodule(layer.name).activation) == str(parse_activation(layer.activation))
     with pytest.raises(mixbits.MixbitsError, match="activation"):
         Plan([LayerPlan(layers[0].name, layers[0].name, "q4_0", "rtn", layers[0].shape, activation="int8:tensor:sym")])
+
+
+@pytest.mark.parametrize("where, value, message", [("activation", 8, "must be a format string"),
+                                                   ("activation", "int9:token", "activation"),
+                                                   ("head_activation", "int8:nonsense", "head_activation")])
+def test_malformed_input_formats_in_a_checkpoint_are_one_line_errors(tmp_path, where, value, message):
+    from mixbits.hashing import sha256_file
+
+    model, report = quantized_copy("q4_0", activation="int8:g32", embedding_format="q8_0")
+    save_quantized(model, report, tmp_path / "ckpt")
+    info_path, manifest_path = tmp_path / "ckpt" / "mixbits.json", tmp_path / "ckpt" / "manifest.json"
+    info = json.loads(info_path.read_text())
+    (info["layers"][0] if where == "activation" else info["outer"][0])[where] = value
+    info_path.write_text(json.dumps(info))  # a hand edit, with the manifest rewritten to match
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["mixbits.json"] = {"bytes": info_path.stat().st_size, "sha256": sha256_file(info_path)}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=message):
+        load_quantized(tmp_path / "ckpt")

@@ -69,6 +69,7 @@ def test_integer_product_equals_float_product_of_dequantized(isa, weight, act):
     module = quantized_linear(quantized, torch.randn(37), fmt)
     assert isinstance(module, IntLinear)
     w = quantized.dequantize().double()
+    before = torch.get_num_threads()
     for threads in (1, 2):
         torch.set_num_threads(threads)
         for rows in (1, 2, 5, 70):  # decode, the 4x2 tiles and their remainders, more than one 64-row panel
@@ -76,6 +77,20 @@ def test_integer_product_equals_float_product_of_dequantized(isa, weight, act):
             expected = fake_quantize(x, fmt).double() @ w.T + module.bias.double()
             got = module(x).double()
             assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("weight", ["q4_0", "int4:g128:asym", "int8:g64:sym", "int8:ch:sym"])
+@pytest.mark.parametrize("act", ["int8:g32", "int8:token"])
+def test_a_last_group_shorter_than_the_others(isa, weight, act):
+    torch.manual_seed(4)
+    quantized = round_to_nearest(torch.randn(20, 160), parse_format(weight))  # 160 = 128 + 32, = 2 x 64 + 32
+    fmt = parse_activation(act)
+    module = quantized_linear(quantized, None, fmt)
+    assert isinstance(module, IntLinear)
+    x = activations(6, 160)
+    expected = fake_quantize(x, fmt).double() @ quantized.dequantize().double().T
+    assert (module(x).double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_formats_the_kernels_cannot_serve_are_fake_quantized():

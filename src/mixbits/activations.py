@@ -8,7 +8,7 @@ computed from the values at run time (dynamic quantization).
 
 Short forms for the command line: `int8:token` is `int8:ch:sym:scale=fp32`,
 `int8:g32` is `int8:g32:sym:scale=fp32`; any other string is parsed by the
-registry as it stands (e.g. `fp8_e4m3:ch`, `mxfp8`).
+registry as it stands (e.g. `fp8_e4m3:ch`, `mxfp8_e4m3`).
 
 The runtime's integer kernels (runtime/csrc/qdot.cpp) quantize exactly as
 these formats do when they are symmetric integers of 2 to 8 bits with float32

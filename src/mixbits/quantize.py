@@ -123,7 +123,7 @@ class QuantizationReport(LayerTotals):
             "model_bits": self.model_bits,
             "seconds": self.seconds,
             "peak_memory_bytes": self.peak_memory_bytes,
-            "awq_scales": [asdict(group) for group in self.scaled],
+            "awq_scales": [asdict(group) for group in self.scaled],  # AWQ's or SmoothQuant's groups
             "rounded_for_lack_of_tokens": self.rounded_for_lack_of_tokens,
         }
 

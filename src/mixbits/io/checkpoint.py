@@ -41,8 +41,8 @@ from ..models.registry import adapter_for
 from ..models.loaded import LoadedModel
 from ..plan import KEEP
 
-VERSION = 2  # 2: outer layers (the embedding in 16 bits or quantized)
-READABLE = (1, 2)
+VERSION = 3  # 2: outer layers (the embedding in 16 bits or quantized); 3: quantized inputs ("activation")
+READABLE = (1, 2, 3)
 INFO, MANIFEST = "mixbits.json", "manifest.json"
 QUANTIZED, FLOAT = "quantized.safetensors", "float.safetensors"
 
@@ -171,7 +171,7 @@ def load_quantized(directory: str | Path) -> LoadedModel:
         bias = floats.pop(f"{name}.bias", None)
         tensors = layer_tensors(quantized, name)
         try:
-            activation = None if layer.get("activation") is None or layer in outer else parse_activation(layer["activation"])
+            activation = None if layer in outer else _stored_activation(layer, "activation")
             module = _stored_module(layer["option"], shape, tensors, bias, target if embedding else None, activation)
         except MixbitsError as error:
             raise CheckpointError(f"layer {name} of {directory}: {error}") from error
@@ -240,16 +240,35 @@ def _tie_to_quantized(model: nn.Module, tied: dict[str, str], built: dict[str, n
                                   "Linear's weight; write the checkpoint again")
         parent, _, child = module_name.rpartition(".")
         outer = next((entry for entry in info_outer if entry["name"] == kept.rpartition(".")[0]), {})
-        activation = outer.get("head_activation")
-        head = quantized_linear(owner.quantized(), None, None if activation is None else parse_activation(activation))
+        try:
+            activation = _stored_activation(outer, "head_activation")
+        except MixbitsError as error:
+            raise CheckpointError(f"{directory}: {error}") from error
+        head = quantized_linear(owner.quantized(), None, activation)
         setattr(model.get_submodule(parent) if parent else model, child, head)
-        if isinstance(head, IntLinear):  # the embedding reads its rows from the head's codes: held once
+        # The embedding reads its rows from the head's codes (held once) where those rows are exactly the stored
+        # ones: not for integer zero points, whose offset -z * s the head holds in float.
+        if isinstance(head, IntLinear) and (head.center is not None or getattr(head.format, "min", None) is not None):
             embed_parent, _, embed_child = kept.rpartition(".")[0].rpartition(".")
             setattr(model.get_submodule(embed_parent) if embed_parent else model, embed_child,
                     TiedEmbedding(head, owner.embed_scale))
         del tied[alias]
         replaced.add(alias)
     return replaced
+
+
+def _stored_activation(entry: dict, key: str):
+    """The activation format an entry of mixbits.json names under `key`, or None; a MixbitsError if malformed."""
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise MixbitsError(f"{entry.get('name', 'a layer')}'s {key} must be a format string, got {value!r}; "
+                           "write the checkpoint again")
+    try:
+        return parse_activation(value)
+    except MixbitsError as error:
+        raise MixbitsError(f"{entry.get('name', 'a layer')}'s {key}: {error}") from None
 
 
 def layer_tensors(quantized: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -312,7 +331,7 @@ def _manifest(directory: Path) -> dict[str, dict]:
         raise CheckpointError(f"{directory / MANIFEST} is not a valid manifest; write the checkpoint again") from None
     if manifest.get("mixbits_checkpoint") not in READABLE:
         raise CheckpointError(f"{directory} is a version {manifest.get('mixbits_checkpoint')!r} checkpoint; this mixbits "
-                              f"reads versions {' and '.join(map(str, READABLE))}: quantize again with this version")
+                              f"reads versions {', '.join(map(str, READABLE))}: quantize again with this version")
     for name in (INFO, QUANTIZED, FLOAT, "config.json"):
         if name not in files:
             raise CheckpointError(f"{directory}'s manifest lists no {name}; write the checkpoint again")
@@ -334,7 +353,7 @@ def _checked_info(directory: Path) -> dict:
     info = json.loads((directory / INFO).read_text())
     if info.get("mixbits_checkpoint") not in READABLE:
         raise CheckpointError(f"{directory / INFO} is version {info.get('mixbits_checkpoint')!r}, this mixbits reads "
-                              f"{' and '.join(map(str, READABLE))}; quantize again with this version")
+                              f"{', '.join(map(str, READABLE))}; quantize again with this version")
     if not isinstance(info.get("outer", []), list):
         raise CheckpointError(f"{directory / INFO} has a malformed list of outer layers; write the checkpoint again")
     return info

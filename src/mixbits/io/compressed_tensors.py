@@ -24,9 +24,10 @@ scheme vLLM runs). Weights need integer formats whose scales are one float
 per group (fp16, bf16 or fp32) and whose groups tile the rows; float
 minimums (Q4_1, Q4_K), two-level scales and non-integer formats are refused
 in one line. Layers kept at 16 bits are written as float16 and listed in
-`ignore`, with the output head. The embedding is written dense: as stored if
-16-bit, else dequantized to float32 (exactly the values mixbits computes
-with); a head tied to it stays tied.
+`ignore` (with float inputs: an input format on them is not written), as is
+the embedding, written dense: as stored if 16-bit, else dequantized to
+float32 (exactly the values mixbits computes with). A head tied to it stays
+tied and computes in float there (its `head_activation` is not written).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from pathlib import Path
 import torch
 
 from ..activations import parse_activation
-from ..errors import ExportError
+from ..errors import ExportError, MixbitsError
 from ..formats import parse_format
 from ..formats.granularity import ungroup
 from ..formats.integer import IntFormat
@@ -72,6 +73,8 @@ def export_compressed_tensors(directory: str | Path, out: str | Path) -> Path:
             ignore.append(name)
             continue
         activation = layer.get("activation")
+        if activation is not None and not isinstance(activation, str):
+            raise ExportError(f"{name}'s activation in {directory / INFO} is not a format string; write the checkpoint again")
         fmt = _checked_format(name, option, shape, activation)
         tensors.update({f"{name}.{key}": value for key, value in _layer(fmt, shape, stored, activation).items()})
         groups.setdefault((option, activation), []).append(name)
@@ -108,7 +111,11 @@ def _checked_format(name: str, option: str, shape: tuple[int, int], activation: 
                           "scale per group (and integer zero points); re-quantize it, e.g. int4:g128:asym or int8:ch:sym")
     if fmt.granularity.kind == "tensor" or (fmt.granularity.kind == "group" and shape[1] % fmt.granularity.size):
         raise ExportError(f"{name} is {option}: its groups must tile its {shape[1]} inputs (or use per-channel scales)")
-    if activation is not None and str(parse_activation(activation)) != str(parse_activation("int8:token")):
+    try:
+        found = None if activation is None else parse_activation(activation)
+    except MixbitsError as error:
+        raise ExportError(f"{name}'s activation: {error}") from None
+    if found is not None and str(found) != str(parse_activation("int8:token")):
         raise ExportError(f"{name} quantizes its inputs to {activation}: compressed-tensors (and vLLM) run integer "
                           "inputs as dynamic per-token int8; quantize with --act int8:token")
     return fmt

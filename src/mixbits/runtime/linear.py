@@ -74,7 +74,8 @@ class DequantLinear(nn.Module):
 class IntLinear(nn.Module):
     """y = x Wᵀ + b for integer codes q with w = q * scale + offset per group, computed from the codes.
 
-    Codes are unsigned (a symmetric code c is held as c + 2^(bits-1) with offset -2^(bits-1) * scale) and laid
+    Codes are unsigned (a symmetric code c is held as c + center, center 8 for codes of up to 4 bits, else
+    2^(bits-1), with offset -center * scale; a table format's nibbles index unsigned codes) and laid
     out for the kernel that reads them: float inputs read them in runs (csrc/intgemm.cpp); with an
     `activation` format the kernels implement, x is quantized to int8 codes in its blocks and the codes sit
     in panels of 16 rows (csrc/qdot.cpp, `to_panels`).

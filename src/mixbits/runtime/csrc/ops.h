@@ -11,11 +11,6 @@ bool vectorized();
 
 // qdot.cpp: int8-quantized activations times integer-coded weights, in integer arithmetic.
 std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t block, int64_t bits);
-at::Tensor nibble_qlinear(at::Tensor q, at::Tensor d, at::Tensor run_sums, int64_t block, at::Tensor codes,
-                          at::Tensor scales, c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center,
-                          c10::optional<at::Tensor> table);
-at::Tensor byte_qlinear(at::Tensor q, at::Tensor d, at::Tensor run_sums, int64_t block, at::Tensor codes,
-                        at::Tensor scales, c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center);
 at::Tensor nibble_xlinear(at::Tensor x, int64_t block, int64_t bits, at::Tensor codes, at::Tensor scales,
                           c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center,
                           c10::optional<at::Tensor> table);

@@ -7,7 +7,8 @@
 // fake-quantized forward computes the same numbers. It returns q (int8 [M, K]), d ([M, K / block]) and,
 // per run of 32 inputs, d times the sum of its codes ([M, K / 32]).
 //
-// qlinear(q, d, run_sums, block, codes, scales, offsets, group, n, center): weights w = c * s + o per group of `group`
+// nibble_xlinear / byte_xlinear(x, block, bits, codes, scales, offsets, group, n, center[, table]): x quantized
+// as quantize_rows does, times weights w = c * s + o per group of `group`
 // inputs (a multiple of 32), unsigned codes c in the panel layout (below):
 //
 //     y[m, n] = sum over runs r of 32 inputs:  d[m, r] * s[n, r] * (sum over the run of c * q)   (integer dot)
@@ -37,6 +38,7 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -63,15 +65,20 @@ struct Problem {
 
 }  // namespace
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+// The whole file is built with -mavx2 -mfma -mf16c (kernels.py), which the AVX2 copy needs; the VNNI copies take
+// their instruction sets from `#pragma GCC target`, which GCC 11 and later (AVX-VNNI's intrinsics) honour.
+// Other compilers build the AVX2 copy alone. (F16C, for the 16-bit scales, comes with every AVX2 CPU.)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define MIXBITS_VNNI 1
+#endif
+
 namespace avx2 {
 #define MIXBITS_DOT 0
 #include "qdot_body.h"
 #undef MIXBITS_DOT
 }  // namespace avx2
-#pragma GCC pop_options
 
+#ifdef MIXBITS_VNNI
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avxvnni")
 namespace avxvnni {
@@ -89,44 +96,65 @@ namespace avx512vnni {
 #undef MIXBITS_DOT
 }  // namespace avx512vnni
 #pragma GCC pop_options
+#endif
 
 namespace {
 
-std::string best_isa() {
+enum Isa { kAvx2, kAvxVnni, kAvx512Vnni };
+const char* const kIsaNames[] = {"avx2", "avxvnni", "avx512vnni"};
+
+bool supported(Isa isa) {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
-    return "avx512vnni";
-  if (__builtin_cpu_supports("avxvnni")) return "avxvnni";
-  return "avx2";
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#ifdef MIXBITS_VNNI
+  if (isa == kAvxVnni) return avx2 && __builtin_cpu_supports("avxvnni");
+  if (isa == kAvx512Vnni)
+    return avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw");
+#endif
+  return isa == kAvx2 && avx2;
 }
 
-std::string& chosen_isa() {
-  static std::string isa = best_isa();
+Isa best_isa() { return supported(kAvx512Vnni) ? kAvx512Vnni : supported(kAvxVnni) ? kAvxVnni : kAvx2; }
+
+// Read by every call; set by tests (set_qdot_isa) between calls.
+std::atomic<Isa>& chosen_isa() {
+  static std::atomic<Isa> isa{best_isa()};
   return isa;
 }
 
-bool supported(const std::string& isa) {
-  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (isa == "avxvnni") return supported("avx2") && __builtin_cpu_supports("avxvnni");
-  if (isa == "avx512vnni")
-    return supported("avx2") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512bw");
-  return false;
-}
+// The call (a function of qdot_body.h) in the chosen instruction set's copy.
+#ifdef MIXBITS_VNNI
+#define MIXBITS_DISPATCH(isa, ...)                    \
+  switch (isa) {                                      \
+    case kAvx512Vnni: avx512vnni::__VA_ARGS__; break; \
+    case kAvxVnni: avxvnni::__VA_ARGS__; break;       \
+    default: avx2::__VA_ARGS__; break;                \
+  }
+#else
+#define MIXBITS_DISPATCH(isa, ...) avx2::__VA_ARGS__;
+#endif
 
 }  // namespace
 
-std::string qdot_isa() { return chosen_isa(); }
+std::string qdot_isa() { return kIsaNames[chosen_isa().load()]; }
 
-void set_qdot_isa(std::string isa) {
-  TORCH_CHECK(supported(isa), "this CPU cannot run the ", isa, " integer-dot kernels (it has ", best_isa(), ")");
-  chosen_isa() = isa;
+void set_qdot_isa(std::string name) {
+  for (int i = 0; i < 3; ++i) {
+    if (name == kIsaNames[i]) {
+      TORCH_CHECK(supported(static_cast<Isa>(i)), "this CPU (or this build) cannot run the ", name,
+                  " integer-dot kernels; it runs ", kIsaNames[best_isa()]);
+      chosen_isa() = static_cast<Isa>(i);
+      return;
+    }
+  }
+  TORCH_CHECK(false, "unknown instruction set ", name, "; use avx2, avxvnni or avx512vnni");
 }
 
 std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t block, int64_t bits) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous float32 matrix");
   const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(k % kRun == 0 && block % kRun == 0 && k % block == 0, "inputs and the block must be multiples of 32, "
+  TORCH_CHECK(block > 0 && k % kRun == 0 && block % kRun == 0 && k % block == 0, "inputs and the block must be multiples of 32, "
               "and the block must divide the inputs; got ", k, " inputs, block ", block);
   TORCH_CHECK(bits >= 2 && bits <= 8, "activation codes take 2 to 8 bits, got ", bits);
   at::Tensor q = at::empty({m, k}, x.options().dtype(at::kChar));
@@ -136,17 +164,11 @@ std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t block, int64_t bits)
   int8_t* qp = q.data_ptr<int8_t>();
   float* dp = d.data_ptr<float>();
   float* sp = run_sums.data_ptr<float>();
-  const std::string& isa = chosen_isa();
+  const Isa isa = chosen_isa().load();
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* row = xp + r * k;
-      if (isa == "avx512vnni") {
-        avx512vnni::quantize_row(row, k, block, bits, qp + r * k, dp + r * (k / block), sp + r * (k / kRun));
-      } else if (isa == "avxvnni") {
-        avxvnni::quantize_row(row, k, block, bits, qp + r * k, dp + r * (k / block), sp + r * (k / kRun));
-      } else {
-        avx2::quantize_row(row, k, block, bits, qp + r * k, dp + r * (k / block), sp + r * (k / kRun));
-      }
+      MIXBITS_DISPATCH(isa, quantize_row(xp + r * k, k, block, bits, qp + r * k, dp + r * (k / block),
+                                         sp + r * (k / kRun)))
     }
   });
   return {q, d, run_sums};
@@ -159,8 +181,8 @@ at::Tensor qlinear(bool nibbles, const at::Tensor& q, const at::Tensor& d, const
                    int64_t group, int64_t n, double center, const c10::optional<at::Tensor>& table) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q must be contiguous int8");
   const int64_t m = q.size(0), k = q.size(1), runs = k / kRun;
-  TORCH_CHECK(k % kRun == 0 && group % kRun == 0 && block % kRun == 0 && k % block == 0,
-              "inputs, group and block must be multiples of 32, and the block must divide the inputs");
+  TORCH_CHECK(block > 0 && group > 0 && k % kRun == 0 && group % kRun == 0 && block % kRun == 0 && k % block == 0,
+              "inputs, group and block must be positive multiples of 32, and the block must divide the inputs");
   const int64_t groups = (k + group - 1) / group, panels = (n + kPanel - 1) / kPanel;
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() &&
               codes.numel() == panels * runs * kRun * kPanel / (nibbles ? 2 : 1),
@@ -188,25 +210,23 @@ at::Tensor qlinear(bool nibbles, const at::Tensor& q, const at::Tensor& d, const
     for (int64_t run = 0; run < runs; ++run) gs[r * groups + run * kRun / group] += rs[r * runs + run];
   at::Tensor y = at::empty({m, n}, q.options().dtype(at::kFloat));
   const int64_t span = std::gcd(block, group) / kRun;
+  // A lane's integer dot over one span: at most span * 32 * 255 * 128 (byte codes, int8 inputs).
+  TORCH_CHECK(span * kRun * 255 * 128 < (int64_t{1} << 31), "a scale spans ", span * kRun,
+              " inputs: too many for int32 dot products; use groups or blocks of at most 65536 inputs");
   const Problem p{m, n, k, group, groups, span, panels, q.data_ptr<int8_t>(), run_scales.data_ptr<float>(), gs,
                   codes.data_ptr<uint8_t>(), scales.data_ptr(), offsets ? offsets->data_ptr() : nullptr, half,
                   static_cast<float>(center), table ? table->data_ptr<uint8_t>() : nullptr};
   float* yp = y.data_ptr<float>();
-  const std::string& isa = chosen_isa();
-  const int kind = !nibbles ? 0 : (table ? 2 : 1);  // bytes, nibbles, nibbles through a table
-  if (isa == "avx512vnni") {
-    kind == 0 ? avx512vnni::run<false, false>(p, yp) : kind == 1 ? avx512vnni::run<true, false>(p, yp)
-                                                              : avx512vnni::run<true, true>(p, yp);
-  } else if (isa == "avxvnni") {
-    kind == 0 ? avxvnni::run<false, false>(p, yp) : kind == 1 ? avxvnni::run<true, false>(p, yp)
-                                                           : avxvnni::run<true, true>(p, yp);
+  const Isa isa = chosen_isa().load();
+  if (!nibbles) {
+    MIXBITS_DISPATCH(isa, run<false, false>(p, yp))
+  } else if (table) {  // nibbles indexing a table
+    MIXBITS_DISPATCH(isa, run<true, true>(p, yp))
   } else {
-    kind == 0 ? avx2::run<false, false>(p, yp) : kind == 1 ? avx2::run<true, false>(p, yp)
-                                                        : avx2::run<true, true>(p, yp);
+    MIXBITS_DISPATCH(isa, run<true, false>(p, yp))
   }
   return y;
 }
-
 
 // quantize_rows then qlinear, in one call (a decode step makes over a hundred of them).
 at::Tensor quantized_linear(bool nibbles, const at::Tensor& x, int64_t block, int64_t bits, const at::Tensor& codes,
@@ -226,14 +246,4 @@ at::Tensor nibble_xlinear(at::Tensor x, int64_t block, int64_t bits, at::Tensor 
 at::Tensor byte_xlinear(at::Tensor x, int64_t block, int64_t bits, at::Tensor codes, at::Tensor scales,
                         c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center) {
   return quantized_linear(false, x, block, bits, codes, scales, offsets, group, n, center, c10::nullopt);
-}
-
-at::Tensor nibble_qlinear(at::Tensor q, at::Tensor d, at::Tensor run_sums, int64_t block, at::Tensor codes,
-                          at::Tensor scales, c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center,
-                          c10::optional<at::Tensor> table) {
-  return qlinear(true, q, d, run_sums, block, codes, scales, offsets, group, n, center, table);
-}
-at::Tensor byte_qlinear(at::Tensor q, at::Tensor d, at::Tensor run_sums, int64_t block, at::Tensor codes,
-                        at::Tensor scales, c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center) {
-  return qlinear(false, q, d, run_sums, block, codes, scales, offsets, group, n, center, c10::nullopt);
 }

@@ -54,7 +54,8 @@ struct V {
   static I dot(I acc, I w, I x) { return _mm256_dpbusd_avx_epi32(acc, w, x); }
   static I dot_bytes(I acc, I w, I x) { return _mm256_dpbusd_avx_epi32(acc, w, x); }
 #else
-  // vpmaddubsw adds two u8 x s8 products in a saturating int16: exact for codes below 16 (15 * 128 * 2 < 2^15).
+  // vpmaddubsw adds two u8 x s8 products in a saturating int16: exact for codes below 128 (127 * 128 * 2 < 2^15),
+  // which nibbles and table codes are.
   static I dot(I acc, I w, I x) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
   }
