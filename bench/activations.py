@@ -96,6 +96,9 @@ def main() -> None:
             del done[label]
     references = reference_scores(loaded.model, domains)
     record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
+    import torch
+
+    record["threads"] = torch.get_num_threads()
     record["prefill"] = {"fp32": prefill_tokens_per_s(loaded.model)}
     for label, fmt, solver, act, options in ROWS:
         if label in done:
@@ -137,7 +140,8 @@ def _markdown(record: dict) -> str:
               f"Calibration (GPTQ, SmoothQuant): {c['text']}, {c['count']} x {c['length']} tokens. Evaluation: "
               f"{len(names)} domains of {defaults.EVAL_WINDOWS} x {defaults.WINDOW_LEN} tokens, fp32 perplexity {fp32}; "
               f"{', '.join(sorted(seen)) or 'none'} in the calibration mix. Embedding and head in 16 bits.\n\n"
-              f"Prefill of a {PROMPT}-token prompt through mixbits' decoder, 2 threads, best of {REPEATS}: {speed}.\n")
+              f"Prefill of a {PROMPT}-token prompt through mixbits' decoder, {record.get('threads', '?')} threads, best of "
+              f"{REPEATS}: {speed}.\n")
     headers = ["row", "weights", "method", "activations"] + [
         f"Δ ppl {n}" + (" (in mix)" if n in seen else "") for n in names] + [
         "mean Δ, unseen kinds", "mean KL", "top-1 agree", "quantize CPU s"]
