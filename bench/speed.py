@@ -49,7 +49,7 @@ from common import RESULTS, write_results
 WORK = Path(__file__).parent / "work" / "speed"
 LLAMA_WORK = Path(__file__).parent / "work" / "llama_cpp"
 PROMPT, NEW, SHORT = 512, 128, 8
-ROUNDS, REPEATS = 3, 3  # alternations of the two sides; timings per mixbits process (best kept)
+ROUNDS, REPEATS = 2, 3  # alternations of the two sides; timings per mixbits process (best kept)
 THREADS = (1, 2)
 INT_OPTIONS = ("int2:g32:asym,int2:g64:asym,int2:g128:asym,int3:g64:asym,int3:g128:asym,int3:ch:asym,int4:g64:asym,"
                "int4:g128:asym,int4:ch:asym,int5:g64:asym,fp16")
