@@ -98,7 +98,7 @@ class IntLinear(nn.Module):
             self.center = -int(integers.min())
             self.table = (integers + self.center).to(torch.uint8)
             scale = scale * unit
-            codes, offset = codes, -self.center * scale
+            offset = -self.center * scale
         elif fmt.symmetric:
             self.center = 8 if self.nibbles else 2 ** (fmt.code_bits - 1)
             codes, offset = codes + self.center, -self.center * scale
