@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
 import mixbits
 from mixbits import defaults
-from mixbits.calibrate import calibration_data
-from mixbits.eval import evaluate_domains, reference_scores
+from mixbits.eval import evaluate_domains
 from mixbits.report import format_table
 
-from common import RESULTS, domain_cells, domain_protocol, earlier_results, write_results
+from common import calibrated_protocol, domain_cells, earlier_results, fp32_references, rewrite_report, write_results
 
 NAME = "activations"
 WORK = Path(__file__).parent / "work" / "activations"
@@ -81,21 +79,17 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite the Markdown from the committed JSON")
     args = parser.parse_args()
     if args.report:
-        record = json.loads((RESULTS / f"{NAME}.json").read_text())
-        write_results(NAME, record, _markdown(record))
+        rewrite_report(NAME, _markdown)
         return
 
     from mixbits.io.checkpoint import is_checkpoint, load_quantized, save_quantized
 
-    loaded, domains, record = domain_protocol()
-    calibration, record["calibration"] = calibration_data(loaded, None, defaults.CALIBRATION_WINDOWS,
-                                                          defaults.CALIBRATION_LEN)
+    loaded, domains, record, calibration = calibrated_protocol()
     done = {r["label"]: r for r in earlier_results(NAME, record, ("domains", "model", "calibration"))}
     for label in SPEED:  # a timed row is redone if its checkpoint is gone
         if label in done and not is_checkpoint(WORK / label):
             del done[label]
-    references = reference_scores(loaded.model, domains)
-    record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
+    references = fp32_references(loaded, domains, record)
     import torch
 
     record["threads"] = torch.get_num_threads()

@@ -30,12 +30,11 @@ import time
 
 import mixbits
 from mixbits import defaults
-from mixbits.calibrate import calibration_data
-from mixbits.eval import evaluate_domains, reference_scores
+from mixbits.eval import evaluate_domains
 from mixbits.memory import resident_bytes
 from mixbits.report import format_table
 
-from common import RESULTS, domain_cells, domain_protocol, earlier_results, write_results
+from common import calibrated_protocol, domain_cells, earlier_results, fp32_references, rewrite_report, write_results
 
 # In the order they run: the formats the study and the allocator's menu lean on first.
 # Groups of 128 are left to bench/formats.py (round to nearest): four solvers on them cost 40 more minutes.
@@ -58,16 +57,12 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite the Markdown from the committed JSON")
     args = parser.parse_args()
     if args.report:
-        record = json.loads((RESULTS / f"{NAME}.json").read_text())
-        write_results(NAME, record, _markdown(record))
+        rewrite_report(NAME, _markdown)
         return
 
-    loaded, domains, record = domain_protocol()
-    calibration, record["calibration"] = calibration_data(loaded, None, defaults.CALIBRATION_WINDOWS,
-                                                          defaults.CALIBRATION_LEN)
+    loaded, domains, record, calibration = calibrated_protocol()
     done = {(r["format"], r["method"]): r for r in earlier_results(NAME, record, ("domains", "model", "calibration"))}
-    references = reference_scores(loaded.model, domains)
-    record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
+    references = fp32_references(loaded, domains, record)
 
     for name in FORMATS:
         if args.only not in name:

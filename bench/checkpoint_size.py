@@ -15,17 +15,16 @@ bench/llama_cpp.py on the same model.
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import mixbits
-from mixbits.eval import evaluate_domains, reference_scores
+from mixbits.eval import evaluate_domains
 from mixbits.io.checkpoint import save_quantized
 from mixbits.report import format_table
 
-from common import domain_cells, domain_protocol, llama_cpp_file, write_results
+from common import domain_cells, domain_protocol, fp32_references, llama_cpp_file, write_results
 
 ROWS = [("int4:g128:asym", None), ("int4:g128:asym", "q8_0"), ("int4:g128:asym", "int4:g64:asym"), ("q4_0", "q8_0")]
 NAME = "checkpoint_size"
@@ -34,8 +33,7 @@ NAME = "checkpoint_size"
 def main() -> None:
     loaded, domains, record = domain_protocol()
     names = [d.name for d in domains]
-    references = reference_scores(loaded.model, domains)
-    record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
+    references = fp32_references(loaded, domains, record)
     results, rows = [], []
     for fmt, embedding in ROWS:
         model = copy.deepcopy(loaded.model)

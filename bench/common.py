@@ -23,6 +23,55 @@ def domain_protocol():
     return loaded, domains, record
 
 
+def fp32_references(loaded, domains, record: dict):
+    """The fp32 model's scores on every domain (the reference of every row), their perplexities put in `record`."""
+    from mixbits.eval import reference_scores
+
+    references = reference_scores(loaded.model, domains)
+    record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
+    return references
+
+
+def calibrated_protocol():
+    """`domain_protocol` and the default calibration windows: (loaded, domains, record, windows), the windows'
+    description in record["calibration"]."""
+    from mixbits import defaults
+    from mixbits.calibrate import calibration_data
+
+    loaded, domains, record = domain_protocol()
+    windows, record["calibration"] = calibration_data(loaded, None, defaults.CALIBRATION_WINDOWS, defaults.CALIBRATION_LEN)
+    return loaded, domains, record, windows
+
+
+def rewrite_report(name: str, markdown) -> None:
+    """Rewrite bench/results/NAME.md from the committed NAME.json with `markdown(record)` (a --report run)."""
+    record = json.loads((RESULTS / f"{name}.json").read_text())
+    write_results(name, record, markdown(record))
+
+
+def llama_cpp_tool(name: str) -> str:
+    """The path of llama.cpp's program `name` in $LLAMA_CPP_BIN (exits with a one-line message if it is not there)."""
+    import sys
+
+    directory = os.environ.get("LLAMA_CPP_BIN")
+    if not directory or not (Path(directory) / name).exists():
+        sys.exit(f"set LLAMA_CPP_BIN to a llama.cpp build's bin directory holding {name}")
+    return str(Path(directory) / name)
+
+
+def llama_bench_speeds(output: str) -> tuple[dict[str, float], str]:
+    """Prefill and decode tokens/s from `llama-bench -o csv` output, and the llama.cpp build it names."""
+    import csv
+
+    lines = output.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("build_commit,")):]
+    speeds, build = {}, "?"
+    for row in csv.DictReader(line for line in table if line.startswith(("build_commit,", '"'))):
+        speeds["prefill_tokens_per_s" if int(row["n_prompt"]) > 0 else "decode_tokens_per_s"] = float(row["avg_ts"])
+        build = row["build_commit"]
+    return speeds, build
+
+
 def earlier_results(name: str, record: dict, keys: tuple[str, ...]) -> list[dict]:
     """The rows of bench/results/NAME.json from an earlier run whose `keys` equal `record`'s, so a run can resume."""
     previous = RESULTS / f"{name}.json"

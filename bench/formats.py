@@ -26,13 +26,13 @@ import time
 import torch
 
 import mixbits
-from mixbits.eval import evaluate_domains, reference_scores
+from mixbits.eval import evaluate_domains
 from mixbits.formats import parse_format
 from mixbits.models import quantizable_linears
 from mixbits.report import format_table
 from mixbits.transforms import rotation_matrix
 
-from common import domain_cells, domain_protocol, write_results
+from common import domain_cells, domain_protocol, fp32_references, write_results
 
 CLASSES = {
     "4-bit": ["int4:g128:asym", "int4:g64:asym", "int4:g64:sym", "fp4_e2m1:g64", "fp4_e2m1:g32:scale=fp16",
@@ -44,8 +44,7 @@ SQNR_PAIRS = [("mxint8", "mxfp8_e4m3"), ("nvint4", "nvfp4")]
 
 def model_level(loaded, domains, record) -> str:
     names = [d.name for d in domains]
-    references = reference_scores(loaded.model, domains)
-    record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
+    references = fp32_references(loaded, domains, record)
     rows, results = [], []
     for label, formats in CLASSES.items():
         for name in formats:

@@ -27,16 +27,15 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import time
 
 import mixbits
 from mixbits import defaults
-from mixbits.eval import evaluate_domains, reference_scores
+from mixbits.eval import evaluate_domains
 from mixbits.report import format_table
 from mixbits.solvers import GptqSettings
 
-from common import RESULTS, domain_cells, domain_protocol, earlier_results, write_results
+from common import domain_cells, domain_protocol, earlier_results, fp32_references, rewrite_report, write_results
 
 NAME = "generalization"
 FORMATS = ["int3:g64:asym", "int4:g64:asym"]
@@ -76,15 +75,13 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite the Markdown from the committed JSON")
     args = parser.parse_args()
     if args.report:
-        record = json.loads((RESULTS / f"{NAME}.json").read_text())
-        write_results(NAME, record, _markdown(record))
+        rewrite_report(NAME, _markdown)
         return
 
     loaded, domains, record = domain_protocol()
     record["results"] = earlier_results(NAME, record, ("domains", "model"))
     done = {(r["format"], r["row"]) for r in record["results"]}
-    references = reference_scores(loaded.model, domains)
-    record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
+    references = fp32_references(loaded, domains, record)
     wanted = args.row
 
     for name in FORMATS:

@@ -36,15 +36,14 @@ pydoc's evaluation windows decoded to text. Speed: `llama-bench -p 256 -n 64
 
 from __future__ import annotations
 
-import csv
-import os
 import re
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
-from common import domain_cells, domain_protocol, write_results
+from common import domain_cells, domain_protocol, llama_bench_speeds, write_results
+from common import llama_cpp_tool as tool
 
 from mixbits import defaults
 from mixbits.corpus import calibration_mix
@@ -64,13 +63,6 @@ LLAMA_FILES = {  # label: (llama-quantize type, with the importance matrix)
     "llama.cpp Q3_K_M + imatrix": ("Q3_K_M", True),
 }
 DECODER = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
-
-
-def tool(name: str) -> str:
-    directory = os.environ.get("LLAMA_CPP_BIN")
-    if not directory or not (Path(directory) / name).exists():
-        sys.exit(f"set LLAMA_CPP_BIN to a llama.cpp build's bin directory holding {name}")
-    return str(Path(directory) / name)
 
 
 def run(*command: str) -> str:
@@ -142,13 +134,7 @@ def llama_perplexity(path: Path, eval_path: Path) -> float:
 
 def speed(path: Path) -> dict[str, float]:
     output = run(tool("llama-bench"), "-m", str(path), "-p", "256", "-n", "64", "-t", "2", "-r", "3", "-o", "csv")
-    lines = output.splitlines()
-    table = lines[next(i for i, line in enumerate(lines) if line.startswith("build_commit,")):]
-    result = {}
-    for record in csv.DictReader(line for line in table if line.startswith(("build_commit,", '"'))):
-        key = "prefill_tokens_per_s" if int(record["n_prompt"]) > 0 else "decode_tokens_per_s"
-        result[key] = float(record["avg_ts"])
-    return result
+    return llama_bench_speeds(output)[0]
 
 
 def main() -> None:

@@ -20,14 +20,14 @@ import time
 import torch
 
 import mixbits
-from mixbits.eval import evaluate_domains, reference_scores
+from mixbits.eval import evaluate_domains
 from mixbits.formats import parse_format
 from mixbits.models import quantizable_linears
 from mixbits.quantize import LayerReport
 from mixbits.solvers import round_to_nearest
 from mixbits.report import format_table
 
-from common import domain_cells, domain_protocol, earlier_results, write_results
+from common import domain_cells, domain_protocol, earlier_results, fp32_references, write_results
 
 # Clip search: "weighted" (the default, magnitude-weighted error), "mse" (plain weight MSE), "none".
 CONFIGS = [(f"int{bits}:g{group}:{kind}", "weighted") for bits in (8, 4, 3, 2) for group in (128, 64) for kind in ("asym", "sym")]
@@ -56,8 +56,7 @@ def main() -> None:
     loaded, domains, record = domain_protocol()
     record["results"] = earlier_results("rtn", record, ("domains", "model"))
     done = {(r["format"], r["clip_search"]) for r in record["results"]}
-    references = reference_scores(loaded.model, domains)
-    record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
+    references = fp32_references(loaded, domains, record)
     for fmt, search in CONFIGS:
         if (fmt, search) in done:
             continue

@@ -35,25 +35,24 @@ float16 scales, and multiplies integer codes):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, write_results
+from common import RESULTS, llama_bench_speeds, rewrite_report, write_results
+from common import llama_cpp_tool as tool
+from llama_cpp import LAYOUT
+from llama_cpp import WORK as LLAMA_WORK
 
 WORK = Path(__file__).parent / "work" / "speed"
-LLAMA_WORK = Path(__file__).parent / "work" / "llama_cpp"
 PROMPT, NEW, SHORT = 512, 128, 8
 ROUNDS, REPEATS = 2, 3  # alternations of the two sides; timings per mixbits process (best kept)
 THREADS = (1, 2)
 INT_OPTIONS = ("int2:g32:asym,int2:g64:asym,int2:g128:asym,int3:g64:asym,int3:g128:asym,int3:ch:asym,int4:g64:asym,"
                "int4:g128:asym,int4:ch:asym,int5:g64:asym,fp16")
-LAYOUT = ["--allow-requantize", "--output-tensor-type", "q8_0", "--token-embedding-type", "q8_0"]
 QUANTIZE = ["--embedding-format", "q8_0", "--act", "int8:g32", "--no-eval"]
 BUILDS = {
     "Q4_0": [["quantize", "--format", "q4_0", "--solver", "gptq", *QUANTIZE, "--out", "{out}"]],
@@ -64,13 +63,6 @@ BUILDS = {
 }
 LLAMA = {"Q4_0": ["llama-q4_0.gguf"], "Q8_0": ["llama-q8_0.gguf"],
          "3.5 bpw plan": ["llama-q2_k.gguf", "llama-q3_k_s.gguf", "llama-q3_k_m-imatrix.gguf"]}
-
-
-def tool(name: str) -> str:
-    directory = os.environ.get("LLAMA_CPP_BIN")
-    if not directory or not (Path(directory) / name).exists():
-        sys.exit(f"set LLAMA_CPP_BIN to a llama.cpp build's bin directory holding {name}")
-    return str(Path(directory) / name)
 
 
 def run(command: list[str]) -> str:
@@ -157,14 +149,8 @@ def measure_llama(path: Path, threads: int) -> dict:
                "sys.stdout.write(r.stdout); print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
                "sys.exit(r.returncode)")
     output = run([sys.executable, "-c", wrapper, *command])
-    lines = output.splitlines()
-    table = lines[next(i for i, line in enumerate(lines) if line.startswith("build_commit,")):]
-    result = {"peak_rss_bytes": int(lines[-1].split()[-1]) * 1024}
-    for record in csv.DictReader(line for line in table if line.startswith(("build_commit,", '"'))):
-        key = "prefill_tokens_per_s" if int(record["n_prompt"]) > 0 else "decode_tokens_per_s"
-        result[key] = float(record["avg_ts"])
-        result["build"] = record["build_commit"]
-    return result
+    speeds, build = llama_bench_speeds(output)
+    return {**speeds, "build": build, "peak_rss_bytes": int(output.splitlines()[-1].split()[-1]) * 1024}
 
 
 def main() -> None:
@@ -177,8 +163,7 @@ def main() -> None:
         print(json.dumps(measure_here(Path(args.measure), args.threads)))
         return
     if args.report:
-        record = json.loads((RESULTS / "speed.json").read_text())
-        write_results("speed", record, _markdown(record))
+        rewrite_report("speed", _markdown)
         return
 
     from mixbits.models import load_model

@@ -31,12 +31,12 @@ from mixbits import defaults
 from mixbits.allocate import Budget
 from mixbits.calibrate import calibration_data
 from mixbits.errors import MixbitsError
-from mixbits.eval import evaluate_domains, reference_scores
+from mixbits.eval import evaluate_domains
 from mixbits.io.checkpoint import save_quantized
 from mixbits.mixes import allocated_plan
 from mixbits.report import format_table
 
-from common import RESULTS, domain_cells, domain_protocol, llama_cpp_file, write_results
+from common import RESULTS, domain_cells, domain_protocol, fp32_references, llama_cpp_file, write_results
 
 SIZES_MB = (88.0, 75.0)  # 88 MB of parameters: with its tokenizer files, the checkpoint is about llama.cpp Q4_0's 91.7
 NAME = "whole_model"
@@ -59,8 +59,7 @@ def main() -> None:
     record["embedding_options"] = [{"option": str(o.choice), "bits": o.bits, "kl": o.kl, "proxy": o.proxy}
                                    for o in sensitivity.outer[0].options]
     calibration, _ = calibration_data(loaded, None, defaults.CALIBRATION_WINDOWS, defaults.CALIBRATION_LEN)
-    references = reference_scores(loaded.model, domains)
-    record["fp32_perplexity"] = {d.name: r.perplexity for d, r in zip(domains, references)}
+    references = fp32_references(loaded, domains, record)
     held = dataclasses.replace(sensitivity, outer=[])  # the embedding fixed at 16 bits, counted outside the choice
     results = []
     for size in SIZES_MB:

@@ -332,9 +332,11 @@ def _quantize_inputs(module: nn.Module, activation: Format | None, report: Quant
     if activation is None:
         return
     head, embed = output_head(module), module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
-    tied = head is not None and isinstance(embed, nn.Embedding) and head[1].weight is embed.weight
+    if head is None or not isinstance(embed, nn.Embedding) or head[1].weight is not embed.weight:
+        return
+    embed_name = next(n for n, m in modules.items() if m is embed)
     for layer in report.outer:
-        if tied and layer.name == next(n for n, m in modules.items() if m is embed) and layer.option != KEEP:
+        if layer.name == embed_name and layer.option != KEEP:
             with_activation(head[1], activation)
             layer.activation = activation_name(activation)
 

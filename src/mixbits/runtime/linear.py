@@ -117,7 +117,6 @@ class IntLinear(nn.Module):
         if activation is not None and block is None:
             raise ValueError(f"the integer kernels cannot quantize inputs to {activation}; use with_activation")
         self.activation, self.block = activation, block
-        self.act_bits = None if activation is None else activation.bits_per_code
         if activation is None:
             if self.nibbles:  # in each run of 32 inputs, byte j holds input j (low nibble) and input j + 16 (high)
                 runs = codes.reshape(self.out_features, -1, 2, RUN // 2)
@@ -140,11 +139,7 @@ class IntLinear(nn.Module):
             scale = rows_from_panels(self.scale.float(), n)
             offset = -self.center * scale if self.offset is None else rows_from_panels(self.offset.float(), n)
             return from_panels(self.codes, n, k, self.nibbles), scale, offset
-        codes = self.codes
-        if self.nibbles:
-            runs = codes.reshape(n, -1, 1, RUN // 2)
-            codes = torch.cat([runs & 0x0F, runs >> 4], dim=2).reshape(n, k)
-        return codes, self.scale, self.offset
+        return from_runs(self.codes, k) if self.nibbles else self.codes, self.scale, self.offset
 
     def _set_activation(self, activation: Format | None) -> None:
         """Quantize inputs to `activation` (None: float inputs) from now on, the codes laid out again for it."""
@@ -187,7 +182,7 @@ class IntLinear(nn.Module):
         nn.Module.__init__(stacked)
         stacked.format, stacked.group, stacked.nibbles = first.format, first.group, first.nibbles
         stacked.in_features, stacked.out_features = first.in_features, sum(p.out_features for p in parts)
-        stacked.activation, stacked.block, stacked.act_bits = first.activation, first.block, first.act_bits
+        stacked.activation, stacked.block = first.activation, first.block
         stacked.center, stacked.bias = first.center, None
         stacked.register_buffer("table", first.table)
         stack_rows(parts, stacked, ("codes", "scale", "offset"), first.activation is not None)
@@ -202,9 +197,7 @@ class IntLinear(nn.Module):
 
     def weight_values(self) -> torch.Tensor:
         if self.activation is not None:
-            codes, scale, offset = self.unpacked()
-            values = codes if self.table is None else self.table[codes.long()]
-            return values.float() * self._per_input(scale) + self._per_input(offset)
+            return self._dequantized(*self.unpacked())
         return self._kernel("dequantize")(self.codes, self.scale, self.offset, self.group)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -219,11 +212,12 @@ class IntLinear(nn.Module):
             scale = self.scale.float()[panel, :, lane]
             offset = None if self.offset is None else self.offset.float()[panel, :, lane]
         else:
-            codes = self.codes[ids]
-            if self.nibbles:
-                runs = codes.reshape(n, -1, 1, RUN // 2)
-                codes = torch.cat([runs & 0x0F, runs >> 4], dim=2).reshape(n, k)
+            codes = from_runs(self.codes[ids], k) if self.nibbles else self.codes[ids]
             scale, offset = self.scale[ids], self.offset[ids]
+        return self._dequantized(codes, scale, offset)
+
+    def _dequantized(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """Float weights [rows, in] from unsigned codes (a table format's indices) and per-group scale and offset."""
         values = (codes if self.table is None else self.table[codes.long()]).float()
         if self.center is not None:  # (c + center - center) * scale: exactly the format's own c * scale
             return (values - self.center) * self._per_input(scale)
@@ -255,7 +249,7 @@ class IntLinear(nn.Module):
         """
         codes, scale, offset, group, bias = self.codes, self.scale, self.offset, self.group, self.bias
         if self.activation is not None:
-            kernel, block, bits = self._kernel("xlinear"), self.block, self.act_bits
+            kernel, block, bits = self._kernel("xlinear"), self.block, self.activation.bits_per_code
             n, center = self.out_features, float(self.center or 0)
             if self.nibbles:
                 table = self.table
@@ -274,6 +268,12 @@ class IntLinear(nn.Module):
 
 
 PANEL = 16  # weight rows per panel of the integer-dot kernels
+
+
+def from_runs(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Unsigned 4-bit codes [rows, k] back from the float kernels' runs (byte j of a run: codes j and j + 16)."""
+    runs = packed.reshape(packed.shape[0], -1, 1, RUN // 2)
+    return torch.cat([runs & 0x0F, runs >> 4], dim=2).reshape(packed.shape[0], k)
 
 
 def code_table(fmt: Format) -> tuple[torch.Tensor, float] | None:

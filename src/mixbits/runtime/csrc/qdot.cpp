@@ -51,9 +51,9 @@ constexpr int64_t kRun = 32;
 constexpr int64_t kPanel = 16;  // weight rows per panel
 
 struct Problem {
-  int64_t m, n, k, group, groups, span, panels;  // span: runs whose integer dots add before a scale changes
+  int64_t m, n, k, block, group, groups, span, panels;  // span: runs whose integer dots add before a scale changes
   const int8_t* q;
-  const float* d;     // [m, k / 32]: each run's activation scale
+  const float* d;     // [m, k / block]: the activation scales
   const float* sums;  // [m, groups]: the dequantized activations' sum over each weight group
   const uint8_t* codes;
   const void* scale;   // float32, or float16 if `half`
@@ -202,7 +202,6 @@ at::Tensor qlinear(bool nibbles, const at::Tensor& q, const at::Tensor& d, const
     TORCH_CHECK(nibbles && table->scalar_type() == at::kByte && table->is_contiguous() && table->numel() == 16,
                 "a code table must be 16 contiguous uint8 values, for 4-bit codes");
   }
-  at::Tensor run_scales = block == kRun ? d : d.repeat_interleave(block / kRun, 1).contiguous();
   at::Tensor sums = at::zeros({m, groups}, q.options().dtype(at::kFloat));
   const float* rs = run_sums.data_ptr<float>();
   float* gs = sums.data_ptr<float>();
@@ -213,7 +212,7 @@ at::Tensor qlinear(bool nibbles, const at::Tensor& q, const at::Tensor& d, const
   // A lane's integer dot over one span: at most span * 32 * 255 * 128 (byte codes, int8 inputs).
   TORCH_CHECK(span * kRun * 255 * 128 < (int64_t{1} << 31), "a scale spans ", span * kRun,
               " inputs: too many for int32 dot products; use groups or blocks of at most 65536 inputs");
-  const Problem p{m, n, k, group, groups, span, panels, q.data_ptr<int8_t>(), run_scales.data_ptr<float>(), gs,
+  const Problem p{m, n, k, block, group, groups, span, panels, q.data_ptr<int8_t>(), d.data_ptr<float>(), gs,
                   codes.data_ptr<uint8_t>(), scales.data_ptr(), offsets ? offsets->data_ptr() : nullptr, half,
                   static_cast<float>(center), table ? table->data_ptr<uint8_t>() : nullptr};
   float* yp = y.data_ptr<float>();

@@ -129,7 +129,8 @@ inline void tile(const Problem& p, int64_t m0, int64_t panel, int64_t lane0, flo
       for (int m = 0; m < RM; ++m) {
         typename V::I sum = acc[m][0];
         if (kChains == 2) sum = V::add(sum, acc[m][kChains - 1]);
-        total[m] = V::fmadd(V::cvt(sum), V::mul(s, V::set1(p.d[(m0 + m) * runs + r])), total[m]);
+        const float d = p.d[(m0 + m) * (p.k / p.block) + r * kRun / p.block];
+        total[m] = V::fmadd(V::cvt(sum), V::mul(s, V::set1(d)), total[m]);
         for (int c = 0; c < kChains; ++c) acc[m][c] = V::zero();
       }
     }
