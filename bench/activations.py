@@ -6,6 +6,8 @@ the activation format as the model runs (`mixbits quantize --act`), and is
 scored on every evaluation domain against fp32 as every other table is.
 Activation formats: `int8:token` (a float32 scale per token, dynamic),
 `int8:g32` (per 32 inputs of a token, as llama.cpp's Q8_0 activations),
+`int8:static` (one float32 scale per layer input, from the largest value the
+calibration mix gives it),
 `int4:token` (W8A4 and W4A4 research points; W4A4 also with QuaRot's
 rotation, an online Hadamard before every down_proj included, in fake
 quantization only: checkpoints do not hold online rotations). The embedding
@@ -44,9 +46,15 @@ ROWS = [
     ("W8A8", "int8:ch:sym", "rtn", "int8:token", {}),
     ("W8A8 + SmoothQuant", "int8:ch:sym", "rtn", "int8:token", SMOOTH),
     ("W8A8 (blocks of 32)", "int8:ch:sym", "rtn", "int8:g32", {}),
+    ("W8A8 static", "int8:ch:sym", "rtn", "int8:static", {}),
+    ("W8A8 static + SmoothQuant", "int8:ch:sym", "rtn", "int8:static", SMOOTH),
     ("W4A16", "q4_0", "gptq", None, {}),
     ("W4A8", "q4_0", "gptq", "int8:g32", {}),
     ("W4A8 + SmoothQuant", "q4_0", "gptq", "int8:g32", SMOOTH),
+    ("W4A16 NF4", "nf4:g64", "gptq", None, {}),
+    ("W4A8 NF4", "nf4:g64", "gptq", "int8:g32", {}),
+    ("W4A16 NVFP4", "nvfp4", "rtn", None, {}),  # RTN: one GPTQ pass of NVFP4 takes over 20 CPU minutes
+    ("W4A8 NVFP4", "nvfp4", "rtn", "int8:g32", {}),
     ("W4A8 per token", "int4:g128:asym", "gptq", "int8:token", {}),
     ("W4A8 per token + SmoothQuant", "int4:g128:asym", "gptq", "int8:token", SMOOTH),
     ("W8A4", "int8:ch:sym", "rtn", "int4:token", {}),
@@ -54,7 +62,7 @@ ROWS = [
     ("W4A4", "int4:g128:asym", "gptq", "int4:token", {}),
     ("W4A4 + rotation", "int4:g128:asym", "gptq", "int4:token", ROTATE),
 ]
-SPEED = ["W8A8", "W4A8"]  # rows whose checkpoints are timed against fp32
+SPEED = ["W8A8", "W8A8 static", "W4A8", "W4A8 NF4", "W4A8 NVFP4"]  # rows whose checkpoints are timed against fp32
 PROMPT, REPEATS = 512, 3
 
 

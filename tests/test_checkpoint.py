@@ -74,7 +74,7 @@ def test_saved_model_computes_what_the_fake_quantized_one_did(tmp_path, fmt, hea
 
 
 @pytest.mark.parametrize("fmt, act", [("q4_0", "int8:g32"), ("int8:ch:sym", "int8:token"), ("nf4:g32", "int8:g32"),
-                                      ("q4_0", "fp8_e4m3:ch"), ("mxfp4", "int8:g32")])
+                                      ("q4_0", "fp8_e4m3:ch"), ("mxfp4", "int8:g32"), ("lut4:g32", "int8:g32")])
 def test_quantized_inputs_are_saved_and_computed_as_at_quantization(tmp_path, fmt, act):
     from mixbits.activations import fake_quantize, parse_activation
     from mixbits.runtime import IntLinear
@@ -97,7 +97,34 @@ def test_quantized_inputs_are_saved_and_computed_as_at_quantization(tmp_path, fm
     assert all(str(m.activation) == str(parse_activation(act)) for m in loaded.model.layers.modules()
                if hasattr(m, "codes"))
     integer = any(isinstance(m, IntLinear) for m in loaded.model.layers.modules())
-    assert integer == (fmt != "nf4:g32" and act.startswith("int"))  # the integer kernels where they apply
+    assert integer == (fmt != "lut4:g32" and act.startswith("int"))  # the integer kernels where they apply
+
+
+def test_static_input_scales_are_measured_on_the_calibration_text_and_saved(tmp_path):
+    from mixbits.runtime import IntLinear
+
+    model, report = quantized_copy("q4_0", activation="int8:static")
+    # the oracle: the same weights with float inputs, and each layer's largest input over the calibration windows
+    reference, _ = quantized_copy("q4_0")
+    largest = {}
+    for name, module in reference.named_modules():
+        if name.endswith(("q_proj", "k_proj", "down_proj")):
+            module.register_forward_pre_hook(
+                lambda m, args, name=name: largest.__setitem__(name, max(largest.get(name, 0.0), args[0].abs().max().item())))
+    with torch.no_grad():
+        for window in CALIBRATION:
+            reference(window[None])
+    scales = {layer.name: parse_activation(layer.activation).value for layer in report.layers}
+    for name, top in largest.items():
+        assert scales[name] == float(torch.tensor(top / 127))
+    assert scales["model.layers.1.self_attn.q_proj"] == scales["model.layers.1.self_attn.k_proj"]  # one input
+    save_quantized(model, report, tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt").model
+    expected = logits(model)
+    assert torch.allclose(logits(loaded), expected, atol=0.02 * expected.abs().max().item())
+    stored = {name: str(m.activation) for name, m in loaded.named_modules() if hasattr(m, "codes")}
+    assert all(stored[layer.name] == layer.activation for layer in report.layers)
+    assert any(isinstance(m, IntLinear) for m in loaded.model.layers.modules())
 
 
 @pytest.mark.parametrize("embedding", [None, "q8_0", "int4:g16:asym", "nf4:g32", "int8:ch:sym"])
@@ -244,7 +271,9 @@ def test_a_plan_sets_each_layers_input_format(tmp_path):
 
 @pytest.mark.parametrize("where, value, message", [("activation", 8, "must be a format string"),
                                                    ("activation", "int9:token", "activation"),
-                                                   ("head_activation", "int8:nonsense", "head_activation")])
+                                                   ("head_activation", "int8:nonsense", "head_activation"),
+                                                   ("activation", "int8:static", "no scale"),
+                                                   ("activation", "int8:static=0.1", "float32")])
 def test_malformed_input_formats_in_a_checkpoint_are_one_line_errors(tmp_path, where, value, message):
     from mixbits.hashing import sha256_file
 

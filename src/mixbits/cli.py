@@ -59,8 +59,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         "(default: rtn for one --format, gptq for the options of a plan)")
     q.add_argument("--act", metavar="FORMAT",
                    help="also round every quantized layer's inputs as the model runs, e.g. int8:g32 (blocks of 32, as "
-                        "llama.cpp's Q8_0: W4A8 with --format q4_0), int8:token (per token) or fp8_e4m3:ch; the packed "
-                        "runtime then multiplies int8 codes by weight codes (default: float inputs)")
+                        "llama.cpp's Q8_0: W4A8 with --format q4_0), int8:token (per token), int8:static (one scale per layer input, "
+                        "measured on the calibration text) or fp8_e4m3:ch; the packed runtime then multiplies int8 "
+                        "codes by weight codes (default: float inputs)")
     q.add_argument("--awq", action="store_true", help="activation-aware scaling searched on calibration data")
     q.add_argument("--smoothquant", action="store_true",
                    help="with --act, first migrate activation outliers into the weights (SmoothQuant), the strength "

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import defaults
-from .activations import activation_name, parse_activation
+from .activations import StaticIntFormat, activation_name, parse_activation
 from .calibrate import SequentialCalibration, calibration_data, input_stats
 from .errors import MixbitsError
 from .formats import Format, QuantizedTensor, parse_format
@@ -209,6 +209,9 @@ def quantize(
         include_head = include_head or (untied is not None and any(layer.name == untied[0] for layer in plan.layers))
     _check_embedding(module, embedding_option)
     act = None if activation is None else parse_activation(activation)
+    planned_inputs = {} if plan is None else {layer.name: parse_activation(layer.activation) for layer in plan.layers
+                                              if layer.activation is not None}
+    static = any(isinstance(f, StaticIntFormat) and f.value is None for f in (act, *planned_inputs.values()))
     if plan is not None:
         choices = _plan_choices(plan, module, [name for name, _ in quantizable_linears(module, include_head and head is None)])
     else:  # every layer alike, whatever its name becomes after a rotation
@@ -227,7 +230,7 @@ def quantize(
     # so plans always run calibrated.
     calibrated = "gptq" in solvers or awq or smooth or plan is not None
     windows = spec = None
-    if calibrated:
+    if calibrated or static:  # static input scales are measured on the calibration text too
         windows, spec = calibration_data(model, calibration, calibration_windows, calibration_len)
 
     label = "plan" if plan is not None else uniform[0]
@@ -245,10 +248,8 @@ def quantize(
         for name, linear in tqdm(quantizable_linears(module, include_head), desc="quantize", disable=not progress, leave=False):
             _solve([name], [linear], None, choices, report)
     _quantize_outer(module, embedding_option, report)
-    planned = {} if plan is None else {layer.name: parse_activation(layer.activation) for layer in plan.layers
-                                       if layer.activation is not None}
-    if act is not None or planned:
-        _quantize_inputs(module, act, report, planned)
+    if act is not None or planned_inputs:
+        _quantize_inputs(module, act, report, planned_inputs, windows)
     report.seconds = time.perf_counter() - start
     report.peak_memory_bytes = peak_bytes()
     return report
@@ -319,26 +320,49 @@ def _solve(names: list[str], linears: list[nn.Linear], hessian: torch.Tensor | N
 
 
 def _quantize_inputs(module: nn.Module, activation: Format | None, report: QuantizationReport,
-                     planned: dict[str, Format]) -> None:
+                     planned: dict[str, Format], windows: torch.Tensor | None) -> None:
     """Every quantized layer's inputs rounded to its plan's activation format or else `activation` from now on
     (16-bit layers keep float inputs unless their plan says otherwise), and those of a head tied to a quantized
-    embedding (recorded on the embedding's report: `activation` there is its tied head's)."""
+    embedding (recorded on the embedding's report: `activation` there is its tied head's). Static formats get
+    their scales from the largest input each layer sees on the calibration `windows`."""
     modules = dict(module.named_modules())
+    chosen = []  # (module name, its report entry, format)
     for layer in report.layers:
-        chosen = planned.get(layer.name, activation if layer.option != KEEP else None)
-        if chosen is not None:
-            with_activation(modules[layer.name], chosen)
-            layer.activation = activation_name(chosen)
-    if activation is None:
-        return
+        fmt = planned.get(layer.name, activation if layer.option != KEEP else None)
+        if fmt is not None:
+            chosen.append((layer.name, layer, fmt))
     head, embed = output_head(module), module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
-    if head is None or not isinstance(embed, nn.Embedding) or head[1].weight is not embed.weight:
-        return
-    embed_name = next(n for n, m in modules.items() if m is embed)
-    for layer in report.outer:
-        if layer.name == embed_name and layer.option != KEEP:
-            with_activation(head[1], activation)
-            layer.activation = activation_name(activation)
+    if activation is not None and head is not None and isinstance(embed, nn.Embedding) and head[1].weight is embed.weight:
+        embed_name = next(n for n, m in modules.items() if m is embed)
+        for layer in report.outer:
+            if layer.name == embed_name and layer.option != KEEP:
+                chosen.append((head[0], layer, activation))
+    uncalibrated = [name for name, _, fmt in chosen if isinstance(fmt, StaticIntFormat) and fmt.value is None]
+    largest = _largest_inputs(module, uncalibrated, windows) if uncalibrated else {}
+    for name, layer, fmt in chosen:
+        if name in largest:
+            fmt = fmt.calibrated(largest[name])
+        with_activation(modules[name], fmt)
+        layer.activation = activation_name(fmt)
+
+
+def _largest_inputs(module: nn.Module, names: list[str], windows: torch.Tensor) -> dict[str, float]:
+    """The largest input magnitude each named layer sees over the calibration windows, the model as it now is."""
+    modules = dict(module.named_modules())
+    largest = dict.fromkeys(names, 0.0)
+
+    def record(name, _, args):
+        largest[name] = max(largest[name], float(args[0].detach().abs().max()))
+
+    hooks = [modules[name].register_forward_pre_hook(lambda m, args, name=name: record(name, m, args)) for name in names]
+    try:
+        with torch.no_grad():
+            for window in windows:  # one at a time: the logits of a window are the largest tensor
+                module(window[None])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return largest
 
 
 def _check_embedding(module: nn.Module, option: str) -> None:

@@ -247,8 +247,9 @@ def _tie_to_quantized(model: nn.Module, tied: dict[str, str], built: dict[str, n
         head = quantized_linear(owner.quantized(), None, activation)
         setattr(model.get_submodule(parent) if parent else model, child, head)
         # The embedding reads its rows from the head's codes (held once) where those rows are exactly the stored
-        # ones: not for integer zero points, whose offset -z * s the head holds in float.
-        if isinstance(head, IntLinear) and (head.center is not None or getattr(head.format, "min", None) is not None):
+        # ones: not for integer zero points, whose offset -z * s the head holds in float, nor for a rounded table.
+        if isinstance(head, IntLinear) and head.exact and (head.center is not None
+                                                           or getattr(head.format, "min", None) is not None):
             embed_parent, _, embed_child = kept.rpartition(".")[0].rpartition(".")
             setattr(model.get_submodule(embed_parent) if embed_parent else model, embed_child,
                     TiedEmbedding(head, owner.embed_scale))
@@ -266,9 +267,13 @@ def _stored_activation(entry: dict, key: str):
         raise MixbitsError(f"{entry.get('name', 'a layer')}'s {key} must be a format string, got {value!r}; "
                            "write the checkpoint again")
     try:
-        return parse_activation(value)
+        fmt = parse_activation(value)
     except MixbitsError as error:
         raise MixbitsError(f"{entry.get('name', 'a layer')}'s {key}: {error}") from None
+    if getattr(fmt, "value", 0) is None:
+        raise MixbitsError(f"{entry.get('name', 'a layer')}'s {key} {value!r} has no scale (int8:static=SCALE); "
+                           "write the checkpoint again")
+    return fmt
 
 
 def layer_tensors(quantized: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:

@@ -23,6 +23,8 @@ layer rounds its input to the format in a forward pre-hook
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -91,13 +93,16 @@ class IntLinear(nn.Module):
         codes = ungroup(quantized.codes, quantized.shape).to(torch.int16)
         scale = quantized.params["scale"].reshape(self.out_features, -1).float()
         self.center = None  # symmetric codes are held as c + center, so the offset is -center * scale
+        self.unit = 1.0  # every weight's factor besides its scale: a table's unit
+        self.exact = True  # whether the codes give exactly the format's values (a rounded table does not)
         found = code_table(fmt)
         self.register_buffer("table", None)
-        if found is not None:  # the nibbles index unsigned codes table = k + center, in units of the scale
-            integers, unit = found
+        if found is not None:  # the nibbles index unsigned codes k + center, k the table's integers
+            integers, self.unit, self.exact = found
             self.center = -int(integers.min())
-            self.table = (integers + self.center).to(torch.uint8)
-            scale = scale * unit
+            unsigned = integers + self.center
+            wide = int(unsigned.max()) > NARROW_CODE
+            self.table = (torch.cat([unsigned >> 7, unsigned & 127]) if wide else unsigned).to(torch.uint8)
             offset = -self.center * scale
         elif fmt.symmetric:
             self.center = 8 if self.nibbles else 2 ** (fmt.code_bits - 1)
@@ -156,7 +161,10 @@ class IntLinear(nn.Module):
             return False
         if activation is not None and kernel_block(activation, cols) is None:
             return False
-        if not (fmt.granularity.kind == "channel" or (fmt.granularity.kind == "group" and fmt.granularity.size % RUN == 0)):
+        size = fmt.granularity.size if fmt.granularity.kind == "group" else 0
+        # groups of 16: only 4-bit codes with integer inputs, whose runs split into two halves of 16 (NVFP4)
+        half = size == RUN // 2 and fmt.code_bits <= 4 and activation is not None
+        if not (fmt.granularity.kind == "channel" or (size and size % RUN == 0) or half):
             return False
         # table formats only on the integer-dot kernels (quantized inputs)
         return isinstance(fmt, IntFormat) or (activation is not None and code_table(fmt) is not None)
@@ -172,7 +180,8 @@ class IntLinear(nn.Module):
 
         def layout(p):
             table = None if p.table is None else tuple(p.table.tolist())
-            return p.group, p.nibbles, p.in_features, p.activation, p.center, p.scale.dtype, p.offset is None, table
+            return (p.group, p.nibbles, p.in_features, p.activation, p.center, p.unit, p.scale.dtype, p.offset is None,
+                    table)
 
         if any(layout(p) != layout(first) for p in parts):
             return None
@@ -183,7 +192,7 @@ class IntLinear(nn.Module):
         stacked.format, stacked.group, stacked.nibbles = first.format, first.group, first.nibbles
         stacked.in_features, stacked.out_features = first.in_features, sum(p.out_features for p in parts)
         stacked.activation, stacked.block = first.activation, first.block
-        stacked.center, stacked.bias = first.center, None
+        stacked.center, stacked.unit, stacked.exact, stacked.bias = first.center, first.unit, first.exact, None
         stacked.register_buffer("table", first.table)
         stack_rows(parts, stacked, ("codes", "scale", "offset"), first.activation is not None)
         if first.offset is None:
@@ -218,10 +227,15 @@ class IntLinear(nn.Module):
 
     def _dequantized(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
         """Float weights [rows, in] from unsigned codes (a table format's indices) and per-group scale and offset."""
-        values = (codes if self.table is None else self.table[codes.long()]).float()
+        values = (codes if self.table is None else self.table_codes()[codes.long()]).float()
         if self.center is not None:  # (c + center - center) * scale: exactly the format's own c * scale
-            return (values - self.center) * self._per_input(scale)
+            return (values - self.center) * self.unit * self._per_input(scale)
         return values * self._per_input(scale) + self._per_input(offset)
+
+    def table_codes(self) -> torch.Tensor:
+        """The unsigned codes (int32 [16]) a table format's nibbles index: the table's integers + center."""
+        table = self.table.int()
+        return table if len(table) == 16 else table[:16] * 128 + table[16:]
 
     def _per_input(self, values: torch.Tensor) -> torch.Tensor:
         """Per-group values [out, groups] repeated over each group's inputs: [out, in]."""
@@ -250,12 +264,13 @@ class IntLinear(nn.Module):
         codes, scale, offset, group, bias = self.codes, self.scale, self.offset, self.group, self.bias
         if self.activation is not None:
             kernel, block, bits = self._kernel("xlinear"), self.block, self.activation.bits_per_code
-            n, center = self.out_features, float(self.center or 0)
+            fixed = getattr(self.activation, "value", None) or 0.0  # a static scale, else 0: scales from the values
+            n, center, unit = self.out_features, float(self.center or 0), self.unit
             if self.nibbles:
                 table = self.table
-                product = lambda x: kernel(x, block, bits, codes, scale, offset, group, n, center, table)  # noqa: E731
+                product = lambda x: kernel(x, block, bits, fixed, codes, scale, offset, group, n, center, unit, table)  # noqa: E731
             else:
-                product = lambda x: kernel(x, block, bits, codes, scale, offset, group, n, center)  # noqa: E731
+                product = lambda x: kernel(x, block, bits, fixed, codes, scale, offset, group, n, center)  # noqa: E731
             return product if bias is None else lambda x: product(x).add_(bias)
         kernel = self._kernel("linear")
         if bias is None:
@@ -276,21 +291,40 @@ def from_runs(packed: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([runs & 0x0F, runs >> 4], dim=2).reshape(packed.shape[0], k)
 
 
-def code_table(fmt: Format) -> tuple[torch.Tensor, float] | None:
-    """For a 4-bit format whose values are table[code] * scale with every table value an integer multiple of
-    one unit (FP4 E2M1's 0, 0.5, ..., 6 are multiples of 0.5): the integers (int16 [16]) and the unit. None for
-    any other format (NF4's values, for one, are not such multiples)."""
+NARROW_CODE = 128  # the largest unsigned code vpmaddubsw multiplies exactly (128 * -128 * 2 = -2^15)
+WIDE_CODE = 2**14  # a wide table's codes hi * 128 + lo, hi at most 128 and lo below 128
+
+
+def code_table(fmt: Format) -> tuple[torch.Tensor, float, bool] | None:
+    """For a format of up to 4-bit codes whose values are table[code] * scale: the table as integers (int32 [16]),
+    their unit, and whether integers * unit are exactly the values. None for any other format.
+
+    Where every value is an integer multiple of the smallest nonzero one (FP4 E2M1's 0, 0.5, ..., 6 of 0.5),
+    the table is exact. Other tables (NF4's, log grids) are rounded to multiples of 2^-13 of their largest
+    magnitude: every weight then lies within 2^-14 of its scale of the format's own value.
+    """
+    from ..formats.lut import TableFormat
     from ..formats.minifloat import MinifloatFormat
     from ..formats.mx import MXFormat
 
-    if not isinstance(fmt, (MinifloatFormat, MXFormat)) or fmt.code_bits != 4:
+    if fmt.code_bits > 4:
         return None
-    values = fmt.element.decode(torch.arange(16, dtype=torch.uint8)).double()
+    if isinstance(fmt, (MinifloatFormat, MXFormat)):
+        count = 2**fmt.code_bits
+        values = fmt.element.decode(torch.arange(count, dtype=torch.uint8)).double()
+    elif isinstance(fmt, TableFormat):
+        values = fmt.levels.double()
+    else:
+        return None
+    values = torch.cat([values, values[:1].expand(16 - len(values))])  # codes past the format's: never stored
+    if not torch.isfinite(values).all() or not values.abs().max() > 0:
+        return None
     unit = float(values.abs()[values != 0].min())
     integers = values / unit
-    if not torch.equal(integers, integers.round()) or float(integers.max() - integers.min()) > 127:
-        return None  # vpmaddubsw (AVX2) adds two code x int8 products exactly only for codes below 128
-    return integers.to(torch.int16), unit
+    if torch.equal(integers, integers.round()) and float(integers.max() - integers.min()) <= WIDE_CODE:
+        return integers.to(torch.int32), unit, True
+    unit = 2.0 ** (math.ceil(math.log2(float(values.abs().max()))) - 13)
+    return (values / unit).round().to(torch.int32), unit, False
 
 
 def to_panels(codes: torch.Tensor, nibbles: bool) -> torch.Tensor:
@@ -372,6 +406,8 @@ def with_activation(module: nn.Module, activation: Format | None) -> nn.Module:
     """
     if activation is None:
         return module
+    if getattr(activation, "value", 0) is None:
+        raise ValueError(f"{activation} needs its scale measured first: quantize with calibration text")
     if not isinstance(module, (nn.Linear, IntLinear, DequantLinear)):
         raise TypeError(f"only linear layers take quantized inputs, not {type(module).__name__}")
     if getattr(module, "activation", None) is not None:

@@ -10,11 +10,11 @@ at::Tensor byte_dequantize(at::Tensor codes, at::Tensor scales, at::Tensor offse
 bool vectorized();
 
 // qdot.cpp: int8-quantized activations times integer-coded weights, in integer arithmetic.
-std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t block, int64_t bits);
-at::Tensor nibble_xlinear(at::Tensor x, int64_t block, int64_t bits, at::Tensor codes, at::Tensor scales,
-                          c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center,
+std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t block, int64_t bits, double fixed);
+at::Tensor nibble_xlinear(at::Tensor x, int64_t block, int64_t bits, double fixed, at::Tensor codes, at::Tensor scales,
+                          c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center, double unit,
                           c10::optional<at::Tensor> table);
-at::Tensor byte_xlinear(at::Tensor x, int64_t block, int64_t bits, at::Tensor codes, at::Tensor scales,
+at::Tensor byte_xlinear(at::Tensor x, int64_t block, int64_t bits, double fixed, at::Tensor codes, at::Tensor scales,
                         c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center);
 std::string qdot_isa();
 void set_qdot_isa(std::string isa);

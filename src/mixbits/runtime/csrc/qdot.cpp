@@ -1,18 +1,19 @@
 // Matrix products of int8-quantized activations with integer-coded weights, in integer arithmetic.
 //
-// quantize_rows(x, block, bits): each row of float32 x [M, K] in blocks of `block` inputs (a multiple of
+// quantize_rows(x, block, bits, fixed): each row of float32 x [M, K] in blocks of `block` inputs (a multiple of
 // 32; K for one scale per row): d = e / -2^(bits-1), e the block's value of largest magnitude (the first on
-// ties), |d| clamped to [FLT_MIN, FLT_MAX]; q = round-half-even(x / d) clamped to the bits' signed range.
-// That is exactly mixbits' format intB:gBLOCK:sym:scale=fp32 (intB:ch:sym:scale=fp32 for block = K), so a
-// fake-quantized forward computes the same numbers. It returns q (int8 [M, K]), d ([M, K / block]) and,
-// per run of 32 inputs, d times the sum of its codes ([M, K / 32]).
+// ties), |d| clamped to [FLT_MIN, FLT_MAX], or d = `fixed` if that is positive (a static scale); q =
+// round-half-even(x / d) clamped to the bits' signed range. That is exactly mixbits' format
+// intB:gBLOCK:sym:scale=fp32 (intB:ch:sym:scale=fp32 for block = K; intB:static=FIXED), so a fake-quantized
+// forward computes the same numbers. It returns q (int8 [M, K]), d ([M, K / block]) and,
+// per half-run of 16 inputs, d times the sum of its codes ([M, K / 16]).
 //
-// nibble_xlinear / byte_xlinear(x, block, bits, codes, scales, offsets, group, n, center[, table]): x quantized
-// as quantize_rows does, times weights w = c * s + o per group of `group`
-// inputs (a multiple of 32), unsigned codes c in the panel layout (below):
+// nibble_xlinear / byte_xlinear(x, block, bits, codes, scales, offsets, group, n, center, unit[, table]): x
+// quantized as quantize_rows does, times weights w = (c * s + o) * unit per group of `group` inputs (a multiple
+// of 32, or 16 for codes of up to 4 bits), unsigned codes c in the panel layout (below):
 //
-//     y[m, n] = sum over runs r of 32 inputs:  d[m, r] * s[n, r] * (sum over the run of c * q)   (integer dot)
-//             + sum over groups g:  o[n, g] * (sum over the group's runs of run_sums[m, r])
+//     y[m, n] = unit * (sum over runs r of 32 inputs:  d[m, r] * s[n, r] * (sum over the run of c * q)   (integer dot)
+//                       + sum over groups g:  o[n, g] * (sum over the group's half-runs of half_sums[m, h]))
 //
 // which is the float product of the dequantized activations and weights, up to float summation order.
 // Integer dots accumulate across runs while neither scale changes.
@@ -28,9 +29,10 @@
 // The integer dot has three implementations, compiled side by side and picked at run time for the CPU:
 // AVX-512 VNNI, AVX-VNNI, or AVX2.
 //
-// Table formats (4-bit codes indexing 16 values that are integer multiples of one unit, as FP4 E2M1's
-// {0, 0.5, ..., 6} are of 0.5; llama.cpp's IQ4_NL works alike): the nibbles index a table of 16 unsigned
-// codes c (the integers plus a center) with one vpshufb, and the scales include the unit.
+// Table formats (codes of up to 4 bits indexing 16 values, each an integer multiple of one unit): the nibbles
+// index a table of 16 unsigned codes c (the integers plus a center) with one vpshufb. FP4 E2M1's
+// {0, 0.5, ..., 6} are small multiples of 0.5 and take one byte (llama.cpp's IQ4_NL works alike); other tables
+// (NF4's) take 14-bit codes hi * 128 + lo in multiples of 2^-13 of the largest, two lookups and two dots.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -48,7 +50,9 @@
 namespace {
 
 constexpr int64_t kRun = 32;
+constexpr int64_t kHalfRun = 16;
 constexpr int64_t kPanel = 16;  // weight rows per panel
+enum Table { kNone, kByte, kWide };
 
 struct Problem {
   int64_t m, n, k, block, group, groups, span, panels;  // span: runs whose integer dots add before a scale changes
@@ -58,9 +62,10 @@ struct Problem {
   const uint8_t* codes;
   const void* scale;   // float32, or float16 if `half`
   const void* offset;  // the same; null for codes held as c + center (offset -center * scale)
-  bool half;
+  bool f16;  // scales and offsets in float16
   float center;
-  const uint8_t* table;  // 16 codes the nibbles index (table formats), or null: the nibbles are the codes
+  float unit;            // every product's factor: a table's unit, else 1
+  const uint8_t* table;  // 16 codes (kByte) or 16 hi and 16 lo bytes (kWide) the nibbles index, or null
 };
 
 }  // namespace
@@ -151,98 +156,125 @@ void set_qdot_isa(std::string name) {
   TORCH_CHECK(false, "unknown instruction set ", name, "; use avx2, avxvnni or avx512vnni");
 }
 
-std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t block, int64_t bits) {
+std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t block, int64_t bits, double fixed) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous float32 matrix");
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(block > 0 && k % kRun == 0 && block % kRun == 0 && k % block == 0, "inputs and the block must be multiples of 32, "
               "and the block must divide the inputs; got ", k, " inputs, block ", block);
   TORCH_CHECK(bits >= 2 && bits <= 8, "activation codes take 2 to 8 bits, got ", bits);
+  TORCH_CHECK(fixed >= 0 && std::isfinite(fixed), "a static scale must be positive (0: scales from the values)");
   at::Tensor q = at::empty({m, k}, x.options().dtype(at::kChar));
   at::Tensor d = at::empty({m, k / block}, x.options());
-  at::Tensor run_sums = at::empty({m, k / kRun}, x.options());
+  at::Tensor half_sums = at::empty({m, k / kHalfRun}, x.options());
   const float* xp = x.data_ptr<float>();
   int8_t* qp = q.data_ptr<int8_t>();
   float* dp = d.data_ptr<float>();
-  float* sp = run_sums.data_ptr<float>();
+  float* sp = half_sums.data_ptr<float>();
   const Isa isa = chosen_isa().load();
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      MIXBITS_DISPATCH(isa, quantize_row(xp + r * k, k, block, bits, qp + r * k, dp + r * (k / block),
-                                         sp + r * (k / kRun)))
+      MIXBITS_DISPATCH(isa, quantize_row(xp + r * k, k, block, bits, static_cast<float>(fixed), qp + r * k, dp + r * (k / block),
+                                         sp + r * (k / kHalfRun)))
     }
   });
-  return {q, d, run_sums};
+  return {q, d, half_sums};
 }
 
 namespace {
 
-at::Tensor qlinear(bool nibbles, const at::Tensor& q, const at::Tensor& d, const at::Tensor& run_sums, int64_t block,
+at::Tensor qlinear(bool nibbles, const at::Tensor& q, const at::Tensor& d, const at::Tensor& half_sums, int64_t block,
                    const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
-                   int64_t group, int64_t n, double center, const c10::optional<at::Tensor>& table) {
+                   int64_t group, int64_t n, double center, double unit, const c10::optional<at::Tensor>& table) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q must be contiguous int8");
   const int64_t m = q.size(0), k = q.size(1), runs = k / kRun;
-  TORCH_CHECK(block > 0 && group > 0 && k % kRun == 0 && group % kRun == 0 && block % kRun == 0 && k % block == 0,
-              "inputs, group and block must be positive multiples of 32, and the block must divide the inputs");
+  const bool half = group == kHalfRun;
+  TORCH_CHECK(block > 0 && group > 0 && k % kRun == 0 && (group % kRun == 0 || (half && nibbles)) && block % kRun == 0 &&
+              k % block == 0, "inputs and block must be positive multiples of 32, the group too (or 16 for codes of up "
+              "to 4 bits), and the block must divide the inputs");
   const int64_t groups = (k + group - 1) / group, panels = (n + kPanel - 1) / kPanel;
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() &&
               codes.numel() == panels * runs * kRun * kPanel / (nibbles ? 2 : 1),
               "codes must be contiguous uint8 in the panel layout for ", n, " rows of ", k, " inputs");
   TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() && d.size(0) == m && d.size(1) == k / block,
               "d must be contiguous float32 [rows, blocks]");
-  TORCH_CHECK(run_sums.scalar_type() == at::kFloat && run_sums.is_contiguous() && run_sums.size(0) == m &&
-              run_sums.size(1) == runs, "run_sums must be contiguous float32 [rows, inputs / 32]");
-  const bool half = scales.scalar_type() == at::kHalf;
-  TORCH_CHECK((half || scales.scalar_type() == at::kFloat) && scales.is_contiguous() &&
+  TORCH_CHECK(half_sums.scalar_type() == at::kFloat && half_sums.is_contiguous() && half_sums.size(0) == m &&
+              half_sums.size(1) == k / kHalfRun, "half_sums must be contiguous float32 [rows, inputs / 16]");
+  const bool half_scales = scales.scalar_type() == at::kHalf;
+  TORCH_CHECK((half_scales || scales.scalar_type() == at::kFloat) && scales.is_contiguous() &&
               scales.numel() == panels * groups * kPanel, "scales must be contiguous float32 or float16 [panels, groups, 16]");
   if (offsets) {
     TORCH_CHECK(offsets->scalar_type() == scales.scalar_type() && offsets->is_contiguous() &&
                 offsets->numel() == scales.numel(), "offsets must be laid out as the scales");
   }
+  const Table kind = !table ? kNone : table->numel() == 32 ? kWide : kByte;
   if (table) {
-    TORCH_CHECK(nibbles && table->scalar_type() == at::kByte && table->is_contiguous() && table->numel() == 16,
-                "a code table must be 16 contiguous uint8 values, for 4-bit codes");
+    TORCH_CHECK(nibbles && table->scalar_type() == at::kByte && table->is_contiguous() &&
+                (table->numel() == 16 || table->numel() == 32), "a code table must be 16 contiguous uint8 codes (or 16 "
+                "high and 16 low bytes of 14-bit codes), for codes of up to 4 bits");
+    const uint8_t* t = table->data_ptr<uint8_t>();
+    TORCH_CHECK(std::all_of(t, t + 16, [](uint8_t v) { return v <= 128; }) &&
+                (kind == kByte || std::all_of(t + 16, t + 32, [](uint8_t v) { return v < 128; })),
+                "table bytes must be at most 128 (low bytes of 14-bit codes below 128)");
   }
   at::Tensor sums = at::zeros({m, groups}, q.options().dtype(at::kFloat));
-  const float* rs = run_sums.data_ptr<float>();
+  const float* hs = half_sums.data_ptr<float>();
   float* gs = sums.data_ptr<float>();
+  const int64_t halves = k / kHalfRun;
   for (int64_t r = 0; r < m; ++r)
-    for (int64_t run = 0; run < runs; ++run) gs[r * groups + run * kRun / group] += rs[r * runs + run];
+    for (int64_t h = 0; h < halves; ++h) gs[r * groups + h * kHalfRun / group] += hs[r * halves + h];
   at::Tensor y = at::empty({m, n}, q.options().dtype(at::kFloat));
-  const int64_t span = std::gcd(block, group) / kRun;
-  // A lane's integer dot over one span: at most span * 32 * 255 * 128 (byte codes, int8 inputs).
+  // Runs whose integer dots add before a scale changes; a lane's dot over them must stay within int32: at most
+  // span * 32 * 255 * 128 for byte codes, span * 32 * 16384 * 128 for a wide table's (so at most 16 runs there).
+  int64_t span = half ? 1 : std::gcd(block, group) / kRun;
+  if (kind == kWide) {
+    for (int64_t s = std::min<int64_t>(span, 16); s >= 1; --s) {
+      if (span % s == 0) {
+        span = s;
+        break;
+      }
+    }
+  }
   TORCH_CHECK(span * kRun * 255 * 128 < (int64_t{1} << 31), "a scale spans ", span * kRun,
               " inputs: too many for int32 dot products; use groups or blocks of at most 65536 inputs");
   const Problem p{m, n, k, block, group, groups, span, panels, q.data_ptr<int8_t>(), d.data_ptr<float>(), gs,
-                  codes.data_ptr<uint8_t>(), scales.data_ptr(), offsets ? offsets->data_ptr() : nullptr, half,
-                  static_cast<float>(center), table ? table->data_ptr<uint8_t>() : nullptr};
+                  codes.data_ptr<uint8_t>(), scales.data_ptr(), offsets ? offsets->data_ptr() : nullptr, half_scales,
+                  static_cast<float>(center), static_cast<float>(unit), table ? table->data_ptr<uint8_t>() : nullptr};
   float* yp = y.data_ptr<float>();
   const Isa isa = chosen_isa().load();
   if (!nibbles) {
-    MIXBITS_DISPATCH(isa, run<false, false>(p, yp))
-  } else if (table) {  // nibbles indexing a table
-    MIXBITS_DISPATCH(isa, run<true, true>(p, yp))
+    MIXBITS_DISPATCH(isa, run<false, kNone, false>(p, yp))
+  } else if (half) {
+    switch (kind) {
+      case kWide: MIXBITS_DISPATCH(isa, run<true, kWide, true>(p, yp)) break;
+      case kByte: MIXBITS_DISPATCH(isa, run<true, kByte, true>(p, yp)) break;
+      default: MIXBITS_DISPATCH(isa, run<true, kNone, true>(p, yp)) break;
+    }
   } else {
-    MIXBITS_DISPATCH(isa, run<true, false>(p, yp))
+    switch (kind) {
+      case kWide: MIXBITS_DISPATCH(isa, run<true, kWide, false>(p, yp)) break;
+      case kByte: MIXBITS_DISPATCH(isa, run<true, kByte, false>(p, yp)) break;
+      default: MIXBITS_DISPATCH(isa, run<true, kNone, false>(p, yp)) break;
+    }
   }
   return y;
 }
 
 // quantize_rows then qlinear, in one call (a decode step makes over a hundred of them).
-at::Tensor quantized_linear(bool nibbles, const at::Tensor& x, int64_t block, int64_t bits, const at::Tensor& codes,
+at::Tensor quantized_linear(bool nibbles, const at::Tensor& x, int64_t block, int64_t bits, double fixed, const at::Tensor& codes,
                             const at::Tensor& scales, const c10::optional<at::Tensor>& offsets, int64_t group, int64_t n,
-                            double center, const c10::optional<at::Tensor>& table) {
-  const std::vector<at::Tensor> q = quantize_rows(x, block, bits);
-  return qlinear(nibbles, q[0], q[1], q[2], block, codes, scales, offsets, group, n, center, table);
+                            double center, double unit, const c10::optional<at::Tensor>& table) {
+  const std::vector<at::Tensor> q = quantize_rows(x, block, bits, fixed);
+  return qlinear(nibbles, q[0], q[1], q[2], block, codes, scales, offsets, group, n, center, unit, table);
 }
 
 }  // namespace
 
-at::Tensor nibble_xlinear(at::Tensor x, int64_t block, int64_t bits, at::Tensor codes, at::Tensor scales,
-                          c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center,
+at::Tensor nibble_xlinear(at::Tensor x, int64_t block, int64_t bits, double fixed, at::Tensor codes, at::Tensor scales,
+                          c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center, double unit,
                           c10::optional<at::Tensor> table) {
-  return quantized_linear(true, x, block, bits, codes, scales, offsets, group, n, center, table);
+  return quantized_linear(true, x, block, bits, fixed, codes, scales, offsets, group, n, center, unit, table);
 }
-at::Tensor byte_xlinear(at::Tensor x, int64_t block, int64_t bits, at::Tensor codes, at::Tensor scales,
+at::Tensor byte_xlinear(at::Tensor x, int64_t block, int64_t bits, double fixed, at::Tensor codes, at::Tensor scales,
                         c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center) {
-  return quantized_linear(false, x, block, bits, codes, scales, offsets, group, n, center, c10::nullopt);
+  return quantized_linear(false, x, block, bits, fixed, codes, scales, offsets, group, n, center, 1.0, c10::nullopt);
 }

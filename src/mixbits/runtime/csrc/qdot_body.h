@@ -26,6 +26,7 @@ struct V {
   static I dot_bytes(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
   static I zero() { return _mm512_setzero_si512(); }
   static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I shl7(I v) { return _mm512_slli_epi32(v, 7); }
   static F zerof() { return _mm512_setzero_ps(); }
   static F loadf(const float* p) { return _mm512_loadu_ps(p); }
   static F loadh(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
@@ -54,8 +55,8 @@ struct V {
   static I dot(I acc, I w, I x) { return _mm256_dpbusd_avx_epi32(acc, w, x); }
   static I dot_bytes(I acc, I w, I x) { return _mm256_dpbusd_avx_epi32(acc, w, x); }
 #else
-  // vpmaddubsw adds two u8 x s8 products in a saturating int16: exact for codes below 128 (127 * 128 * 2 < 2^15),
-  // which nibbles and table codes are.
+  // vpmaddubsw adds two u8 x s8 products in a saturating int16: exact for codes up to 128 (128 * -128 * 2 = -2^15,
+  // 128 * 127 * 2 < 2^15), which nibbles and table bytes are.
   static I dot(I acc, I w, I x) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
   }
@@ -67,6 +68,7 @@ struct V {
 #endif
   static I zero() { return _mm256_setzero_si256(); }
   static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I shl7(I v) { return _mm256_slli_epi32(v, 7); }
   static F zerof() { return _mm256_setzero_ps(); }
   static F loadf(const float* p) { return _mm256_loadu_ps(p); }
   static F loadh(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
@@ -78,17 +80,26 @@ struct V {
 };
 #endif
 
+// A wide table's dot: the 14-bit codes are hi * 128 + lo, looked up byte by byte.
+inline V::I dot_wide(V::I acc, V::I hi, V::I lo, V::I x) {
+  return V::add(V::dot(acc, lo, x), V::shl7(V::dot(V::zero(), hi, x)));
+}
+
 // The kLanes per-group values of `values` (float32 or float16 [panels, groups, 16]) at `index`.
-inline V::F load_params(const void* values, bool half, int64_t index) {
-  return half ? V::loadh(static_cast<const uint16_t*>(values) + index) : V::loadf(static_cast<const float*>(values) + index);
+inline V::F load_params(const void* values, bool f16, int64_t index) {
+  return f16 ? V::loadh(static_cast<const uint16_t*>(values) + index) : V::loadf(static_cast<const float*>(values) + index);
 }
 
 // RM activation rows against the kLanes weight rows of one panel starting at lane `lane0`.
-// One activation row gets two integer accumulators, so that consecutive vpdpbusd do not wait on each other.
-// Lookup: the nibbles index p.table (16 unsigned bytes, vpshufb), which holds the weights' codes.
-template <bool Nibbles, bool Lookup, int RM>
+// Lookup (Table): kNone, the nibbles or bytes are the codes; kByte, the nibbles index p.table (16 unsigned bytes,
+// vpshufb); kWide, they index 14-bit codes hi * 128 + lo (p.table: 16 hi bytes, then 16 lo bytes).
+// Half: weight groups of 16 inputs, a run's low nibbles (inputs 0-15) and high nibbles (16-31) in separate
+// accumulators, each scaled by its own group's scale.
+// One activation row gets two integer accumulators when RM is 1 or Half, so that consecutive vpdpbusd do not wait
+// on each other.
+template <bool Nibbles, int Table, bool Half, int RM>
 inline void tile(const Problem& p, int64_t m0, int64_t panel, int64_t lane0, float* y) {
-  constexpr int kChains = RM == 1 ? 2 : 1;
+  constexpr int kChains = (RM == 1 || Half) ? 2 : 1;
   constexpr int64_t kRunBytes = Nibbles ? kRun * kPanel / 2 : kRun * kPanel;
   typename V::F total[RM];
   typename V::I acc[RM][kChains];
@@ -100,7 +111,8 @@ inline void tile(const Problem& p, int64_t m0, int64_t panel, int64_t lane0, flo
   const uint8_t* w = p.codes + panel * runs * kRunBytes + lane0 * 4;
   const int64_t params = panel * p.groups * kPanel + lane0;  // this panel's first scale (and offset)
   const int8_t* x = p.q + m0 * p.k;
-  const typename V::I table = Lookup ? V::table(p.table) : V::zero();
+  const typename V::I table = Table != kNone ? V::table(p.table) : V::zero();
+  const typename V::I table_lo = Table == kWide ? V::table(p.table + 16) : V::zero();
   for (int64_t r = 0; r < runs; ++r) {
     const uint8_t* wr = w + r * kRunBytes;
     const int8_t* xr = x + r * kRun;
@@ -108,13 +120,18 @@ inline void tile(const Problem& p, int64_t m0, int64_t panel, int64_t lane0, flo
       for (int j = 0; j < 4; ++j) {
         const typename V::I packed = V::load(wr + j * 4 * kPanel);
         typename V::I lo = V::low(packed), hi = V::high(packed);
-        if (Lookup) {
-          lo = V::lookup(table, lo);
-          hi = V::lookup(table, hi);
-        }
         for (int m = 0; m < RM; ++m) {
-          acc[m][0] = V::dot(acc[m][0], lo, V::broadcast(xr + m * p.k + 4 * j));
-          acc[m][kChains - 1] = V::dot(acc[m][kChains - 1], hi, V::broadcast(xr + m * p.k + 4 * j + 16));
+          const typename V::I x_lo = V::broadcast(xr + m * p.k + 4 * j), x_hi = V::broadcast(xr + m * p.k + 4 * j + 16);
+          if (Table == kWide) {
+            acc[m][0] = dot_wide(acc[m][0], V::lookup(table, lo), V::lookup(table_lo, lo), x_lo);
+            acc[m][kChains - 1] = dot_wide(acc[m][kChains - 1], V::lookup(table, hi), V::lookup(table_lo, hi), x_hi);
+          } else if (Table == kByte) {
+            acc[m][0] = V::dot(acc[m][0], V::lookup(table, lo), x_lo);
+            acc[m][kChains - 1] = V::dot(acc[m][kChains - 1], V::lookup(table, hi), x_hi);
+          } else {
+            acc[m][0] = V::dot(acc[m][0], lo, x_lo);
+            acc[m][kChains - 1] = V::dot(acc[m][kChains - 1], hi, x_hi);
+          }
         }
       }
     } else {
@@ -124,8 +141,17 @@ inline void tile(const Problem& p, int64_t m0, int64_t panel, int64_t lane0, flo
           acc[m][j % kChains] = V::dot_bytes(acc[m][j % kChains], codes, V::broadcast(xr + m * p.k + 4 * j));
       }
     }
-    if ((r + 1) % p.span == 0 || r + 1 == runs) {  // the activation scale or the weight scale changes next
-      const typename V::F s = load_params(p.scale, p.half, params + (r * kRun / p.group) * kPanel);
+    if (Half) {  // every run: groups 2r (low nibbles) and 2r + 1 (high)
+      const typename V::F s0 = load_params(p.scale, p.f16, params + 2 * r * kPanel);
+      const typename V::F s1 = load_params(p.scale, p.f16, params + (2 * r + 1) * kPanel);
+      for (int m = 0; m < RM; ++m) {
+        const typename V::F d = V::set1(p.d[(m0 + m) * (p.k / p.block) + r * kRun / p.block]);
+        total[m] = V::fmadd(V::cvt(acc[m][0]), V::mul(s0, d), total[m]);
+        total[m] = V::fmadd(V::cvt(acc[m][kChains - 1]), V::mul(s1, d), total[m]);
+        for (int c = 0; c < kChains; ++c) acc[m][c] = V::zero();
+      }
+    } else if ((r + 1) % p.span == 0 || r + 1 == runs) {  // the activation scale or the weight scale changes next
+      const typename V::F s = load_params(p.scale, p.f16, params + (r * kRun / p.group) * kPanel);
       for (int m = 0; m < RM; ++m) {
         typename V::I sum = acc[m][0];
         if (kChains == 2) sum = V::add(sum, acc[m][kChains - 1]);
@@ -139,10 +165,11 @@ inline void tile(const Problem& p, int64_t m0, int64_t panel, int64_t lane0, flo
   for (int m = 0; m < RM; ++m) {
     const float* sums = p.sums + (m0 + m) * p.groups;
     for (int64_t g = 0; g < p.groups; ++g) {  // offsets, or -center * scale for codes held as c + center
-      const typename V::F o = p.offset != nullptr ? load_params(p.offset, p.half, params + g * kPanel)
-                                                  : V::mul(load_params(p.scale, p.half, params + g * kPanel), V::set1(-p.center));
+      const typename V::F o = p.offset != nullptr ? load_params(p.offset, p.f16, params + g * kPanel)
+                                                  : V::mul(load_params(p.scale, p.f16, params + g * kPanel), V::set1(-p.center));
       total[m] = V::fmadd(o, V::set1(sums[g]), total[m]);
     }
+    if (p.unit != 1.f) total[m] = V::mul(total[m], V::set1(p.unit));  // a table's codes are multiples of the unit
     float* out = y + (m0 + m) * p.n + first;
     if (valid == V::kLanes) {
       V::store(out, total[m]);
@@ -156,7 +183,7 @@ inline void tile(const Problem& p, int64_t m0, int64_t panel, int64_t lane0, flo
 
 // Threads take slices of (panel, lane group) units, weight rows that are contiguous in memory; each walks
 // the activations in blocks of kRows rows, so a block stays in cache while the slice's weights pass over it.
-template <bool Nibbles, bool Lookup>
+template <bool Nibbles, int Table, bool Half>
 void run(const Problem& p, float* y) {
   constexpr int64_t kRows = 64;
   constexpr int kTile = V::kLanes == 16 ? 8 : 4;  // activation rows per tile: as many accumulators as registers allow
@@ -168,37 +195,44 @@ void run(const Problem& p, float* y) {
         const int64_t panel = unit / per_panel, lane0 = (unit % per_panel) * V::kLanes;
         if (panel * kPanel + lane0 >= p.n) continue;  // lanes past the last row: padding
         int64_t m0 = block;
-        for (; m0 + kTile <= block_end; m0 += kTile) tile<Nibbles, Lookup, kTile>(p, m0, panel, lane0, y);
-        for (; m0 + 2 <= block_end; m0 += 2) tile<Nibbles, Lookup, 2>(p, m0, panel, lane0, y);
-        for (; m0 < block_end; ++m0) tile<Nibbles, Lookup, 1>(p, m0, panel, lane0, y);
+        for (; m0 + kTile <= block_end; m0 += kTile) tile<Nibbles, Table, Half, kTile>(p, m0, panel, lane0, y);
+        for (; m0 + 2 <= block_end; m0 += 2) tile<Nibbles, Table, Half, 2>(p, m0, panel, lane0, y);
+        for (; m0 < block_end; ++m0) tile<Nibbles, Table, Half, 1>(p, m0, panel, lane0, y);
       }
     }
   });
 }
 
-// quantize_rows for one row: blocks of `block` values (a multiple of 32) to int8 codes and a scale each, and each
-// run of 32 codes' sum times its block's scale.
-inline void quantize_row(const float* x, int64_t k, int64_t block, int bits, int8_t* q, float* d, float* run_sums) {
-  const float low = -static_cast<float>(1 << (bits - 1)), high = static_cast<float>((1 << (bits - 1)) - 1);
+// A block's dynamic scale: e / low, e its value of largest magnitude (the first of that magnitude, as torch's argmax
+// picks), the magnitude clamped to [FLT_MIN, FLT_MAX].
+inline float block_scale(const float* x, int64_t block, float low) {
   const __m256 sign_mask = _mm256_set1_ps(-0.f);
+  __m256 top = _mm256_setzero_ps();
+  for (int64_t i = 0; i < block; i += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(sign_mask, _mm256_loadu_ps(x + i)));
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  t = _mm_max_ss(t, _mm_movehdup_ps(t));
+  const float largest = _mm_cvtss_f32(t);
+  float extreme = largest;
+  for (int64_t i = 0; i < block; ++i) {
+    if (std::fabs(x[i]) == largest) {
+      extreme = x[i];
+      break;
+    }
+  }
+  const float scale = extreme / low;
+  const float magnitude = std::fmin(std::fmax(std::fabs(scale), FLT_MIN), FLT_MAX);
+  return scale < 0.f ? -magnitude : magnitude;
+}
+
+// quantize_rows for one row: blocks of `block` values (a multiple of 32) to int8 codes and a scale each (`fixed`
+// for every block if it is positive: a static scale), and each half-run of 16 codes' sum times its block's scale.
+inline void quantize_row(const float* x, int64_t k, int64_t block, int bits, float fixed, int8_t* q, float* d,
+                         float* half_sums) {
+  const float low = -static_cast<float>(1 << (bits - 1)), high = static_cast<float>((1 << (bits - 1)) - 1);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t b0 = 0; b0 < k; b0 += block) {
-    __m256 top = _mm256_setzero_ps();
-    for (int64_t i = b0; i < b0 + block; i += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(sign_mask, _mm256_loadu_ps(x + i)));
-    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
-    t = _mm_max_ss(t, _mm_movehdup_ps(t));
-    const float largest = _mm_cvtss_f32(t);
-    float extreme = largest;  // with the sign of the first value of that magnitude, as torch's argmax picks
-    for (int64_t i = b0; i < b0 + block; ++i) {
-      if (std::fabs(x[i]) == largest) {
-        extreme = x[i];
-        break;
-      }
-    }
-    float scale = extreme / low;
-    const float magnitude = std::fmin(std::fmax(std::fabs(scale), FLT_MIN), FLT_MAX);
-    scale = scale < 0.f ? -magnitude : magnitude;
+    const float scale = fixed > 0.f ? fixed : block_scale(x + b0, block, low);
     d[b0 / block] = scale;
     const __m256 divisor = _mm256_set1_ps(scale), lo = _mm256_set1_ps(low), hi = _mm256_set1_ps(high);
     for (int64_t i = b0; i < b0 + block; i += kRun) {
@@ -211,13 +245,15 @@ inline void quantize_row(const float* x, int64_t k, int64_t block, int bits, int
       const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(part[0], part[1]), _mm256_packs_epi32(part[2], part[3]));
       const __m256i codes = _mm256_permutevar8x32_epi32(packed, order);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), codes);
-      // the run's sum of codes: bytes widened to int16 pairs, then to int32
+      // each half-run's sum of codes: bytes widened to int16 pairs, then to int32 (the low 128 bits: codes 0-15)
       const __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), codes);
       const __m256i quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(quads), _mm256_extracti128_si256(quads, 1));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-      run_sums[i / kRun] = scale * static_cast<float>(_mm_cvtsi128_si32(s4));
+      for (int h = 0; h < 2; ++h) {
+        __m128i s4 = h == 0 ? _mm256_castsi256_si128(quads) : _mm256_extracti128_si256(quads, 1);
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        half_sums[i / kHalfRun + h] = scale * static_cast<float>(_mm_cvtsi128_si32(s4));
+      }
     }
   }
 }
