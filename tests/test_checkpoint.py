@@ -78,6 +78,7 @@ def test_saved_model_computes_what_the_fake_quantized_one_did(tmp_path, fmt, hea
 def test_quantized_inputs_are_saved_and_computed_as_at_quantization(tmp_path, fmt, act):
     from mixbits.activations import fake_quantize, parse_activation
     from mixbits.runtime import IntLinear
+    from mixbits.runtime.linear import TableLinear
 
     model, report = quantized_copy(fmt, activation=act)
     assert {layer.activation for layer in report.layers} == {act}
@@ -96,8 +97,8 @@ def test_quantized_inputs_are_saved_and_computed_as_at_quantization(tmp_path, fm
     assert torch.allclose(logits(loaded), expected, atol=0.02 * expected.abs().max().item())
     assert all(str(m.activation) == str(parse_activation(act)) for m in loaded.model.layers.modules()
                if hasattr(m, "codes"))
-    integer = any(isinstance(m, IntLinear) for m in loaded.model.layers.modules())
-    assert integer == (fmt != "lut4:g32" and act.startswith("int"))  # the integer kernels where they apply
+    integer = any(isinstance(m, (IntLinear, TableLinear)) for m in loaded.model.layers.modules())
+    assert integer == act.startswith("int")  # the integer kernels where they apply
 
 
 def test_static_input_scales_are_measured_on_the_calibration_text_and_saved(tmp_path):
@@ -219,7 +220,7 @@ def flip_byte(path, offset):
     (lambda d: (d / "float.safetensors").write_bytes((d / "float.safetensors").read_bytes()[:-100]), "truncated"),
     (lambda d: (d / "config.json").unlink(), "missing"),
     (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
-    (lambda d: (d / "manifest.json").write_text("{not json"), "not a valid manifest"),
+    (lambda d: (d / "manifest.json").write_text("{not json"), "not valid UTF-8 JSON"),
     (lambda d: (d / "manifest.json").write_text(json.dumps({**json.loads((d / "manifest.json").read_text()),
                                                              "mixbits_checkpoint": 99})), "version 99"),
 ])
@@ -269,7 +270,7 @@ def test_a_plan_sets_each_layers_input_format(tmp_path):
         Plan([LayerPlan(layers[0].name, layers[0].name, "q4_0", "rtn", layers[0].shape, activation="int8:tensor:sym")])
 
 
-@pytest.mark.parametrize("where, value, message", [("activation", 8, "must be a format string"),
+@pytest.mark.parametrize("where, value, message", [("activation", 8, "activation must be a string"),
                                                    ("activation", "int9:token", "activation"),
                                                    ("head_activation", "int8:nonsense", "head_activation"),
                                                    ("activation", "int8:static", "no scale"),

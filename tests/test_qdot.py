@@ -15,7 +15,7 @@ from mixbits.formats.granularity import ungroup
 from mixbits.formats.lut import TableFormat
 from mixbits.runtime import IntLinear, quantized_linear
 from mixbits.runtime.kernels import native
-from mixbits.runtime.linear import with_activation
+from mixbits.runtime.linear import TableLinear, with_activation
 from mixbits.solvers import round_to_nearest
 
 pytestmark = pytest.mark.skipif(native() is None, reason="integer kernels unavailable (no compiler or no AVX2)")
@@ -97,6 +97,34 @@ def table_rounding(quantized) -> torch.Tensor:
     return ungroup(scale, quantized.shape) * 2.0**-14
 
 
+@pytest.mark.parametrize("weight", ["lut4:g32", "lut4:g128", "lut3:ch", "lut2:g64:table=fp16"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_learned_tables_times_integer_inputs_equal_the_float_product(weight, act):
+    torch.manual_seed(5)
+    cols = 256
+    quantized = round_to_nearest(torch.randn(37, cols), parse_format(weight))
+    fmt = parse_activation(act)
+    module = quantized_linear(quantized, torch.randn(37), fmt)
+    assert isinstance(module, TableLinear)
+    w = quantized.dequantize().double()
+    # the runtime holds each group's levels in multiples of 2^-13 of the power of two at or above the largest
+    levels = quantized.params["table"].double()
+    unit = torch.exp2(torch.ceil(torch.log2(levels.abs().amax(-1, keepdim=True))) - 13)
+    rounding = ungroup((unit / 2).expand(*quantized.codes.shape), quantized.shape)
+    assert ((module.weight_values().double() - w).abs() <= rounding).all()
+    before = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for rows in (1, 2, 70):
+            x = activations(rows, cols)
+            xq = fake_quantize(x, fmt).double()
+            expected = xq @ w.T + module.bias.double()
+            bound = 1e-5 * expected.abs().max() + xq.abs() @ rounding.T
+            assert ((module(x).double() - expected).abs() <= bound).all()
+            assert ((module.matvec()(x).double() - expected).abs() <= bound).all()  # the kernel at any row count
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("weight", ["q4_0", "int4:g128:asym", "int8:g64:sym", "int8:ch:sym"])
 @pytest.mark.parametrize("act", ["int8:g32", "int8:token"])
 def test_a_last_group_shorter_than_the_others(isa, weight, act):
@@ -119,7 +147,7 @@ def test_formats_the_kernels_cannot_serve_are_fake_quantized():
         module = quantized_linear(quantized, None, fmt)
         assert not isinstance(module, IntLinear)
         assert torch.allclose(module(x), fake_quantize(x, fmt) @ quantized.dequantize().T, atol=1e-5)
-    for weight in ("lut4:g32", "int8:g16:sym"):  # a table per group; groups of 16 with byte codes
+    for weight in ("lut5:g32", "int8:g16:sym"):  # 5-bit table codes; groups of 16 with byte codes
         quantized = round_to_nearest(torch.randn(16, 96), parse_format(weight))
         module = quantized_linear(quantized, None, parse_activation("int8:g32"))
         assert not isinstance(module, IntLinear)

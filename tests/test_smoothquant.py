@@ -65,3 +65,24 @@ def test_quantize_with_smoothquant_and_its_refusals():
     with pytest.raises(MixbitsError, match="either --awq or --smoothquant"):
         mixbits.quantize(outlier_llama(), "int8:ch:sym", smooth=True, awq=True, activation="int8:token",
                          calibration=WINDOWS, progress=False)
+
+
+def test_smoothing_for_static_inputs_searches_with_the_scale_quantize_will_measure():
+    torch.manual_seed(0)
+    x = torch.randn(400, 96)
+    x[:, [5, 50]] *= 60
+    weights = [torch.randn(80, 96) * 0.1]
+    stats = InputStats(x.T @ x / len(x), x.abs().mean(0), x.abs().amax(0), len(x), x)
+    act, fmt = parse_activation("int8:static"), parse_format("int8:ch:sym")
+    scales, group = search_smoothing(weights, [stats], fmt, act)
+
+    def error(s):  # the static scale: the smoothed input's largest magnitude over 127
+        rounded = fake_quantize(x / s, act.calibrated(float((x / s).abs().max())))
+        return float((rounded @ fmt.quantize(weights[0] * s).dequantize().T - x @ weights[0].T).pow(2).sum())
+
+    assert group.alpha > 0 and error(scales) < 0.5 * error(torch.ones(96))
+    assert error(scales) == pytest.approx(group.error, rel=1e-4)
+    model = outlier_llama()
+    report = mixbits.quantize(model, "int8:ch:sym", smooth=True, activation="int8:static", calibration=WINDOWS,
+                              progress=False)
+    assert all(parse_activation(layer.activation).value > 0 for layer in report.layers)

@@ -40,6 +40,7 @@ from ..hashing import sha256_file
 from ..models.registry import adapter_for
 from ..models.loaded import LoadedModel
 from ..plan import KEEP
+from ..schema import COUNT, FILE_NAME, MODULE_NAME, SHA256, SHAPE, Field, ListOf, MapOf, Nullable, SchemaError, check, optional
 
 VERSION = 3  # 2: outer layers (the embedding in 16 bits or quantized); 3: quantized inputs ("activation")
 READABLE = (1, 2, 3)
@@ -49,6 +50,31 @@ QUANTIZED, FLOAT = "quantized.safetensors", "float.safetensors"
 
 class CheckpointError(ModelLoadError):
     """A checkpoint is missing, damaged, or from another version."""
+
+
+MANIFEST_SCHEMA = {"mixbits_checkpoint": Field(int),
+                   "files": Field(MapOf(FILE_NAME, {"bytes": Field(COUNT), "sha256": Field(SHA256)}))}
+LAYER_SCHEMA = {"name": Field(MODULE_NAME), "option": Field(str), "solver": Field(str), "shape": Field(SHAPE),
+                "bits": Field(COUNT), "activation": optional(str), "head_activation": optional(str)}
+INFO_SCHEMA = {"mixbits_checkpoint": Field(int), "layers": Field(ListOf(LAYER_SCHEMA)),
+               "outer": optional(ListOf(LAYER_SCHEMA)), "tied": Field(MapOf(MODULE_NAME, MODULE_NAME)),
+               "source": optional(Nullable(dict)), "quantization": optional(Nullable(dict)), "plan": optional(Nullable(dict))}
+
+
+def _read_json(path: Path, schema) -> dict:
+    """The JSON object in `path`, checked against `schema`; CheckpointError (one line) if it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; it is not a complete mixbits checkpoint") from None
+    except (ValueError, OSError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is not valid UTF-8 JSON ({type(error).__name__}); write the checkpoint "
+                              "again") from None
+    try:
+        check(data, schema, path.name)
+    except SchemaError as error:
+        raise CheckpointError(f"{path.parent}: {error}; write the checkpoint again") from None
+    return data
 
 
 @dataclass
@@ -326,14 +352,10 @@ def _manifest(directory: Path) -> dict[str, dict]:
     """The manifest's files (name -> bytes, sha256), after checking its version and that it lists the essentials."""
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory; give the directory `mixbits quantize --out` wrote")
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-        files = manifest["files"]
-        assert isinstance(files, dict)
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory} has no {MANIFEST}; it is not a complete mixbits checkpoint") from None
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise CheckpointError(f"{directory / MANIFEST} is not a valid manifest; write the checkpoint again") from None
+    if not (directory / MANIFEST).is_file():
+        raise CheckpointError(f"{directory} has no {MANIFEST}; it is not a complete mixbits checkpoint")
+    manifest = _read_json(directory / MANIFEST, MANIFEST_SCHEMA)
+    files = manifest["files"]
     if manifest.get("mixbits_checkpoint") not in READABLE:
         raise CheckpointError(f"{directory} is a version {manifest.get('mixbits_checkpoint')!r} checkpoint; this mixbits "
                               f"reads versions {', '.join(map(str, READABLE))}: quantize again with this version")
@@ -355,12 +377,13 @@ def _checked_info(directory: Path) -> dict:
                                   "or changed; write the checkpoint again")
         if sha256_file(path) != entry.get("sha256"):
             raise CheckpointError(f"{path} does not match its sha256 in the manifest; the file is damaged, write the checkpoint again")
-    info = json.loads((directory / INFO).read_text())
-    if info.get("mixbits_checkpoint") not in READABLE:
-        raise CheckpointError(f"{directory / INFO} is version {info.get('mixbits_checkpoint')!r}, this mixbits reads "
+    info = _read_json(directory / INFO, INFO_SCHEMA)
+    if info["mixbits_checkpoint"] not in READABLE:
+        raise CheckpointError(f"{directory / INFO} is version {info['mixbits_checkpoint']!r}, this mixbits reads "
                               f"{', '.join(map(str, READABLE))}; quantize again with this version")
-    if not isinstance(info.get("outer", []), list):
-        raise CheckpointError(f"{directory / INFO} has a malformed list of outer layers; write the checkpoint again")
+    names = [layer["name"] for layer in info["layers"] + info.get("outer", [])]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{directory / INFO} names a layer twice; write the checkpoint again")
     return info
 
 
@@ -390,6 +413,9 @@ def _load_floats(model: nn.Module, expected: set[str], floats: dict[str, torch.T
     model.load_state_dict(floats, strict=False, assign=True)
     params = dict(model.named_parameters(remove_duplicate=False))
     for alias, kept in tied.items():
+        if kept not in floats and kept not in params:
+            raise CheckpointError(f"{directory / INFO} ties {alias} to {kept}, which the checkpoint does not hold; "
+                                  "write the checkpoint again")
         module_name, _, attribute = alias.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, attribute, params[kept] if kept in params else floats[kept])

@@ -11,6 +11,7 @@ true, the cached tokenizer is made to add the BOS, as llama.cpp does.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -114,8 +115,9 @@ def _build_gguf_cache(path: Path, digest: str, cache: Path, name: str) -> Loaded
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with _no_progress_bars():
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         if _gguf_adds_bos(path) and bos_token_id(tokenizer) is None and tokenizer.bos_token_id is not None:
             tokenizer.add_bos_token = True
     except Exception as error:  # transformers/gguf raise many types on bad files
@@ -150,19 +152,31 @@ def _gguf_adds_bos(path: Path) -> bool:
     return bool(field is not None and field.contents())
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """Loading takes seconds; transformers' bars would break the one-line stderr of error paths."""
+    from unittest import mock
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:  # the GGUF conversion draws a bare tqdm bar that no setting turns off
+        with mock.patch("transformers.modeling_gguf_pytorch_utils.tqdm", lambda items, **_: items):
+            yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def _load_hf_dir(path: Path, name: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; give a Hugging Face model directory or a .gguf file")
-    hf_logging.disable_progress_bar()  # loading safetensors takes about a second: no bar needed
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     except Exception as error:
         raise ModelLoadError(f"could not load the model in {path}: {_first_line(error)}") from error
-    finally:
-        hf_logging.enable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception:  # a model directory without a tokenizer is still a model

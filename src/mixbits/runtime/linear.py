@@ -1,7 +1,9 @@
 """Linear layers that hold quantized weights and compute from them.
 
 `quantized_linear` picks, per layer, the fastest module whose arithmetic
-equals the fake-quantized layer's (up to float summation order):
+equals the fake-quantized layer's (up to float summation order, and for the
+tables of NF4, log grids and learned levels with integer inputs, up to their
+rounding to 14-bit codes, `code_table` and `TableLinear`):
 
 - `IntLinear`, integer formats with groups of a multiple of 32 inputs (or
   per channel): codes of up to 4 bits packed two per byte, wider ones one per
@@ -16,9 +18,10 @@ equals the fake-quantized layer's (up to float summation order):
 With an activation format (`activations`), the input is quantized too. An
 `IntLinear` whose activation format the integer kernels implement
 (`activations.kernel_block`) quantizes each input once to int8 codes and
-multiplies codes by codes for any number of rows (csrc/qdot.cpp); any other
-layer rounds its input to the format in a forward pre-hook
-(`with_activation`), so module and parameter names stay those of the model.
+multiplies codes by codes for any number of rows (csrc/qdot.cpp), as does a
+`TableLinear` (learned tables of up to 4 bits); any other layer rounds its
+input to the format in a forward pre-hook (`with_activation`), so module and
+parameter names stay those of the model.
 """
 
 from __future__ import annotations
@@ -282,6 +285,81 @@ class IntLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, format={self.format}{activation}"
 
 
+class TableLinear(nn.Module):
+    """y = x Wᵀ + b for a learned-table format (`lut` of up to 4 bits: 16 levels per row and group), its inputs
+    quantized to int8 codes (an activation format `kernel_block` serves) and multiplied by table codes in integer
+    arithmetic (csrc/qdot.cpp's table_xlinear).
+
+    Each group's levels are held as 14-bit codes t + 8192, t = round(level / unit) in [-8192, 8192] with the unit
+    2^-13 of the power of two at or above the group's largest level: every weight within unit / 2 of its own value.
+    """
+
+    exact = False
+
+    def __init__(self, quantized: QuantizedTensor, bias: torch.Tensor | None, activation: Format):
+        super().__init__()
+        fmt = quantized.format
+        self.format, self.activation = fmt, activation
+        self.out_features, self.in_features = n, k = quantized.shape
+        self.group = k if fmt.granularity.kind == "channel" else fmt.granularity.size
+        self.block = kernel_block(activation, k)
+        codes = ungroup(quantized.codes, quantized.shape).to(torch.uint8)
+        runs = codes.reshape(n, -1, 2, RUN // 2)  # byte j of a run: input j (low nibble), input j + 16 (high)
+        self.register_buffer("codes", (runs[:, :, 0, :] | (runs[:, :, 1, :] << 4)).reshape(n, -1).contiguous())
+        levels = quantized.params["table"].reshape(n, -1, 2**fmt.code_bits).double()
+        top = levels.abs().amax(dim=-1, keepdim=True).clamp(min=2.0**-126)
+        unit = torch.exp2(torch.ceil(torch.log2(top)) - 13)
+        centered = ((levels / unit).round() + TABLE_CENTER).to(torch.int32)  # in [0, 16384]
+        padded = torch.full((*centered.shape[:2], 16), TABLE_CENTER, dtype=torch.int32)  # unused codes: level 0
+        padded[..., :centered.shape[-1]] = centered
+        self.register_buffer("tables", torch.cat([padded >> 7, padded & 127], dim=-1).to(torch.uint8).contiguous())
+        self.register_buffer("units", unit[..., 0].float().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    @staticmethod
+    def supports(fmt: Format, shape: tuple[int, int], activation: Format | None) -> bool:
+        from ..formats.lut import LearnedTableFormat
+
+        if not isinstance(fmt, LearnedTableFormat) or fmt.code_bits > 4 or activation is None:
+            return False
+        group = shape[1] if fmt.granularity.kind == "channel" else fmt.granularity.size
+        return (shape[1] % RUN == 0 and fmt.granularity.kind in ("channel", "group") and group % RUN == 0
+                and kernel_block(activation, shape[1]) is not None)
+
+    def weight_values(self) -> torch.Tensor:
+        n, k, group = self.out_features, self.in_features, self.group
+        table = self.tables[..., :16].int() * 128 + self.tables[..., 16:].int() - TABLE_CENTER  # [n, groups, 16]
+        levels = table.float() * self.units[..., None]
+        groups = levels.shape[1]
+        codes = torch.zeros(n, groups * group, dtype=torch.int64)  # a partial last group padded with code 0
+        codes[:, :k] = from_runs(self.codes, k)
+        return levels.gather(2, codes.reshape(n, groups, group)).reshape(n, -1)[:, :k]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        if flat.shape[0] <= KERNEL_ROWS:
+            y = self.matvec()(flat)
+        else:  # the row-wise kernel redoes each weight row's work per input row: slower than one dequantize here
+            y = F.linear(fake_quantize(flat, self.activation), self.weight_values(), self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def matvec(self):
+        """This layer as a plain function of a contiguous float32 [rows <= KERNEL_ROWS, in] input (see
+        IntLinear.matvec; more rows compute correctly, slowly)."""
+        kernel, block, bits = native().table_xlinear, self.block, self.activation.bits_per_code
+        fixed = getattr(self.activation, "value", None) or 0.0
+        codes, tables, units, group, bias = self.codes, self.tables, self.units, self.group, self.bias
+        product = lambda x: kernel(x, block, bits, fixed, codes, tables, units, group)  # noqa: E731
+        return product if bias is None else lambda x: product(x).add_(bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, {self.out_features}, format={self.format}, "
+                f"activation={activation_name(self.activation)}")
+
+
+TABLE_CENTER = 8192  # a learned table's 14-bit codes are t + 8192
+
+
 PANEL = 16  # weight rows per panel of the integer-dot kernels
 
 
@@ -395,6 +473,8 @@ def quantized_linear(quantized: QuantizedTensor, bias: torch.Tensor | None = Non
     kernels where they apply and are built."""
     if native() is not None and IntLinear.supports(quantized.format, quantized.shape, activation):
         return IntLinear(quantized, bias, activation)
+    if native() is not None and TableLinear.supports(quantized.format, quantized.shape, activation):
+        return TableLinear(quantized, bias, activation)
     return with_activation(DequantLinear(quantized, bias), activation)
 
 
@@ -408,7 +488,7 @@ def with_activation(module: nn.Module, activation: Format | None) -> nn.Module:
         return module
     if getattr(activation, "value", 0) is None:
         raise ValueError(f"{activation} needs its scale measured first: quantize with calibration text")
-    if not isinstance(module, (nn.Linear, IntLinear, DequantLinear)):
+    if not isinstance(module, (nn.Linear, IntLinear, TableLinear, DequantLinear)):
         raise TypeError(f"only linear layers take quantized inputs, not {type(module).__name__}")
     if getattr(module, "activation", None) is not None:
         raise ValueError(f"{type(module).__name__} already quantizes its inputs to {module.activation}")

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..calibrate import BlockCalibration, InputStats, SequentialCalibration, Stage
-from ..activations import fake_quantize
+from ..activations import StaticIntFormat, fake_quantize
 from ..formats import Format
 from ..models.adapter import BlockLayout
 from ..models.registry import adapter_for
@@ -148,7 +148,10 @@ def search_smoothing(weights: list[torch.Tensor], stats: list[InputStats], fmt: 
 
     def error(scales: torch.Tensor | None) -> float:
         x = sample if scales is None else sample / scales
-        rounded = fake_quantize(x, activation)
+        rounded_to = activation
+        if isinstance(activation, StaticIntFormat) and activation.value is None:  # the scale quantize will measure
+            rounded_to = activation.calibrated(float((largest_input if scales is None else largest_input / scales).max()))
+        rounded = fake_quantize(x, rounded_to)
         total = 0.0
         for weight, expected in zip(weights, reference):
             w = weight.detach().float() if scales is None else weight.detach().float() * scales

@@ -9,6 +9,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows", &quantize_rows, "float32 rows to int8 codes in blocks, their scales and sums per 16 inputs");
   m.def("nibble_xlinear", &nibble_xlinear, "float32 rows quantized to int8, times 4-bit codes");
   m.def("byte_xlinear", &byte_xlinear, "float32 rows quantized to int8, times 8-bit codes");
+  m.def("table_xlinear", &table_xlinear, "float32 rows quantized to int8, times 4-bit codes of a table per row and group");
   m.def("qdot_isa", &qdot_isa, "the instruction set the integer-dot kernels use");
   m.def("set_qdot_isa", &set_qdot_isa, "use the integer-dot kernels of another instruction set (avx2, avxvnni, avx512vnni)");
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows");

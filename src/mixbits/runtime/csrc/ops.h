@@ -16,6 +16,8 @@ at::Tensor nibble_xlinear(at::Tensor x, int64_t block, int64_t bits, double fixe
                           c10::optional<at::Tensor> table);
 at::Tensor byte_xlinear(at::Tensor x, int64_t block, int64_t bits, double fixed, at::Tensor codes, at::Tensor scales,
                         c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center);
+at::Tensor table_xlinear(at::Tensor x, int64_t block, int64_t bits, double fixed, at::Tensor codes, at::Tensor tables,
+                         at::Tensor units, int64_t group);
 std::string qdot_isa();
 void set_qdot_isa(std::string isa);
 

@@ -73,7 +73,8 @@ struct Problem {
 // The whole file is built with -mavx2 -mfma -mf16c (kernels.py), which the AVX2 copy needs; the VNNI copies take
 // their instruction sets from `#pragma GCC target`, which GCC 11 and later (AVX-VNNI's intrinsics) honour.
 // Other compilers build the AVX2 copy alone. (F16C, for the 16-bit scales, comes with every AVX2 CPU.)
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+// (-DMIXBITS_AVX2_ONLY builds that copy alone with any compiler: how the fallback is checked here.)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && !defined(MIXBITS_AVX2_ONLY)
 #define MIXBITS_VNNI 1
 #endif
 
@@ -268,6 +269,93 @@ at::Tensor quantized_linear(bool nibbles, const at::Tensor& x, int64_t block, in
 }
 
 }  // namespace
+
+// table_xlinear(x, block, bits, fixed, codes, tables, units, group): x quantized as quantize_rows does, times
+// learned-table weights w = (t[c] - 8192) * unit, a table t of 16 unsigned 14-bit codes per row and group of
+// `group` inputs (a multiple of 32), held as 16 high bytes (t >> 7, at most 128) then 16 low bytes (t & 127):
+// tables uint8 [n, groups, 32], units float32 [n, groups]. Codes are 4-bit, row by row in runs of 32 inputs, byte j of
+// a run holding input j (low nibble) and input j + 16 (high): uint8 [n, k / 2].
+//
+// Each thread takes rows; a row's tables are looked up once into 32 high and 32 low weight bytes per run (L1
+// resident), then every activation row is dotted with them (vpmaddubsw, exact for bytes up to 128). AVX2 for every
+// CPU: the rows are independent, so lanes hold inputs and each row ends in one horizontal sum.
+at::Tensor table_xlinear(at::Tensor x, int64_t block, int64_t bits, double fixed, at::Tensor codes, at::Tensor tables,
+                         at::Tensor units, int64_t group) {
+  const std::vector<at::Tensor> quantized = quantize_rows(x, block, bits, fixed);
+  const int64_t m = x.size(0), k = x.size(1), runs = k / kRun;
+  TORCH_CHECK(group > 0 && group % kRun == 0, "learned-table groups must be multiples of 32 inputs, got ", group);
+  const int64_t groups = (k + group - 1) / group;
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(1) == k / 2,
+              "codes must be contiguous uint8 [rows, inputs / 2]");
+  const int64_t n = codes.size(0);
+  TORCH_CHECK(tables.scalar_type() == at::kByte && tables.is_contiguous() && tables.numel() == n * groups * 32,
+              "tables must be contiguous uint8 [rows, groups, 32]");
+  TORCH_CHECK(units.scalar_type() == at::kFloat && units.is_contiguous() && units.numel() == n * groups,
+              "units must be contiguous float32 [rows, groups]");
+  const int8_t* q = quantized[0].data_ptr<int8_t>();
+  const float* d = quantized[1].data_ptr<float>();
+  const float* hs = quantized[2].data_ptr<float>();
+  at::Tensor sums = at::zeros({m, groups}, x.options());  // the dequantized inputs' sum over each group
+  float* gs = sums.data_ptr<float>();
+  const int64_t halves = k / kHalfRun;
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t h = 0; h < halves; ++h) gs[r * groups + h * kHalfRun / group] += hs[r * halves + h];
+  // runs whose dots add in int32 before a scale changes: at most 16 (16 * 32 * 16384 * 128 < 2^31)
+  int64_t span = std::gcd(block, group) / kRun;
+  for (int64_t s = std::min<int64_t>(span, 16); s >= 1; --s) {
+    if (span % s == 0) {
+      span = s;
+      break;
+    }
+  }
+  at::Tensor y = at::empty({m, n}, x.options());
+  float* yp = y.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint8_t* tp = tables.data_ptr<uint8_t>();
+  const float* up = units.data_ptr<float>();
+  at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> looked_up(runs * 64);  // per run: 32 high, then 32 low weight bytes
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t r = 0; r < runs; ++r) {
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + row * (k / 2) + r * kHalfRun));
+        const __m256i index = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), nibble);  // inputs 0-15 low lane, 16-31 high lane
+        const uint8_t* t = tp + (row * groups + r * kRun / group) * 32;
+        const __m256i t_high = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+        const __m256i t_low = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16)));
+        __m256i* out = reinterpret_cast<__m256i*>(looked_up.data() + r * 64);
+        _mm256_storeu_si256(out, _mm256_shuffle_epi8(t_high, index));
+        _mm256_storeu_si256(out + 1, _mm256_shuffle_epi8(t_low, index));
+      }
+      const float* unit = up + row * groups;
+      for (int64_t mi = 0; mi < m; ++mi) {
+        const int8_t* xq = q + mi * k;
+        __m256 total = _mm256_setzero_ps();
+        __m256i acc = _mm256_setzero_si256();
+        for (int64_t r = 0; r < runs; ++r) {
+          const __m256i xr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * kRun));
+          const __m256i* w = reinterpret_cast<const __m256i*>(looked_up.data() + r * 64);
+          const __m256i dh = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256(w), xr), ones);
+          const __m256i dl = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256(w + 1), xr), ones);
+          acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_slli_epi32(dh, 7), dl));
+          if ((r + 1) % span == 0 || r + 1 == runs) {
+            const float f = d[mi * (k / block) + r * kRun / block] * unit[r * kRun / group];
+            total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(f), total);
+            acc = _mm256_setzero_si256();
+          }
+        }
+        __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+        t4 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+        t4 = _mm_add_ss(t4, _mm_movehdup_ps(t4));
+        float value = _mm_cvtss_f32(t4);
+        for (int64_t g = 0; g < groups; ++g) value -= 8192.f * unit[g] * gs[mi * groups + g];  // the codes' center
+        yp[mi * n + row] = value;
+      }
+    }
+  });
+  return y;
+}
 
 at::Tensor nibble_xlinear(at::Tensor x, int64_t block, int64_t bits, double fixed, at::Tensor codes, at::Tensor scales,
                           c10::optional<at::Tensor> offsets, int64_t group, int64_t n, double center, double unit,
