@@ -539,7 +539,7 @@ def _checkpoint_calibration(source) -> dict:
 
     if source is None or not is_checkpoint(source):
         return {}
-    texts = calibrated_texts(checkpoint_info(source).get("quantization", {}).get("calibration"))
+    texts = calibrated_texts((checkpoint_info(source).get("quantization") or {}).get("calibration"))
     return {} if texts is None else {"calibrated_on": texts}
 
 

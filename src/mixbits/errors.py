@@ -27,3 +27,9 @@ class TransformError(MixbitsError):
 
 class ExportError(MixbitsError):
     """A checkpoint cannot be written in the asked format, or for the asked runtime."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a third-party error's message (many span several), for a one-line MixbitsError."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -45,13 +45,16 @@ from tqdm import tqdm
 
 from . import defaults
 from .calibrate import _Accumulator, block_inputs, calibration_data, run_block
-from .errors import MixbitsError
+from .defaults import SOLVERS
+from .errors import MixbitsError, first_line
 from .files import write_json
 from .menu import Choice, Pin, allowed, check_pins_match, embedding_choices, group_choices, parse_menu
 from .models.loaded import LoadedModel
 from .models.registry import adapter_for
 from .models.structure import outer_layers, output_head, quantizable_linears, transformer_blocks
 from .plan import option_bits
+from .schema import (COUNT, DAMAGE, MODULE_NAME, SHAPE, SIZE, Check, Field, ListOf, MapOf, Nullable, SchemaError,
+                     check, optional)
 from .solvers import GptqSettings, approximation, solve_many
 
 SENSITIVITY_VERSION = 1
@@ -293,6 +296,8 @@ class Sensitivity:
         if model is not None and self.model.get("sha256") not in (None, model.sha256):
             raise SensitivityError(f"the sensitivity file was measured on another model ({self.model.get('name')}, "
                                    f"sha256 {self.model['sha256'][:12]}); measure this one")
+        if model is not None:
+            self.check_model(model)
         c = self.calibration
         if calibration is not None and (c.get("text"), c.get("count"), c.get("length")) != tuple(calibration):
             raise SensitivityError(f"the sensitivity file was measured on {c.get('count')} x {c.get('length')} tokens "
@@ -370,20 +375,87 @@ class Sensitivity:
 
     @classmethod
     def load(cls, path: str | Path) -> "Sensitivity":
+        """The sensitivity in `path`, checked against SENSITIVITY_SCHEMA and for consistency (`validate`)."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
-            if data.get("mixbits_sensitivity") != SENSITIVITY_VERSION:
-                raise SensitivityError(f"{path} is not a version-{SENSITIVITY_VERSION} mixbits sensitivity file; measure again")
-            groups = [_group_from_dict(g) for g in data["groups"]]
-            outer = [_group_from_dict(g) for g in data.get("outer") or []]
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise SensitivityError(f"sensitivity file {path} does not exist; measure with `mixbits plan --sensitivity FILE`") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
-            raise SensitivityError(f"cannot read sensitivity file {path}: {error}") from None
+        except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise SensitivityError(f"cannot read sensitivity file {path}: {type(error).__name__}: "
+                                   f"{first_line(error)}") from None
+        if not isinstance(data, dict) or data.get("mixbits_sensitivity") != SENSITIVITY_VERSION:
+            raise SensitivityError(f"{path} is not a version-{SENSITIVITY_VERSION} mixbits sensitivity file; measure again")
+        try:
+            check(data, SENSITIVITY_SCHEMA, path.name)
+        except SchemaError as error:
+            raise SensitivityError(f"{error}; measure again") from None
         calibration = {"clip_search": True, **(data.get("calibration") or {})}  # files before it was recorded used it
-        return cls(groups, data.get("model") or {}, calibration, data.get("kl_windows"),
-                   int(data.get("other_parameters", 0)), data.get("seconds") or {}, outer)
+        found = cls([_group_from_dict(g) for g in data["groups"]], data.get("model") or {}, calibration,
+                    data.get("kl_windows"), data.get("other_parameters", 0), data.get("seconds") or {},
+                    [_group_from_dict(g) for g in data.get("outer") or []])
+        found.validate(path)
+        return found
+
+    def validate(self, path: Path | str) -> None:
+        """Refuse measurements that contradict themselves: a group's layers and shapes of different lengths, a
+        layer in two groups, options unknown, measured twice or with bits that are not the option's, or a KL
+        missing where KL windows are recorded."""
+        seen: set[str] = set()
+        for group in self.groups + self.outer:
+            where = f"{path}: group {group.name}"
+            if not group.layers or len(group.layers) != len(group.shapes):
+                raise SensitivityError(f"{where} lists {len(group.layers)} layers and {len(group.shapes)} shapes; "
+                                       "measure again")
+            if seen & set(group.layers) or len(set(group.layers)) != len(group.layers):
+                raise SensitivityError(f"{where} holds a layer another group (or it) already holds; measure again")
+            seen |= set(group.layers)
+            if not group.options:
+                raise SensitivityError(f"{where} has no measured options; measure again")
+            choices = set()
+            for option in group.options:
+                if option.solver not in SOLVERS:
+                    raise SensitivityError(f"{where}: unknown solver {option.solver!r}; measure again")
+                try:
+                    bits = group.bits(option.choice)
+                except MixbitsError as error:
+                    raise SensitivityError(f"{where}: {error}; measure again") from None
+                if bits != option.bits:
+                    raise SensitivityError(f"{where}: {option.option} is {bits} bits, the file says {option.bits}; "
+                                           "measure again")
+                if option.choice in choices:
+                    raise SensitivityError(f"{where} measures {option.choice} twice; measure again")
+                choices.add(option.choice)
+                if self.kl_windows and option.kl is None:
+                    raise SensitivityError(f"{where}: {option.choice} has no KL, though KL windows are recorded; "
+                                           "measure again")
+
+    def check_model(self, model: LoadedModel) -> None:
+        """Refuse measurements of layers `model` does not have, or has in other shapes."""
+        modules = dict(model.model.named_modules())
+        for group in self.groups + self.outer:
+            for name, shape in zip(group.layers, group.shapes):
+                weight = getattr(modules.get(name), "weight", None)
+                if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(shape):
+                    raise SensitivityError(f"the sensitivity file measures {name} as {shape[0]}x{shape[1]}, which "
+                                           "this model does not have; measure this model")
+
+
+_OPTION_SCHEMA = {"option": Field(str), "solver": Field(str), "bits": Field(COUNT), "proxy": Field(DAMAGE),
+                  "output_error": Field(DAMAGE), "kl": Field(Nullable(DAMAGE)), "seconds": Field(DAMAGE)}
+_GROUP_SCHEMA = {"name": Field(str), "layers": Field(ListOf(MODULE_NAME)), "shapes": Field(ListOf(SHAPE)),
+                 "block": Field(Check(int, lambda n: n >= -1, "-1 (the embedding) or a block index")),
+                 "options": Field(ListOf(_OPTION_SCHEMA))}
+SENSITIVITY_SCHEMA = {
+    "mixbits_sensitivity": Field(int),
+    "model": optional(Nullable({"name": optional(Nullable(str)), "sha256": optional(Nullable(str))})),
+    "calibration": optional(Nullable(dict)),
+    "kl_windows": optional(Nullable({"count": Field(SIZE), "length": Field(SIZE)})),
+    "other_parameters": optional(COUNT),
+    "seconds": optional(Nullable(MapOf(str, DAMAGE))),
+    "groups": Field(ListOf(_GROUP_SCHEMA)),
+    "outer": optional(Nullable(ListOf(_GROUP_SCHEMA))),
+}
 
 
 def _group_dict(group: GroupSensitivity) -> dict:
@@ -392,8 +464,9 @@ def _group_dict(group: GroupSensitivity) -> dict:
 
 
 def _group_from_dict(data: dict) -> GroupSensitivity:
-    return GroupSensitivity(data["name"], list(data["layers"]), [tuple(s) for s in data["shapes"]], int(data["block"]),
-                            [OptionDamage(**o) for o in data["options"]])
+    options = [OptionDamage(**{key: o[key] for key in _OPTION_SCHEMA}) for o in data["options"]]
+    return GroupSensitivity(data["name"], list(data["layers"]), [tuple(s) for s in data["shapes"]], data["block"],
+                            options)
 
 
 def group_name(layers: list[str]) -> str:

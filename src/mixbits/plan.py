@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .defaults import SOLVERS
-from .errors import MixbitsError
+from .errors import MixbitsError, first_line
 from .files import write_json
 from .formats import parse_format
+from .schema import DAMAGE, MODULE_NAME, SHAPE, Field, ListOf, Nullable, SchemaError, check, optional
 
 PLAN_VERSION = 1
 KEEP = "fp16"  # keep the layer unquantized, stored in 16 bits
@@ -33,6 +34,12 @@ KEEP = "fp16"  # keep the layer unquantized, stored in 16 bits
 
 class PlanError(MixbitsError):
     """A plan file is missing, malformed, or inconsistent."""
+
+
+LAYER_SCHEMA = {"name": Field(MODULE_NAME), "group": optional(str), "option": Field(str), "solver": optional(str),
+                "shape": Field(SHAPE), "damage": optional(Nullable(DAMAGE)), "activation": optional(Nullable(str))}
+PLAN_SCHEMA = {"mixbits_plan": Field(int), "model": optional(Nullable(dict)), "budget": optional(Nullable(dict)),
+               "damage": optional(str), "layers": Field(ListOf(LAYER_SCHEMA))}  # "totals" is recomputed, not read
 
 
 def option_bits(option: str, rows: int, cols: int) -> int:
@@ -153,25 +160,23 @@ class Plan(LayerTotals):
             raise PlanError("not a mixbits plan (no \"mixbits_plan\" version field); make one with `mixbits plan`")
         if data["mixbits_plan"] != PLAN_VERSION:
             raise PlanError(f"plan version {data['mixbits_plan']!r} is not supported (this mixbits reads {PLAN_VERSION})")
-        layers = []
-        for index, entry in enumerate(data.get("layers") or []):
-            try:
-                rows, cols = (int(n) for n in entry["shape"])
-                activation = entry.get("activation")
-                layers.append(LayerPlan(str(entry["name"]), str(entry.get("group", entry["name"])), str(entry["option"]),
-                                        str(entry.get("solver", "rtn")), (rows, cols), entry.get("damage"),
-                                        None if activation is None else str(activation)))
-            except (KeyError, TypeError, ValueError):
-                raise PlanError(f"plan layer {index} needs name, option and shape [rows, cols]") from None
+        try:
+            check(data, PLAN_SCHEMA, "the plan")
+        except SchemaError as error:
+            raise PlanError(f"{error}; make the plan with `mixbits plan` or fix the entry") from None
+        layers = [LayerPlan(entry["name"], entry.get("group", entry["name"]), entry["option"],
+                            entry.get("solver", "rtn"), tuple(entry["shape"]), entry.get("damage"),
+                            entry.get("activation"))
+                  for entry in data["layers"]]
         return cls(layers, data.get("model") or {}, data.get("budget") or {}, data.get("damage", "proxy"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise PlanError(f"plan file {path} does not exist; make one with `mixbits plan`") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise PlanError(f"cannot read plan {path}: {error}") from None
+        except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise PlanError(f"cannot read plan {path}: {type(error).__name__}: {first_line(error)}") from None
         return cls.from_dict(data)

@@ -9,6 +9,7 @@ one-line MixbitsError naming where in the file the value is wrong.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -113,3 +114,4 @@ COUNT = Check(int, lambda n: n >= 0, "a non-negative integer")
 SIZE = Check(int, lambda n: 1 <= n <= 2**31, "a positive integer below 2^31")
 SHAPE = ListOf(SIZE, length=2)
 SHA256 = Check(str, lambda s: re.fullmatch(r"[0-9a-f]{64}", s) is not None, "a sha256 hex digest")
+DAMAGE = Check(float, lambda x: math.isfinite(x) and x >= 0, "a finite non-negative number")

@@ -81,12 +81,15 @@ def finished_points(previous: Path, record: dict) -> list[dict]:
     uniform points) are kept.
     """
     try:
-        old = json.loads(previous.read_text())
+        old = json.loads(previous.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
     if not isinstance(old, dict) or any(old.get(key) != record.get(key) for key in RESUME_KEYS):
         return []
-    return [p for p in old.get("points", []) if p.get("budget") is None or p.get("budget") in record["budgets"]]
+    points = old.get("points")
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        return []  # not a sweep this version wrote: start over
+    return [p for p in points if p.get("budget") is None or p.get("budget") in record["budgets"]]
 
 
 def sweep(

@@ -23,6 +23,7 @@ outer layers) still load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import MixbitsError, ModelLoadError
+from ..errors import MixbitsError, ModelLoadError, first_line
 from ..activations import parse_activation
 from ..formats import parse_format
 from ..formats.storage import restore, store, stored_bytes
@@ -40,7 +41,8 @@ from ..hashing import sha256_file
 from ..models.registry import adapter_for
 from ..models.loaded import LoadedModel
 from ..plan import KEEP
-from ..schema import COUNT, FILE_NAME, MODULE_NAME, SHA256, SHAPE, Field, ListOf, MapOf, Nullable, SchemaError, check, optional
+from ..schema import (COUNT, FILE_NAME, MODULE_NAME, SHA256, SHAPE, Check, Field, ListOf, MapOf, Nullable, SchemaError,
+                      check, optional)
 
 VERSION = 3  # 2: outer layers (the embedding in 16 bits or quantized); 3: quantized inputs ("activation")
 READABLE = (1, 2, 3)
@@ -59,6 +61,16 @@ LAYER_SCHEMA = {"name": Field(MODULE_NAME), "option": Field(str), "solver": Fiel
 INFO_SCHEMA = {"mixbits_checkpoint": Field(int), "layers": Field(ListOf(LAYER_SCHEMA)),
                "outer": optional(ListOf(LAYER_SCHEMA)), "tied": Field(MapOf(MODULE_NAME, MODULE_NAME)),
                "source": optional(Nullable(dict)), "quantization": optional(Nullable(dict)), "plan": optional(Nullable(dict))}
+# The sizes transformers builds a model from, bounded so that even its skeleton stays small; the rest of the
+# config is transformers' to check, and the built skeleton is checked against the stored tensors.
+_DIMENSION = optional(Nullable(Check(int, lambda n: 1 <= n <= 2**24, "a positive integer up to 2^24")))
+_COUNT = optional(Nullable(Check(int, lambda n: 1 <= n <= 1024, "a positive integer up to 1024")))
+CONFIG_SCHEMA = {"model_type": Field(str), "architectures": optional(Nullable(ListOf(str))),
+                 **{key: _DIMENSION for key in ("hidden_size", "intermediate_size", "vocab_size", "head_dim",
+                                                "num_attention_heads", "num_key_value_heads", "moe_intermediate_size",
+                                                "shared_expert_intermediate_size", "max_position_embeddings")},
+                 **{key: _COUNT for key in ("num_hidden_layers", "num_experts", "num_local_experts",
+                                            "num_experts_per_tok")}}
 
 
 def _read_json(path: Path, schema) -> dict:
@@ -171,42 +183,66 @@ def save_quantized(model: nn.Module | LoadedModel, report, directory: str | Path
     return SavedCheckpoint(directory, sizes, sum(layer["bits"] for layer in layers), layer_bytes)
 
 
-def load_quantized(directory: str | Path) -> LoadedModel:
-    """The model saved in `directory`, with runtime modules for its quantized layers; CheckpointError if damaged."""
-    from safetensors.torch import load_file
+@dataclass
+class CheckpointContents:
+    """A checkpoint as read and checked by `read_checkpoint`, before any model is built."""
 
+    info: dict  # mixbits.json
+    config: object  # the transformers config
+    quantized: dict[str, torch.Tensor]  # quantized.safetensors
+    floats: dict[str, torch.Tensor]  # float.safetensors
+    layers: dict[str, object]  # each stored layer: its 16-bit weight, or its restored QuantizedTensor
+    activations: dict[str, object]  # the input format of each quantized layer that has one
+
+
+def read_checkpoint(directory: str | Path) -> CheckpointContents:
+    """Every file of the checkpoint in `directory`, checked: sizes and hashes against the manifest, the JSON files
+    against their schemas, then every layer and float tensor against a skeleton of the model built on the meta
+    device (no memory). A damaged file fails in one line, and a hostile one cannot make a reader allocate more than
+    the files hold."""
     directory = Path(directory)
     info = _checked_info(directory)
-    try:
-        quantized = load_file(str(directory / QUANTIZED))
-        floats = load_file(str(directory / FLOAT))
-    except Exception as error:  # safetensors raises its own error types on malformed files
-        raise CheckpointError(f"cannot read the tensors in {directory}: {error}; write the checkpoint again") from error
-    model = _empty_model(directory)
+    config = _config(directory)
+    skeleton = _build_model(config, directory, meta=True)
+    quantized, floats = _tensors(directory)
     outer = info.get("outer", [])
-    layer_names = {layer["name"] for layer in info["layers"] + outer}
-    expected = {key for key in model.state_dict() if key.rpartition(".")[0] not in layer_names}
-    modules = dict(model.named_modules())
-    built: dict[str, nn.Module] = {}
-    for layer in info["layers"] + outer:
-        name, shape = layer["name"], tuple(layer["shape"])
-        target = modules.get(name)
-        embedding = isinstance(target, nn.Embedding)
-        if not (isinstance(target, nn.Linear) or embedding and layer in outer) or tuple(target.weight.shape) != shape:
-            raise CheckpointError(f"layer {name} of {directory} does not match its config.json; write the checkpoint again")
-        bias = floats.pop(f"{name}.bias", None)
-        tensors = layer_tensors(quantized, name)
+    modules = dict(skeleton.named_modules())
+    layers = {layer["name"]: _checked_layer(layer, layer in outer, modules, quantized, floats.get(f"{layer['name']}.bias"),
+                                            directory) for layer in info["layers"] + outer}
+    activations = {}
+    for layer in info["layers"]:
         try:
-            activation = None if layer in outer else _stored_activation(layer, "activation")
-            module = _stored_module(layer["option"], shape, tensors, bias, target if embedding else None, activation)
+            activations[layer["name"]] = _stored_activation(layer, "activation")
         except MixbitsError as error:
-            raise CheckpointError(f"layer {name} of {directory}: {error}") from error
+            raise CheckpointError(f"layer {layer['name']} of {directory}: {error}") from error
+    expected = {key: value for key, value in skeleton.state_dict().items() if key.rpartition(".")[0] not in layers}
+    rest = {key: value for key, value in floats.items() if key.rpartition(".")[0] not in layers}
+    _check_floats(expected, rest, info["tied"], skeleton, directory)
+    return CheckpointContents(info, config, quantized, floats, layers, activations)
+
+
+def load_quantized(directory: str | Path) -> LoadedModel:
+    """The model saved in `directory`, with runtime modules for its quantized layers; CheckpointError if damaged
+    (everything is checked by `read_checkpoint` before the model is built)."""
+    directory = Path(directory)
+    contents = read_checkpoint(directory)
+    info, floats = contents.info, dict(contents.floats)
+    outer = info.get("outer", [])
+    model = _build_model(contents.config, directory)
+    modules = dict(model.named_modules())
+    options = {layer["name"]: layer["option"] for layer in info["layers"] + outer}
+    built: dict[str, nn.Module] = {}
+    for name, stored in contents.layers.items():
+        target = modules[name]
+        module = _stored_module(options[name], stored, floats.pop(f"{name}.bias", None),
+                                target if isinstance(target, nn.Embedding) else None, contents.activations.get(name))
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, module)
         built[name] = module
-    expected -= _tie_to_quantized(model, info["tied"], built, directory, outer)
-    _load_floats(model, expected, floats, info["tied"], directory)
-    del quantized
+    tied = dict(info["tied"])
+    _tie_to_quantized(model, tied, built, directory, outer)
+    _load_floats(model, floats, tied, directory)
+    del contents
     _return_freed_memory()
     tokenizer = _tokenizer(directory)
     source = info.get("source") or {}
@@ -215,10 +251,49 @@ def load_quantized(directory: str | Path) -> LoadedModel:
                        sha256_file(directory / MANIFEST))
 
 
-def _stored_module(option: str, shape: tuple[int, int], tensors: dict[str, torch.Tensor], bias,
-                   embedding: nn.Embedding | None, activation=None):
-    """The runtime module of one stored layer: float (from its 16-bit weight) or computing from its codes, its
-    inputs rounded to `activation` if given.
+def _tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The tensors of quantized.safetensors and float.safetensors (their headers checked by safetensors against the
+    file's length, so no tensor is larger than its file)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(directory / QUANTIZED)), load_file(str(directory / FLOAT))
+    except Exception as error:  # safetensors raises its own error types on malformed files
+        raise CheckpointError(f"cannot read the tensors in {directory}: {first_line(error)}; write the checkpoint "
+                              "again") from error
+
+
+def _checked_layer(layer: dict, outer: bool, skeleton: dict[str, nn.Module], quantized: dict[str, torch.Tensor], bias,
+                   directory: Path):
+    """A layer of mixbits.json (and its float `bias`) checked against the modules of the model's skeleton: its
+    16-bit weight, or its codes restored."""
+    name, shape = layer["name"], tuple(layer["shape"])
+    target = skeleton.get(name)
+    embedding = isinstance(target, nn.Embedding)
+    if not (isinstance(target, nn.Linear) or embedding and outer) or tuple(target.weight.shape) != shape:
+        raise CheckpointError(f"layer {name} of {directory} does not match its config.json; write the checkpoint again")
+    if (getattr(target, "bias", None) is None) != (bias is None) or bias is not None and (
+            tuple(bias.shape) != (shape[0],) or not bias.is_floating_point()):
+        raise CheckpointError(f"layer {name} of {directory} has " + ("no bias stored" if bias is None else
+                              f"a {bias.dtype} bias of shape {list(bias.shape)}") + " where the model's config has "
+                              + ("none" if getattr(target, "bias", None) is None else f"one of {shape[0]}")
+                              + "; write the checkpoint again")
+    tensors = layer_tensors(quantized, name)
+    if layer["option"] == KEEP:
+        weight = tensors.get("weight")
+        if weight is None or tuple(weight.shape) != shape or not weight.is_floating_point():
+            raise CheckpointError(f"layer {name} of {directory} has no {shape[0]}x{shape[1]} 16-bit weight stored; "
+                                  "write the checkpoint again")
+        return weight
+    try:
+        return restore(parse_format(layer["option"]), shape, tensors)
+    except MixbitsError as error:
+        raise CheckpointError(f"layer {name} of {directory}: {error}") from error
+
+
+def _stored_module(option: str, stored, bias, embedding: nn.Embedding | None, activation=None):
+    """The runtime module of one stored layer: float (from its 16-bit weight) or computing from its codes (`stored`
+    is the weight or the restored QuantizedTensor), its inputs rounded to `activation` if given.
 
     An `embedding` (the model's own module) keeps its class with a float weight, so whatever its forward adds
     (Gemma's sqrt(hidden) scale) stays; held as codes, its `embed_scale` goes with them.
@@ -227,34 +302,28 @@ def _stored_module(option: str, shape: tuple[int, int], tensors: dict[str, torch
     from ..runtime.linear import with_activation
 
     if option == KEEP:
-        if "weight" not in tensors:
-            raise MixbitsError("no 16-bit weight is stored for it; write the checkpoint again")
-        weight = nn.Parameter(tensors["weight"].float(), requires_grad=False)
+        weight = nn.Parameter(stored.float(), requires_grad=False)
         if embedding is not None:
             embedding.weight = weight
             return embedding
-        module = nn.Linear(shape[1], shape[0], bias=bias is not None)
+        module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         module.weight = weight
         if bias is not None:
             module.bias = nn.Parameter(bias.float(), requires_grad=False)
         return with_activation(module, activation)
-    stored = restore(parse_format(option), shape, tensors)
     if embedding is not None:
         return QuantizedEmbedding(stored, getattr(embedding, "embed_scale", None))
     return quantized_linear(stored, bias, activation)
 
 
 def _tie_to_quantized(model: nn.Module, tied: dict[str, str], built: dict[str, nn.Module], directory: Path,
-                      info_outer: list[dict]) -> set[str]:
+                      info_outer: list[dict]) -> None:
     """A weight tied to a quantized embedding (the output head): its module computes from the same codes, its
-    inputs quantized to the embedding entry's `head_activation` if that is given.
-
-    Returns the aliases so replaced (taken out of `tied`).
-    """
+    inputs quantized to the embedding entry's `head_activation` if that is given; such ties are taken out of
+    `tied`."""
     from ..runtime import IntLinear, QuantizedEmbedding, quantized_linear
     from ..runtime.embedding import TiedEmbedding
 
-    replaced = set()
     for alias, kept in list(tied.items()):
         owner = built.get(kept.rpartition(".")[0])
         if owner is None or not isinstance(owner, QuantizedEmbedding):
@@ -280,8 +349,6 @@ def _tie_to_quantized(model: nn.Module, tied: dict[str, str], built: dict[str, n
             setattr(model.get_submodule(embed_parent) if embed_parent else model, embed_child,
                     TiedEmbedding(head, owner.embed_scale))
         del tied[alias]
-        replaced.add(alias)
-    return replaced
 
 
 def _stored_activation(entry: dict, key: str):
@@ -387,35 +454,67 @@ def _checked_info(directory: Path) -> dict:
     return info
 
 
-def _empty_model(directory: Path) -> nn.Module:
-    """The architecture from config.json, with uninitialised weights (they are all loaded next)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _config(directory: Path):
+    """config.json, checked against CONFIG_SCHEMA (sizes bounded) and read by transformers."""
+    from transformers import AutoConfig
+
+    from ..models.loader import quiet_transformers
+
+    _read_json(directory / "config.json", CONFIG_SCHEMA)
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as error:  # transformers raises many types on configs it cannot read
+        raise CheckpointError(f"cannot read {directory / 'config.json'}: {first_line(error)}; write the checkpoint "
+                              "again") from error
+
+
+def _build_model(config, directory: Path, meta: bool = False) -> nn.Module:
+    """The architecture of `config` with uninitialised weights (they are all loaded next), or on the meta device
+    (shapes only, no memory); its layers as they were saved (stacked experts as Linears)."""
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    from ..models.loader import quiet_transformers
+
     try:
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
-        with no_init_weights():
+        with quiet_transformers(), no_init_weights(), torch.device("meta") if meta else contextlib.nullcontext():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except Exception as error:
-        raise CheckpointError(f"cannot build the model of {directory / 'config.json'}: {error}") from error
-    adapter_for(model).prepare(model)  # the layers as they were saved (stacked experts as Linears)
+        adapter_for(model).prepare(model)
+    except Exception as error:  # a config transformers reads but cannot build
+        raise CheckpointError(f"cannot build the model of {directory / 'config.json'}: {first_line(error)}") from error
     return model
 
 
-def _load_floats(model: nn.Module, expected: set[str], floats: dict[str, torch.Tensor], tied: dict[str, str],
-                 directory: Path) -> None:
+def _check_floats(expected: dict[str, torch.Tensor], floats: dict[str, torch.Tensor], tied: dict[str, str],
+                  skeleton: nn.Module, directory: Path) -> None:
+    """float.safetensors and the ties hold exactly the `expected` tensors (the skeleton's, beyond the stored
+    layers), each a float tensor of its shape; a tie names a tensor the checkpoint holds."""
     names = set(floats) | set(tied)
-    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
     if missing or unexpected:
         what = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which the model does not"
         raise CheckpointError(f"{directory / FLOAT} {what} ({len(missing)} missing, {len(unexpected)} unexpected); "
                               "write the checkpoint again")
+    for key, value in floats.items():
+        if tuple(value.shape) != tuple(expected[key].shape) or not value.is_floating_point():
+            raise CheckpointError(f"{directory / FLOAT}'s {key} is {value.dtype} {list(value.shape)}, the model's is "
+                                  f"float {list(expected[key].shape)}; write the checkpoint again")
+    params = dict(skeleton.named_parameters(remove_duplicate=False))
+    for alias, kept in tied.items():
+        if alias not in params or kept not in floats and kept not in params or kept in tied:
+            raise CheckpointError(f"{directory / INFO} ties {alias} to {kept}, which the checkpoint does not hold; "
+                                  "write the checkpoint again")
+        if tuple(params[alias].shape) != tuple((floats[kept] if kept in floats else params[kept]).shape):
+            raise CheckpointError(f"{directory / INFO} ties {alias} to {kept} of another shape; write the checkpoint "
+                                  "again")
+
+
+def _load_floats(model: nn.Module, floats: dict[str, torch.Tensor], tied: dict[str, str], directory: Path) -> None:
+    """Put the (checked) float tensors and ties into the built model."""
     model.load_state_dict(floats, strict=False, assign=True)
     params = dict(model.named_parameters(remove_duplicate=False))
     for alias, kept in tied.items():
-        if kept not in floats and kept not in params:
-            raise CheckpointError(f"{directory / INFO} ties {alias} to {kept}, which the checkpoint does not hold; "
-                                  "write the checkpoint again")
         module_name, _, attribute = alias.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, attribute, params[kept] if kept in params else floats[kept])
@@ -438,7 +537,10 @@ def _return_freed_memory() -> None:
 def _tokenizer(directory: Path):
     from transformers import AutoTokenizer
 
+    from ..models.loader import quiet_transformers
+
     try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception:  # a checkpoint saved without a tokenizer is still a model
         return None

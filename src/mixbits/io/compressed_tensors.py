@@ -47,7 +47,7 @@ from ..formats.integer import IntFormat
 from ..formats.storage import restore
 from ..packing import pack
 from ..plan import KEEP
-from .checkpoint import FLOAT, INFO, MANIFEST, QUANTIZED, checkpoint_info, layer_tensors
+from .checkpoint import FLOAT, INFO, MANIFEST, QUANTIZED, layer_tensors, read_checkpoint
 
 SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 WORD = 32  # bits of compressed-tensors' packing words
@@ -55,14 +55,14 @@ WORD = 32  # bits of compressed-tensors' packing words
 
 def export_compressed_tensors(directory: str | Path, out: str | Path) -> Path:
     """Write the checkpoint in `directory` as a compressed-tensors model directory `out`; returns `out`."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     directory, out = Path(directory), Path(out)
-    info = checkpoint_info(directory)
     if out.exists():
         raise ExportError(f"{out} exists; choose a new output directory")
-    quantized = load_file(str(directory / QUANTIZED))
-    tensors: dict[str, torch.Tensor] = dict(load_file(str(directory / FLOAT)))
+    contents = read_checkpoint(directory)
+    info, quantized = contents.info, contents.quantized
+    tensors: dict[str, torch.Tensor] = dict(contents.floats)
     groups: dict[tuple[str, str | None], list[str]] = {}
     ignore = []
     for layer in info["layers"]:
@@ -72,19 +72,16 @@ def export_compressed_tensors(directory: str | Path, out: str | Path) -> Path:
             tensors[f"{name}.weight"] = stored["weight"].half()
             ignore.append(name)
             continue
-        activation = layer.get("activation")
-        if activation is not None and not isinstance(activation, str):
-            raise ExportError(f"{name}'s activation in {directory / INFO} is not a format string; write the checkpoint again")
+        activation = layer.get("activation")  # checked by read_checkpoint
         fmt = _checked_format(name, option, shape, activation)
         tensors.update({f"{name}.{key}": value for key, value in _layer(fmt, shape, stored, activation).items()})
         groups.setdefault((option, activation), []).append(name)
     for layer in info.get("outer", []):
         name, shape, option = layer["name"], tuple(layer["shape"]), layer["option"]
-        stored = layer_tensors(quantized, name)
-        tensors[f"{name}.weight"] = (stored["weight"] if option == KEEP
-                                     else restore(parse_format(option), shape, stored).dequantize().float())
+        stored = contents.layers[name]
+        tensors[f"{name}.weight"] = stored if option == KEEP else stored.dequantize().float()
         ignore.append(name)
-    config = json.loads((directory / "config.json").read_text())
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))  # checked by read_checkpoint
     config["quantization_config"] = _quantization_config(groups, ignore)
 
     temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")

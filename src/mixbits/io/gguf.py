@@ -45,7 +45,7 @@ from ..hashing import sha256_file
 from ..models.registry import adapter_for, exportable_types
 from ..packing import unpack
 from ..plan import KEEP
-from .checkpoint import FLOAT, QUANTIZED, checkpoint_info, layer_tensors
+from .checkpoint import layer_tensors, read_checkpoint
 
 GGML_FORMATS = {name: parse_format(name) for name in ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "mxfp4")}
 SUPER_BLOCK = 256
@@ -89,12 +89,10 @@ def gguf_representable(option: str, shape: tuple[int, int]) -> bool:
 def export_gguf(directory: str | Path, out: str | Path, *, tokenizer_gguf: str | Path | None = None) -> Path:
     """Write the checkpoint in `directory` as a GGUF file `out` (atomically); returns the path."""
     import gguf
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
 
     directory, out = Path(directory), Path(out)
-    info = checkpoint_info(directory)
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    contents = read_checkpoint(directory)
+    info, config = contents.info, contents.config
     adapter = adapter_for(config)
     arch = adapter.gguf_architecture(config)
     if arch is None:
@@ -103,7 +101,7 @@ def export_gguf(directory: str | Path, out: str | Path, *, tokenizer_gguf: str |
     layers = {layer["name"]: layer for layer in info["layers"] + info.get("outer", [])}
     adapter.gguf_check(config, set(layers))
     types = {name: ggml_type_name(layer["option"], tuple(layer["shape"])) for name, layer in layers.items()}
-    quantized, floats = load_file(str(directory / QUANTIZED)), load_file(str(directory / FLOAT))
+    quantized, floats = contents.quantized, contents.floats
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     tensors = _tensors(adapter, config, info, layers, types, quantized, floats, names)
 
@@ -317,7 +315,7 @@ def _convert_tokenizer(writer, directory: Path, config) -> None:
 
 def _special_ids(directory: Path) -> list[int]:
     try:
-        config = json.loads((directory / "tokenizer_config.json").read_text())
-    except (OSError, ValueError):
+        decoder = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))["added_tokens_decoder"]
+        return [int(index) for index, token in decoder.items() if token.get("special")]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no special tokens we can read: none marked
         return []
-    return [int(index) for index, token in config.get("added_tokens_decoder", {}).items() if token.get("special")]

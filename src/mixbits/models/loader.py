@@ -24,7 +24,7 @@ from torch import nn
 
 from ..cache import cache_root
 from ..data import bos_token_id
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
 from ..hashing import sha256_file, sha256_files, sha256_state_dict
 from .loaded import LoadedModel
 from .registry import adapter_for
@@ -105,7 +105,7 @@ def _cache_is_valid(cache: Path, digest: str) -> bool:
         manifest = json.loads((cache / MANIFEST).read_text())
         if manifest.get("version") != CACHE_VERSION or manifest.get("source_sha256") != digest:
             return False
-        return all(sha256_file(cache / name) == sha for name, sha in manifest["files"].items())
+        return all("/" not in name and sha256_file(cache / name) == sha for name, sha in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -115,13 +115,15 @@ def _build_gguf_cache(path: Path, digest: str, cache: Path, name: str) -> Loaded
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        with _no_progress_bars():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            model, report = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                                 output_loading_info=True)
         if _gguf_adds_bos(path) and bos_token_id(tokenizer) is None and tokenizer.bos_token_id is not None:
             tokenizer.add_bos_token = True
     except Exception as error:  # transformers/gguf raise many types on bad files
-        raise ModelLoadError(f"could not load GGUF {path}: {_first_line(error)}; check that the file is complete") from error
+        raise ModelLoadError(f"could not load GGUF {path}: {first_line(error)}; check that the file is complete") from error
+    _check_complete(report, path)
     model.eval()
     # Build in a temporary directory, then rename: a crash never leaves a half cache.
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +147,15 @@ def _build_gguf_cache(path: Path, digest: str, cache: Path, name: str) -> Loaded
     return LoadedModel(model, tokenizer, name, digest)
 
 
+def _check_complete(report: dict, path: Path) -> None:
+    """Refuse a model whose file lacks some of its weights or holds them in other shapes: transformers would
+    initialise those at random and go on."""
+    missing = list(report.get("missing_keys") or []) + [str(key) for key in report.get("mismatched_keys") or []]
+    if missing:
+        raise ModelLoadError(f"{path} lacks {len(missing)} of the model's weights, or holds them in other shapes "
+                             f"(first: {missing[0]}); check that the file is complete and unedited")
+
+
 def _gguf_adds_bos(path: Path) -> bool:
     from gguf import GGUFReader
 
@@ -153,18 +164,22 @@ def _gguf_adds_bos(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
-    """Loading takes seconds; transformers' bars would break the one-line stderr of error paths."""
+def quiet_transformers():
+    """Loading takes seconds and mixbits reports what matters itself: transformers' progress bars and its tables of
+    missing weights would break the one-line stderr of error paths."""
     from unittest import mock
 
     from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:  # the GGUF conversion draws a bare tqdm bar that no setting turns off
         with mock.patch("transformers.modeling_gguf_pytorch_utils.tqdm", lambda items, **_: items):
             yield
     finally:
         hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
 
 
 def _load_hf_dir(path: Path, name: str) -> LoadedModel:
@@ -173,10 +188,12 @@ def _load_hf_dir(path: Path, name: str) -> LoadedModel:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; give a Hugging Face model directory or a .gguf file")
     try:
-        with _no_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        with quiet_transformers():
+            model, report = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                                                 output_loading_info=True)
     except Exception as error:
-        raise ModelLoadError(f"could not load the model in {path}: {_first_line(error)}") from error
+        raise ModelLoadError(f"could not load the model in {path}: {first_line(error)}") from error
+    _check_complete(report, path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception:  # a model directory without a tokenizer is still a model
@@ -187,8 +204,3 @@ def _load_hf_dir(path: Path, name: str) -> LoadedModel:
 def _weight_files(path: Path) -> list[Path]:
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
     return files
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
