@@ -21,7 +21,7 @@ from mixbits.report import format_table
 from common import write_results
 
 NAME = "fuzz_loaders"
-COUNTS = {"checkpoint": 40_000, "plan": 15_000, "sensitivity": 30_000, "gguf": 15_000}
+COUNTS = {"checkpoint": 45_000, "plan": 10_000, "sensitivity": 35_000, "gguf": 10_000}
 SEED = 0
 
 
@@ -45,6 +45,11 @@ def main() -> None:
                   f"{len(outcome.raw)} raw, {outcome.seconds:.0f} s", flush=True)
             for line in outcome.raw[:10]:
                 print("  ", line)
+            _write(record, rows)  # after every target: a run stopped later keeps what it measured
+    print(_write(record, rows))
+
+
+def _write(record: dict, rows: list) -> str:
     total = sum(t["trials"] for t in record["targets"])
     raw = sum(len(t["raw"]) for t in record["targets"])
     header = (f"# Loaders against damaged files\n\n`python bench/fuzz_loaders.py` — {time.strftime('%Y-%m-%d')}. "
@@ -59,7 +64,7 @@ def main() -> None:
     table = format_table(["target", "trials", "loaded", "refused", "raw exceptions", "seconds",
                           "commonest refusals"], rows)
     write_results(NAME, record, header + "\n" + table)
-    print(header)
+    return header
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def assert_one_line_error(result, *fragments):
 
 @pytest.mark.parametrize("fmt, fragment", [
     ("int9:g64:asym", "1 to 8 bits"),
-    ("int4:g0:asym", "group size must be at least 1"),
+    ("int4:g0:asym", "group size must be 1 to 65536"),
     ("float4", "did you mean"),
 ])
 def test_bad_format(fmt, fragment):
@@ -306,3 +306,39 @@ def test_eval_counts_as_seen_only_what_a_checkpoint_was_calibrated_on(tmp_path, 
     save_quantized(loaded, report, tmp_path / "ids")
     assert _checkpoint_calibration(str(tmp_path / "ids")) == {}  # unknown token ids: the default, the mix counts as seen
     assert _checkpoint_calibration(str(tiny_llama_dir)) == {}  # not a mixbits checkpoint
+
+
+def test_damaged_plan_sensitivity_and_checkpoint_files_are_refused_in_one_line(tmp_path, capsys):
+    """The commands that read a plan, a sensitivity file or a checkpoint stop at a damaged one: exit status 2, one
+    line, nothing written."""
+    import json
+
+    from mixbits.fuzz import checkpoint_target
+    from mixbits.models.tiny import tiny_model
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"mixbits_plan": 1, "layers": [{"name": "model.layers.0.mlp.up_proj", "option": "q4_0",
+                                                               "shape": [96, "64"]}]}))
+    out = tmp_path / "out"
+    checkpoint_target(tmp_path)
+    capsys.readouterr()  # the setup's own progress bars
+    message = refused(capsys, "quantize", "--model", str(model_dir), "--plan", str(plan), "--out", str(out), "--no-eval")
+    assert "the plan.layers[0].shape[1] must be an integer" in message
+    sensitivity = tmp_path / "sensitivity.json"
+    sensitivity.write_bytes(b'{"mixbits_sensitivity": 1, "groups": [{"name": "\xff"}]}')
+    message = refused(capsys, "plan", "--model", str(model_dir), "--bpw", "3", "--sensitivity", str(sensitivity),
+                      "--out", str(tmp_path / "p.json"))
+    assert "UnicodeDecodeError" in message
+    import hashlib
+
+    info = tmp_path / "checkpoint" / "mixbits.json"
+    info.write_text(json.dumps({"mixbits_checkpoint": 3, "layers": "all", "tied": {}}))
+    manifest = json.loads((tmp_path / "checkpoint" / "manifest.json").read_text())
+    manifest["files"]["mixbits.json"] = {"bytes": info.stat().st_size,
+                                         "sha256": hashlib.sha256(info.read_bytes()).hexdigest()}
+    (tmp_path / "checkpoint" / "manifest.json").write_text(json.dumps(manifest))  # the edit gets past the hashes
+    assert "mixbits.json.layers must be a list" in refused(capsys, "generate", "--model", str(tmp_path / "checkpoint"),
+                                                           "--prompt", "x", "--max-new-tokens", "1")
+    assert not out.exists() and not (tmp_path / "p.json").exists()

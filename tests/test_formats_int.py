@@ -25,8 +25,9 @@ def test_a_spelled_out_default_prints_back_and_equals_the_short_form():
 @pytest.mark.parametrize("name, message", [
     ("int9:g64:asym", "1 to 8 bits"),
     ("int0:g64:sym", "1 to 8 bits"),
-    ("int4:g0:asym", "group size must be at least 1"),
-    ("int4:g-3:asym", "group size must be at least 1"),
+    ("int4:g0:asym", "group size must be 1 to 65536"),
+    ("int4:g-3:asym", "group size must be 1 to 65536"),
+    ("int4:g3000000000000:asym", "group size must be 1 to 65536"),
     ("int4:g64", "needs a granularity and sym|asym"),
     ("int4:g64:both", "expected sym or asym"),
     ("int4:block:sym", "unknown granularity"),

@@ -282,8 +282,8 @@ def _print_plan(plan, sensitivity) -> None:
           f"predicted damage {plan.damage_total:.4g} ({plan.damage})")
     seconds = sensitivity.seconds
     if seconds:
-        print(f"measured in {sum(seconds.values()):.0f} s (statistics {seconds['statistics']:.0f} s, "
-              f"quantizing options {seconds['quantize']:.0f} s, KL {seconds['kl']:.0f} s)")
+        print(f"measured in {sum(seconds.values()):.0f} s (statistics {seconds.get('statistics', 0):.0f} s, "
+              f"quantizing options {seconds.get('quantize', 0):.0f} s, KL {seconds.get('kl', 0):.0f} s)")
 
 
 def _run_plan(args) -> int:
@@ -683,8 +683,10 @@ def _run_formats(args) -> int:
     from .formats import catalog
     from .report import format_table
 
-    if args.group < 1:
-        raise FormatError(f"group size must be at least 1, got {args.group}")
+    from .formats.granularity import MAX_GROUP
+
+    if not 1 <= args.group <= MAX_GROUP:
+        raise FormatError(f"group size must be 1 to {MAX_GROUP}, got {args.group}")
     try:
         rows, cols = (int(n) for n in args.shape.lower().split("x"))
         if rows < 1 or cols < 1:

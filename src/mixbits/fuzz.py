@@ -9,7 +9,7 @@ trial must end loaded or refused with a one-line MixbitsError; anything else is 
 
     outcome = fuzz(checkpoint_target(workdir), mutations=1000, seed=0)
 
-Used by tests/test_loader_fuzz.py and bench/fuzz_loaders.py.
+Used by tests/test_loader_fuzz.py, tests/test_cli.py and bench/fuzz_loaders.py.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import struct
 import time
 import warnings
@@ -350,7 +351,7 @@ def gguf_target(workdir: Path) -> Target:
             yield "model.gguf"
 
     def load():
-        _clear(cache)
+        shutil.rmtree(cache, ignore_errors=True)
         previous = os.environ.get("MIXBITS_CACHE")
         os.environ["MIXBITS_CACHE"] = str(cache)
         try:
@@ -365,12 +366,6 @@ def gguf_target(workdir: Path) -> Target:
         return [str(p) for p in cache.rglob("*")] if cache.exists() else []
 
     return Target("gguf", mutate, load, written)
-
-
-def _clear(directory: Path) -> None:
-    import shutil
-
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 TARGETS = {"checkpoint": checkpoint_target, "plan": plan_target, "sensitivity": sensitivity_target,

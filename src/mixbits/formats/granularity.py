@@ -17,6 +17,9 @@ import torch
 from ..errors import FormatError
 
 
+MAX_GROUP = 2**16
+
+
 @dataclass(frozen=True)
 class Granularity:
     """`kind` is "tensor", "channel" or "group"; `size` is the group size."""
@@ -32,8 +35,9 @@ class Granularity:
             return Granularity("channel")
         if text.startswith("g") and text[1:].lstrip("-").isdigit():
             size = int(text[1:])
-            if size < 1:
-                raise FormatError(f"group size must be at least 1, got {text!r}; use e.g. g64 or g128")
+            if not 1 <= size <= MAX_GROUP:  # larger groups than any row: padding them would only cost memory
+                raise FormatError(f"group size must be 1 to {MAX_GROUP}, got {text!r}; use e.g. g64 or g128, or ch for "
+                                  "whole rows")
             return Granularity("group", size)
         raise FormatError(f"unknown granularity {text!r}; use tensor, ch (per output channel) or gN (groups of N inputs)")
 

@@ -216,7 +216,8 @@ def read_checkpoint(directory: str | Path) -> CheckpointContents:
         except MixbitsError as error:
             raise CheckpointError(f"layer {layer['name']} of {directory}: {error}") from error
     expected = {key: value for key, value in skeleton.state_dict().items() if key.rpartition(".")[0] not in layers}
-    rest = {key: value for key, value in floats.items() if key.rpartition(".")[0] not in layers}
+    rest = {key: value for key, value in floats.items()  # the stored layers' biases are checked with them
+            if not (key.endswith(".bias") and key.rpartition(".")[0] in layers)}
     _check_floats(expected, rest, info["tied"], skeleton, directory)
     return CheckpointContents(info, config, quantized, floats, layers, activations)
 
