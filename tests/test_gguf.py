@@ -113,19 +113,10 @@ READABLE = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text
 @pytest.fixture(scope="module")
 def tiny_vocabulary(tmp_path_factory):
     """A GGUF holding only a 64-token tokenizer, the tiny models' vocabulary (the default one takes seconds to copy)."""
+    from mixbits.models.tiny import tiny_vocabulary_gguf
+
     path = tmp_path_factory.mktemp("vocabulary") / "tokenizer.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list([chr(ord("A") + i) for i in range(64)])
-    writer.add_token_types([gguf.TokenType.NORMAL] * 64)
-    writer.add_token_merges([])
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    tiny_vocabulary_gguf(path)
     return path
 
 

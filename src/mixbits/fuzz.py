@@ -320,24 +320,13 @@ def gguf_target(workdir: Path) -> Target:
     from .io.checkpoint import save_quantized
     from .io.gguf import export_gguf
     from .models.loader import load_model
+    from .models.tiny import tiny_vocabulary_gguf
 
     workdir = Path(workdir)
     path = workdir / "model.gguf"
     if not path.exists():
         vocabulary = workdir / "vocabulary.gguf"
-        writer = gguf.GGUFWriter(str(vocabulary), "llama")
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list([chr(ord("A") + i) for i in range(64)])
-        writer.add_token_types([gguf.TokenType.NORMAL] * 64)
-        writer.add_token_scores([0.0] * 64)
-        writer.add_token_merges([])
-        writer.add_bos_token_id(0)
-        writer.add_eos_token_id(1)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        tiny_vocabulary_gguf(vocabulary)
         model = _tiny()
         save_quantized(model, mixbits.quantize(model, "q8_0", progress=False), workdir / "gguf-checkpoint")
         export_gguf(workdir / "gguf-checkpoint", path, tokenizer_gguf=vocabulary)

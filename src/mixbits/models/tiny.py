@@ -50,3 +50,23 @@ def tiny_model(family: str, seed: int = 0, **settings) -> nn.Module:
             if "norm" in name:
                 parameter.copy_(torch.rand_like(parameter) - 0.5 + centre)
     return model
+
+
+def tiny_vocabulary_gguf(path) -> None:
+    """Write a GGUF holding only a tokenizer of the tiny models' 64-token vocabulary (what GGUF export and loading
+    need beside the tensors; the default model's takes seconds to copy)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([chr(ord("A") + i) for i in range(COMMON["vocab_size"])])
+    writer.add_token_types([gguf.TokenType.NORMAL] * COMMON["vocab_size"])
+    writer.add_token_scores([0.0] * COMMON["vocab_size"])  # transformers' GGUF tokenizer reader needs them
+    writer.add_token_merges([])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
