@@ -33,7 +33,6 @@ damage differs somewhat from the sum of the measured ones.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,7 +45,7 @@ from tqdm import tqdm
 from . import defaults
 from .calibrate import _Accumulator, block_inputs, calibration_data, run_block
 from .defaults import SOLVERS
-from .errors import MixbitsError, first_line
+from .errors import MixbitsError
 from .files import write_json
 from .menu import Choice, Pin, allowed, check_pins_match, embedding_choices, group_choices, parse_menu
 from .models.loaded import LoadedModel
@@ -54,7 +53,7 @@ from .models.registry import adapter_for
 from .models.structure import outer_layers, output_head, quantizable_linears, transformer_blocks
 from .plan import option_bits
 from .schema import (COUNT, DAMAGE, MODULE_NAME, SHAPE, SIZE, Check, Field, ListOf, MapOf, Nullable, SchemaError,
-                     check, optional)
+                     check, optional, read_json)
 from .solvers import GptqSettings, approximation, solve_many
 
 SENSITIVITY_VERSION = 1
@@ -377,13 +376,9 @@ class Sensitivity:
     def load(cls, path: str | Path) -> "Sensitivity":
         """The sensitivity in `path`, checked against SENSITIVITY_SCHEMA and for consistency (`validate`)."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SensitivityError(f"sensitivity file {path} does not exist; measure with `mixbits plan --sensitivity FILE`") from None
-        except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            raise SensitivityError(f"cannot read sensitivity file {path}: {type(error).__name__}: "
-                                   f"{first_line(error)}") from None
+        data = read_json(path, SensitivityError,
+                         f"sensitivity file {path} does not exist; measure with `mixbits plan --sensitivity FILE`",
+                         f"cannot read sensitivity file {path}: {{error}}")
         if not isinstance(data, dict) or data.get("mixbits_sensitivity") != SENSITIVITY_VERSION:
             raise SensitivityError(f"{path} is not a version-{SENSITIVITY_VERSION} mixbits sensitivity file; measure again")
         try:

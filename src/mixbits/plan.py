@@ -18,15 +18,14 @@ edited plan reports its true size.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .defaults import SOLVERS
-from .errors import MixbitsError, first_line
+from .errors import MixbitsError
 from .files import write_json
 from .formats import parse_format
-from .schema import DAMAGE, MODULE_NAME, SHAPE, Field, ListOf, Nullable, SchemaError, check, optional
+from .schema import DAMAGE, MODULE_NAME, SHAPE, Field, ListOf, Nullable, SchemaError, check, optional, read_json
 
 PLAN_VERSION = 1
 KEEP = "fp16"  # keep the layer unquantized, stored in 16 bits
@@ -173,10 +172,6 @@ class Plan(LayerTotals):
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise PlanError(f"plan file {path} does not exist; make one with `mixbits plan`") from None
-        except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            raise PlanError(f"cannot read plan {path}: {type(error).__name__}: {first_line(error)}") from None
+        data = read_json(path, PlanError, f"plan file {path} does not exist; make one with `mixbits plan`",
+                         f"cannot read plan {path}: {{error}}")
         return cls.from_dict(data)

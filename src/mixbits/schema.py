@@ -9,12 +9,14 @@ one-line MixbitsError naming where in the file the value is wrong.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import MixbitsError
+from .errors import MixbitsError, first_line
 
 
 class SchemaError(MixbitsError):
@@ -53,6 +55,17 @@ class Check:
     spec: Any
     test: Callable[[Any], bool]
     what: str  # what the value must be, for the message
+
+
+def read_json(path: Path, error: type[MixbitsError], missing: str, damaged: str):
+    """The JSON value in `path`; `error(missing)` if there is no such file, `error(damaged)` if it is not UTF-8 JSON,
+    with "{error}" in `damaged` replaced by what is wrong."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(missing) from None
+    except (OSError, ValueError) as problem:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise error(damaged.replace("{error}", f"{type(problem).__name__}: {first_line(problem)}")) from None
 
 
 def check(value, spec, where: str) -> None:

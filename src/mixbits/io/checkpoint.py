@@ -42,7 +42,7 @@ from ..models.registry import adapter_for
 from ..models.loaded import LoadedModel
 from ..plan import KEEP
 from ..schema import (COUNT, FILE_NAME, MODULE_NAME, SHA256, SHAPE, Check, Field, ListOf, MapOf, Nullable, SchemaError,
-                      check, optional)
+                      check, optional, read_json)
 
 VERSION = 3  # 2: outer layers (the embedding in 16 bits or quantized); 3: quantized inputs ("activation")
 READABLE = (1, 2, 3)
@@ -75,13 +75,8 @@ CONFIG_SCHEMA = {"model_type": Field(str), "architectures": optional(Nullable(Li
 
 def _read_json(path: Path, schema) -> dict:
     """The JSON object in `path`, checked against `schema`; CheckpointError (one line) if it is not one."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; it is not a complete mixbits checkpoint") from None
-    except (ValueError, OSError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CheckpointError(f"{path} is not valid UTF-8 JSON ({type(error).__name__}); write the checkpoint "
-                              "again") from None
+    data = read_json(path, CheckpointError, f"{path} is missing; it is not a complete mixbits checkpoint",
+                     f"{path} is not valid UTF-8 JSON ({{error}}); write the checkpoint again")
     try:
         check(data, schema, path.name)
     except SchemaError as error:
