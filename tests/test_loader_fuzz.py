@@ -92,6 +92,56 @@ def test_a_gguf_lacking_a_weight_is_refused_not_filled_at_random(workdir, tmp_pa
     assert not any((tmp_path / "cache").rglob("*.safetensors"))
 
 
+def test_the_gguf_header_reader_agrees_with_gguf_py(workdir):
+    import gguf
+
+    from mixbits.io.gguf_header import read_gguf_header
+
+    TARGETS["gguf"](workdir)
+    path = workdir / "model.gguf"
+    header, reader = read_gguf_header(path), gguf.GGUFReader(str(path))
+    assert header.data_offset == reader.data_offset
+    assert [(t.name, t.shape, t.ggml_type, header.data_offset + t.offset, t.nbytes) for t in header.tensors] == \
+        [(t.name, tuple(int(n) for n in t.shape), int(t.tensor_type), int(t.data_offset), int(t.n_bytes))
+         for t in reader.tensors]
+    for key in ("llama.block_count", "llama.embedding_length", "general.architecture"):
+        assert header.metadata[key] == reader.fields[key].contents()
+    assert header.metadata["tokenizer.ggml.tokens"] == ("array", 8, len(reader.fields["tokenizer.ggml.tokens"].contents()))
+
+
+def _gguf_word(content: bytes, after: bytes, skip: int, width: int, value: int) -> bytes:
+    """`content` with the little-endian word of `width` bytes, `skip` bytes after the first `after`, set to `value`."""
+    at = content.index(after) + len(after) + skip
+    return content[:at] + value.to_bytes(width, "little") + content[at + width:]
+
+
+@pytest.mark.parametrize("after, skip, width, value, message", [
+    (b"tokenizer.ggml.tokens", 8, 8, 2**62, "more than the"),  # the token array's count (after type, item type)
+    (b"token_embd.weight", 4, 8, 2**33, "ends at byte"),  # its first dimension: 2^39 values
+    (b"token_embd.weight", 4, 8, 2**40, "has shape"),  # 2^46 values
+    (b"token_embd.weight", 0, 4, 5, "has 5 dimensions"),
+    (b"token_embd.weight", 4, 8, 0, "has shape"),
+    (b"llama.block_count", 4, 4, 2**31 - 1, "num_hidden_layers must be"),  # a model of 2^31 blocks
+    (b"llama.embedding_length", 4, 4, 4096, "describes a model of"),  # sizes the tensors do not hold
+    (b"token_embd.weight", 4 + 2 * 8, 4, 999, "unknown GGML type 999"),  # its type, after two dimensions
+])
+def test_a_gguf_header_that_would_exhaust_memory_is_refused_at_once(after, skip, width, value, message, workdir,
+                                                                    tmp_path, monkeypatch):
+    """transformers trusts these words: a count of 2^62 or 2^31 blocks made it loop or allocate for many minutes."""
+    from mixbits.errors import ModelLoadError
+    from mixbits.models.loader import load_model
+
+    TARGETS["gguf"](workdir)
+    content = (workdir / "model.gguf").read_bytes()
+    path = tmp_path / "damaged.gguf"
+    path.write_bytes(_gguf_word(content, after, skip, width, value))
+    monkeypatch.setenv("MIXBITS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError, match=message) as refused:
+        load_model(path)
+    assert "\n" not in str(refused.value)
+    assert not any((tmp_path / "cache").rglob("*"))
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s["groups"][0]["options"][0].update(kl=float("nan")), "must be a finite non-negative number"),
     (lambda s: s["groups"][0]["options"][0].update(bits=s["groups"][0]["options"][0]["bits"] + 1), "the file says"),
@@ -116,3 +166,17 @@ def test_inconsistent_sensitivity_files_are_refused(edit, message, workdir):
             target.load()
     finally:
         path.write_text(original)
+
+
+def test_a_model_directory_whose_config_outgrows_its_weights_is_refused(tiny_llama_dir):
+    """A config.json edited to 1000 blocks would have transformers build (and initialise) them all."""
+    import json
+
+    from mixbits.errors import ModelLoadError
+    from mixbits.models.loader import load_model
+
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    config["num_hidden_layers"] = 1000
+    (tiny_llama_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="describes a model of .* weights but holds"):
+        load_model(tiny_llama_dir)

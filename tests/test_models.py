@@ -112,7 +112,7 @@ def test_corrupt_gguf_is_rejected_and_leaves_no_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXBITS_CACHE", str(cache))
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 64)
-    with pytest.raises(ModelLoadError, match="could not load GGUF"):
+    with pytest.raises(ModelLoadError, match="could not read the model.s configuration in GGUF"):
         load_model(bad)
     assert not cache.exists() or not any(cache.iterdir())
 

@@ -74,7 +74,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_budget_args(mixed, required=False)
     _add_plan_args(mixed)
     mixed.add_argument("--save-plan", help="with --bpw/--size, also write the plan to this file")
-    q.add_argument("--out", "-o", help="write a packed checkpoint (codes at their bit width) to this directory")
+    q.add_argument("--out", "-o", help="write a packed checkpoint (codes at their bit width) to this directory; "
+                                        "finished blocks and measurements are kept in OUT.partial until it is "
+                                        "written, so an interrupted run resumes with the same command")
     q.add_argument("--no-eval", dest="evaluate", action="store_false", help="only quantize and report bits")
     _add_eval_args(q)
     q.set_defaults(run=_run_quantize)
@@ -87,7 +89,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_plan_args(p)
     p.add_argument("--solver", choices=defaults.SOLVERS, default="gptq", help="solver of options without @SOLVER (default: %(default)s)")
     _add_calibration_args(p)
-    p.add_argument("--out", "-o", required=True, help="where to write the plan (JSON)")
+    p.add_argument("--out", "-o", required=True, help="where to write the plan (JSON); measurements are kept in "
+                                                       "OUT.partial until it is written, so an interrupted run "
+                                                       "resumes with the same command")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=_run_plan, text=None)
 
@@ -209,6 +213,12 @@ def _add_plan_args(parser) -> None:
     parser.add_argument("--kl-window-len", type=int, default=defaults.KL_LEN, help="tokens of each KL window (default: %(default)s)")
     parser.add_argument("--fisher-windows", type=int, default=defaults.FISHER_WINDOWS,
                         help="calibration windows of the Fisher pass (default: %(default)s)")
+    parser.add_argument("--ray", metavar="ADDRESS",
+                        help="measure the groups on the Ray cluster at ADDRESS (e.g. ray://head:10001 or auto), one "
+                             "worker per CPU unless --workers; every node needs mixbits installed")
+    parser.add_argument("--workers", type=int,
+                        help="measure the groups on this many Ray workers (without --ray: a Ray cluster started on "
+                             "this machine)")
 
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -264,7 +274,16 @@ def _measure_options(args) -> dict:
         "kl_len": args.kl_window_len, "fisher_windows": args.fisher_windows,
         "clip_search": getattr(args, "clip_search", True),  # quantize --no-clip-search: measured as it will be applied
         "gptq": _gptq_settings(args),
+        "cluster": _cluster(args),
     }
+
+
+def _cluster(args):
+    if getattr(args, "ray", None) is None and getattr(args, "workers", None) is None:
+        return None
+    from .distributed import Cluster
+
+    return Cluster(address=args.ray, workers=args.workers)
 
 
 def _print_plan(plan, sensitivity) -> None:
@@ -286,10 +305,19 @@ def _print_plan(plan, sensitivity) -> None:
               f"quantizing options {seconds.get('quantize', 0):.0f} s, KL {seconds.get('kl', 0):.0f} s)")
 
 
+def _partial_folder(out: str):
+    """Where a command writing `out` keeps its finished steps until it has written `out` (`resume`)."""
+    from pathlib import Path
+
+    path = Path(out)
+    return path.with_name(path.name + ".partial")
+
+
 def _run_plan(args) -> int:
     from .models import load_model
     from .models.loader import check_source
     from .planning import plan_for_budget
+    from .resume import discard
 
     check_source(args.model)
     menu, pins = _plan_inputs(args, args.solver)
@@ -297,9 +325,11 @@ def _run_plan(args) -> int:
     _check_sensitivity_path(args)
     _check_calibration(args)
     loaded = load_model(args.model)
+    partial = _partial_folder(args.out)
     plan, sensitivity = plan_for_budget(loaded, budget, menu, sensitivity=args.sensitivity, damage=args.damage,
-                                        pins=pins, target=args.target, **_measure_options(args))
+                                        pins=pins, target=args.target, resume=partial, **_measure_options(args))
     plan.save(args.out)
+    discard(partial)
     if args.json:
         print(json.dumps(plan.as_dict(), indent=1))
         return 0
@@ -386,11 +416,12 @@ def _run_quantize(args) -> int:
         domains = load_domains(loaded.tokenizer, texts, args.windows, args.window_len,
                                calibrated_on=_calibration_texts(args) if calibrated else ())
         original = copy.deepcopy(loaded.model)
+    partial = _partial_folder(args.out) if args.out else None
     if planning:
         from .planning import plan_for_budget
 
         plan, sensitivity = plan_for_budget(loaded, budget, menu, sensitivity=args.sensitivity, damage=args.damage,
-                                            pins=pins, target=args.target, **_measure_options(args))
+                                            pins=pins, target=args.target, resume=partial, **_measure_options(args))
         if args.save_plan:
             plan.save(args.save_plan)
         if not args.json:
@@ -400,12 +431,15 @@ def _run_quantize(args) -> int:
         calibration=args.calib_text, calibration_windows=args.calib_windows,
         calibration_len=args.calib_window_len, clip_search=args.clip_search, include_head=args.head, head_format=head_format,
         embedding_format=embedding_format, plan=plan, gptq=_gptq_settings(args), activation=activation,
+        resume=partial,
     )
     saved = None
     if args.out:
         from .io.checkpoint import save_quantized
+        from .resume import discard
 
         saved = save_quantized(loaded, report, args.out, plan=plan)
+        discard(partial)
     record = provenance(loaded.name, loaded.sha256)
     record["quantization"] = report.as_dict()
     if saved is not None:

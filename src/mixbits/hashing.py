@@ -26,6 +26,10 @@ def sha256_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def sha256_tensor(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def sha256_state_dict(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):

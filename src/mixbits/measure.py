@@ -34,9 +34,11 @@ damage differs somewhat from the sum of the measured ones.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -47,14 +49,19 @@ from .calibrate import _Accumulator, block_inputs, calibration_data, run_block
 from .defaults import SOLVERS
 from .errors import MixbitsError
 from .files import write_json
+from .hashing import sha256_state_dict, sha256_tensor
 from .menu import Choice, Pin, allowed, check_pins_match, embedding_choices, group_choices, parse_menu
 from .models.loaded import LoadedModel
 from .models.registry import adapter_for
 from .models.structure import outer_layers, output_head, quantizable_linears, transformer_blocks
 from .plan import option_bits
+from .resume import RunState
 from .schema import (COUNT, DAMAGE, MODULE_NAME, SHAPE, SIZE, Check, Field, ListOf, MapOf, Nullable, SchemaError,
                      check, optional, read_json)
 from .solvers import GptqSettings, approximation, solve_many
+
+if TYPE_CHECKING:
+    from .distributed import Cluster
 
 SENSITIVITY_VERSION = 1
 DAMAGES = ("kl", "proxy")
@@ -464,6 +471,18 @@ def _group_from_dict(data: dict) -> GroupSensitivity:
                             options)
 
 
+def _kept_group(state: RunState, index: int, layers: list[str], choices: list[Choice]) -> GroupSensitivity | None:
+    """Group `index`'s kept measurements, if they are of these layers under these choices."""
+    found = state.load(f"group-{index:04d}")
+    try:
+        group = _group_from_dict(found[0]) if found is not None else None
+    except (KeyError, TypeError, ValueError):
+        return None
+    if group is None or group.layers != layers or [o.choice for o in group.options] != list(choices):
+        return None
+    return group
+
+
 def group_name(layers: list[str]) -> str:
     """`model.layers.0.self_attn.q_proj+k_proj+v_proj` for tied layers; the layer's name for one."""
     if len(layers) == 1:
@@ -478,6 +497,69 @@ def group_name(layers: list[str]) -> str:
 def other_parameters(model: nn.Module, quantized: list[tuple[str, nn.Linear]]) -> int:
     """Parameters outside the quantized weights (shared tensors counted once)."""
     return sum(p.numel() for p in model.parameters()) - sum(linear.weight.numel() for _, linear in quantized)
+
+
+def group_stats(stats: dict, layers: list[str], head) -> dict:
+    """The statistics measuring a group takes: its layers', and the head's for an embedding the head is tied to."""
+    found = {name: stats[name] for name in layers}
+    if head is not None and head[0] in stats and any(isinstance(found[name], EmbeddingStats) for name in layers):
+        found[head[0]] = stats[head[0]]
+    return found
+
+
+class GroupMeter:
+    """The options of one group at a time measured on the float model: its layers quantized under each option (from
+    the statistics), their proxy, and the KL with only them changed (then put back). `seconds` sums the time spent
+    quantizing and measuring the KL."""
+
+    def __init__(self, model: nn.Module, kl_windows: torch.Tensor | None, clip_search: bool, gptq: GptqSettings,
+                 outer: bool):
+        self.modules = dict(quantizable_linears(model) + (outer_layers(model) if outer else []))
+        self.head = output_head(model)
+        self.clip_search, self.gptq = clip_search, gptq
+        self.seconds = {"quantize": 0.0, "kl": 0.0}
+        timer = time.perf_counter()
+        self.meter = KLMeter(model, kl_windows) if kl_windows is not None else None
+        self.seconds["kl"] += time.perf_counter() - timer
+
+    def _damages(self, name: str, weight: torch.Tensor, approx: torch.Tensor, stats: dict) -> tuple[float, float]:
+        found = stats[name]
+        if not isinstance(found, EmbeddingStats):
+            return proxy_damage(weight, approx, found)
+        proxy, error = embedding_damage(weight, approx, found)
+        if self.head is not None and self.head[1].weight is self.modules[name].weight:  # the tied head computes with these rows
+            head_proxy, head_error = proxy_damage(weight, approx, stats[self.head[0]])
+            proxy, error = proxy + head_proxy, error + head_error
+        return proxy, error
+
+    @torch.no_grad()
+    def measure(self, layers: list[str], block: int, choices: list[Choice], stats: dict) -> GroupSensitivity:
+        shapes = [tuple(self.modules[name].weight.shape) for name in layers]
+        group = GroupSensitivity(group_name(layers), layers, shapes, block, [])
+        originals = [self.modules[name].weight.detach().clone() for name in layers]
+        hessian = stats[layers[0]].hessian if isinstance(stats[layers[0]], LayerStats) else None
+        for choice in choices:
+            start = time.perf_counter()
+            proxy = output_error = 0.0
+            # The layers of a group read one input, so they share one Hessian and are solved together.
+            solved = solve_many(originals, choice.format, choice.solver, hessian, self.clip_search, self.gptq)
+            approximations = [approximation(w, q) for w, q in zip(originals, solved)]
+            for name, weight, approx in zip(layers, originals, approximations):
+                layer_proxy, layer_error = self._damages(name, weight, approx, stats)
+                proxy, output_error = proxy + layer_proxy, output_error + layer_error
+            self.seconds["quantize"] += time.perf_counter() - start
+            measured = None
+            if self.meter is not None:
+                timer = time.perf_counter()
+                for name, approx in zip(layers, approximations):
+                    self.modules[name].weight.copy_(approx)
+                measured = self.meter.measure(block)
+                for name, weight in zip(layers, originals):
+                    self.modules[name].weight.copy_(weight)
+                self.seconds["kl"] += time.perf_counter() - timer
+            group.options.append(OptionDamage(choice.option, choice.solver, group.bits(choice), proxy, output_error,
+                                              measured, time.perf_counter() - start))
+        return group
 
 
 @torch.no_grad()
@@ -499,6 +581,8 @@ def measure(
     gptq: GptqSettings = GptqSettings(),
     outer: bool = False,
     blocks: bool = True,
+    resume: str | Path | None = None,
+    cluster: "Cluster | None" = None,
     progress: bool = True,
 ) -> Sensitivity:
     """Damage of each option of `menu` (default: `menu.DEFAULT_OPTIONS`) and of any pinned option,
@@ -515,7 +599,10 @@ def measure(
     `outer` also measures the input embedding (under the options it can look
     up, rounded to nearest; a head tied to it changes with it) and an output
     head with its own weight (`models.structure.outer_layers`), for budgets
-    over the whole model; `blocks=False` measures only those.
+    over the whole model; `blocks=False` measures only those. With `resume` (a folder), each group's
+    measurements are kept there as they finish, and a run with the same settings takes them instead of measuring
+    again (`resume.RunState`). With a `cluster` (`distributed.Cluster`), the groups are measured by Ray workers,
+    with the same results.
     """
     menu = parse_menu(None) if menu is None else menu
     windows, spec = calibration_data(model, calibration, calibration_windows, calibration_len)
@@ -530,11 +617,6 @@ def measure(
     timer = time.perf_counter()
     stats, shared = layer_statistics(model, windows, min(fisher_windows, len(windows)), progress, outer=bool(outside))
     seconds = {"statistics": time.perf_counter() - timer, "quantize": 0.0, "kl": 0.0}
-    meter = None
-    if kl:
-        timer = time.perf_counter()
-        meter = KLMeter(model, windows[:kl_windows, :kl_len])
-        seconds["kl"] += time.perf_counter() - timer
     grouping = (shared if ties else [[name] for name, _ in linears]) if blocks else []
     head = output_head(model)
 
@@ -547,48 +629,41 @@ def measure(
         embedding = isinstance(module, nn.Embedding)
         choices = group_choices([name], [tuple(module.weight.shape)], list(menu), list(pins), target, embedding)
         plans.append(([name], -1 if embedding else len(block_list), choices))
+    state = None if resume is None else RunState(resume, {
+        "run": "measure", "model": identity or sha256_state_dict(model), "windows": sha256_tensor(windows),
+        "groups": [[layers, [str(c) for c in choices]] for layers, _, choices in plans], "kl": kl,
+        "kl_windows": kl_windows, "kl_len": kl_len, "fisher_windows": fisher_windows, "clip_search": clip_search,
+        "gptq": gptq.as_dict()})
+    kept = [_kept_group(state, index, layers, choices) if state else None
+            for index, (layers, _, choices) in enumerate(plans)]
+    todo = [index for index, group in enumerate(kept) if group is None]
+    results = dict(enumerate(kept))
+    kl_windows_used = windows[:kl_windows, :kl_len] if kl else None
 
-    def damages(name: str, weight: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
-        found = stats[name]
-        if not isinstance(found, EmbeddingStats):
-            return proxy_damage(weight, approx, found)
-        proxy, error = embedding_damage(weight, approx, found)
-        if head is not None and head[1].weight is modules[name].weight:  # the tied head computes with these rows
-            head_proxy, head_error = proxy_damage(weight, approx, stats[head[0]])
-            proxy, error = proxy + head_proxy, error + head_error
-        return proxy, error
+    def finished(index: int, group: GroupSensitivity) -> None:
+        results[index] = group
+        if state is not None:
+            state.save(f"group-{index:04d}", _group_dict(group))
 
-    total = sum(len(choices) for _, _, choices in plans)
-    groups: list[GroupSensitivity] = []
+    total = sum(len(plans[index][2]) for index in todo)
     with tqdm(total=total, desc="measure", disable=not progress, leave=False) as bar:
-        for layers, block, choices in plans:
-            shapes = [tuple(modules[name].weight.shape) for name in layers]
-            group = GroupSensitivity(group_name(layers), layers, shapes, block, [])
-            originals = [modules[name].weight.detach().clone() for name in layers]
-            hessian = stats[layers[0]].hessian if isinstance(stats[layers[0]], LayerStats) else None
-            for choice in choices:
-                start = time.perf_counter()
-                proxy = output_error = 0.0
-                # The layers of a group read one input, so they share one Hessian and are solved together.
-                solved = solve_many(originals, choice.format, choice.solver, hessian, clip_search, gptq)
-                approximations = [approximation(w, q) for w, q in zip(originals, solved)]
-                for name, weight, approx in zip(layers, originals, approximations):
-                    layer_proxy, layer_error = damages(name, weight, approx)
-                    proxy, output_error = proxy + layer_proxy, output_error + layer_error
-                seconds["quantize"] += time.perf_counter() - start
-                measured = None
-                if meter is not None:
-                    timer = time.perf_counter()
-                    for name, approx in zip(layers, approximations):
-                        modules[name].weight.copy_(approx)
-                    measured = meter.measure(block)
-                    for name, weight in zip(layers, originals):
-                        modules[name].weight.copy_(weight)
-                    seconds["kl"] += time.perf_counter() - timer
-                group.options.append(OptionDamage(choice.option, choice.solver, group.bits(choice), proxy,
-                                                  output_error, measured, time.perf_counter() - start))
-                bar.update()
-            groups.append(group)
+        if todo and cluster is not None:
+            from .distributed import measure_groups
+
+            jobs = [(index, *plans[index], group_stats(stats, plans[index][0], head)) for index in todo]
+            spent = measure_groups(model, jobs, kl_windows_used, clip_search, gptq, bool(outside), cluster,
+                                   lambda index, group: (finished(index, group), bar.update(len(group.options))))
+        elif todo:
+            meter = GroupMeter(model, kl_windows_used, clip_search, gptq, bool(outside))
+            for index in todo:
+                finished(index, meter.measure(*plans[index], stats))
+                bar.update(len(plans[index][2]))
+            spent = meter.seconds
+        for key, value in (spent if todo else {}).items():
+            seconds[key] += value
+    groups = [results[index] for index in range(len(plans))]
+    if state is not None and state.kept and progress:
+        print(f"measure: {len(state.kept)} measured groups taken from {state.root}", file=sys.stderr)
     spec["fisher_windows"] = min(fisher_windows, len(windows))
     spec["gptq"] = gptq.as_dict()
     spec["clip_search"] = clip_search

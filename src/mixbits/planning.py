@@ -47,6 +47,8 @@ def sensitivity_for(
     fisher_windows: int = defaults.FISHER_WINDOWS,
     ties: bool = True,
     outer: bool = False,
+    resume: str | Path | None = None,
+    cluster=None,
     progress: bool = True,
 ) -> Sensitivity:
     """The damage of every option of `menu` (None: the default menu) on every layer group of `loaded`, and with
@@ -55,6 +57,8 @@ def sensitivity_for(
     With `path` naming an existing file, its measurements are reused after checking they were taken on this model,
     calibration, GPTQ settings and clip search; options it lacks are measured alike and written back. With `path`
     naming no file yet, the measurement is saved there. `damage` "kl" measures the KL (slow), "proxy" only the proxy.
+    `resume` is a folder that keeps finished measurements for a rerun after an interruption, `cluster` a Ray
+    cluster to measure on (`measure`).
     """
     menu = parse_menu(None) if menu is None else menu
     gptq = GptqSettings() if gptq is None else gptq
@@ -66,7 +70,8 @@ def sensitivity_for(
         return measure(loaded, options, calibration=calibration, calibration_windows=calibration_windows,
                        calibration_len=calibration_len, pins=pins, ties=ties, kl=kl, kl_windows=kl_windows,
                        kl_len=kl_len, fisher_windows=fisher_windows, target=target, clip_search=clip_search,
-                       gptq=gptq, outer=outer, blocks=blocks, progress=progress)
+                       gptq=gptq, outer=outer, blocks=blocks, resume=resume, cluster=cluster,
+                       progress=progress)
 
     if path is None or not Path(path).exists():
         found = measured(menu, kl=damage == "kl")

@@ -24,6 +24,7 @@ the quantized blocks' (and a quantized head's) measure.
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -39,11 +40,14 @@ from .activations import StaticIntFormat, activation_name, parse_activation
 from .calibrate import SequentialCalibration, calibration_data, input_stats
 from .errors import MixbitsError
 from .formats import Format, QuantizedTensor, parse_format
+from .formats.storage import restore, store
+from .hashing import sha256_state_dict, sha256_tensor
 from .memory import peak_bytes, reset_peak
 from .models.registry import adapter_for
 from .models.loaded import LoadedModel
 from .models.structure import outer_layers, output_head, quantizable_linears, untie_head
 from .plan import KEEP, LayerTotals, Plan, PlanError, option_bits
+from .resume import RunState
 from .runtime.linear import with_activation
 from .solvers import GptqSettings, approximation, round_to_nearest, solve_many
 from .transforms.rotation import rotate as rotate_model
@@ -148,6 +152,7 @@ def quantize(
     plan: Plan | None = None,
     gptq: GptqSettings = GptqSettings(),
     activation: str | Format | None = None,
+    resume: str | Path | None = None,
     progress: bool = True,
 ) -> QuantizationReport:
     """Quantize every Linear inside the transformer blocks to `format`, in place.
@@ -169,7 +174,10 @@ def quantize(
     that activation format as the model runs (W4A8 with `int8:g32`; see
     `activations`), after the weights are solved with float inputs (a plan's
     layers may name their own, which win); `smooth`
-    first folds SmoothQuant's scales, searched for that format. Returns
+    first folds SmoothQuant's scales, searched for that format. With
+    `resume` (a folder), each calibrated block is kept there as it
+    finishes, and a run with the same settings takes the kept blocks instead
+    of solving them again, with the same result (`resume.RunState`). Returns
     the exact bit count of everything quantized.
     """
     if solver not in defaults.SOLVERS:
@@ -243,7 +251,16 @@ def quantize(
     if include_head:
         untie_head(module)
     if calibrated:
-        _quantize_calibrated(module, choices, windows, report, include_head, progress, act)
+        state = None
+        if resume is not None:
+            identity = model.sha256 if isinstance(model, LoadedModel) and model.sha256 else sha256_state_dict(module)
+            names = [name for name, _ in quantizable_linears(module, include_head)]
+            state = RunState(resume, {
+                "run": "quantize", "model": identity, "choices": {name: choices[name] for name in names},
+                "windows": sha256_tensor(windows), "clip_search": clip_search, "gptq": gptq.as_dict(), "awq": awq,
+                "smooth": smooth, "activation": str(act), "rotate": rotate, "online_hadamard": online_hadamard,
+                "head": include_head})
+        _quantize_calibrated(module, choices, windows, report, include_head, progress, act, state)
     else:
         for name, linear in tqdm(quantizable_linears(module, include_head), desc="quantize", disable=not progress, leave=False):
             _solve([name], [linear], None, choices, report)
@@ -273,25 +290,24 @@ def _plan_choices(plan: Plan, module: nn.Module, names: list[str]) -> dict[str, 
 
 
 def _quantize_calibrated(module: nn.Module, choices: dict[str, tuple[str, str]], windows, report: QuantizationReport,
-                         include_head: bool, progress: bool, activation: Format | None = None) -> None:
+                         include_head: bool, progress: bool, activation: Format | None = None,
+                         state: RunState | None = None) -> None:
     scaled = report.awq or report.smooth
     fmt = parse_format(report.format) if scaled else None  # AWQ and SmoothQuant run without a plan: one format
     decoder = adapter_for(module).layout(module, "per-channel scaling") if scaled else None
     smoothing = activation if report.smooth else None
     sequence = SequentialCalibration(module, windows)
     for index, block in enumerate(tqdm(sequence, desc=f"{report.method} blocks", disable=not progress, leave=False)):
-        stages = block.stages()
-        if decoder is not None:
-            report.scaled += scale_block(decoder.blocks[index], block, fmt, stages, smoothing)
-        for stage in stages:
-            stats = block.stats(stage.linears)[stage.linears[0]]
-            routed = stats.tokens < block.inputs.shape[0] * block.inputs.shape[1]  # not every token: an expert
-            if routed and stats.tokens < MIN_ROUTED_TOKENS:  # one the router hardly chose: no Hessian worth trusting
-                rounded = {name: (choices[name][0], "rtn") for name in stage.names}
-                _solve(stage.names, stage.linears, None, rounded, report)
-                report.rounded_for_lack_of_tokens += stage.names
-                continue
-            _solve(stage.names, stage.linears, stats.hessian, choices, report)
+        step = f"block-{index:04d}"
+        kept = state.load(step) if state is not None else None
+        if kept is not None and _restore_block(block.block, *kept, report):
+            continue  # its weights are as solved before, so its outputs, the next block's inputs, are too
+        before = (len(report.layers), len(report.scaled), len(report.rounded_for_lack_of_tokens))
+        _quantize_block(index, block, choices, report, decoder, fmt, smoothing)
+        if state is not None:
+            state.save(step, *_block_record(block.block, report, before))
+    if state is not None and state.kept and progress:
+        print(f"quantize: {len(state.kept)} finished blocks taken from {state.root}", file=sys.stderr)
     if report.rounded_for_lack_of_tokens:
         warnings.warn(f"{len(report.rounded_for_lack_of_tokens)} layers saw fewer than {MIN_ROUTED_TOKENS} calibration "
                       f"tokens (experts the router hardly chose) and were rounded to nearest instead: "
@@ -301,6 +317,59 @@ def _quantize_calibrated(module: nn.Module, choices: dict[str, tuple[str, str]],
         name, head = output_head(module)
         norm = adapter_for(module).final_norm(module)
         _solve([name], [head], input_stats(norm(sequence.outputs)).hessian, choices, report)
+
+
+def _quantize_block(index: int, block, choices, report: QuantizationReport, decoder, fmt, smoothing) -> None:
+    stages = block.stages()
+    if decoder is not None:
+        report.scaled += scale_block(decoder.blocks[index], block, fmt, stages, smoothing)
+    for stage in stages:
+        stats = block.stats(stage.linears)[stage.linears[0]]
+        routed = stats.tokens < block.inputs.shape[0] * block.inputs.shape[1]  # not every token: an expert
+        if routed and stats.tokens < MIN_ROUTED_TOKENS:  # one the router hardly chose: no Hessian worth trusting
+            rounded = {name: (choices[name][0], "rtn") for name in stage.names}
+            _solve(stage.names, stage.linears, None, rounded, report)
+            report.rounded_for_lack_of_tokens += stage.names
+            continue
+        _solve(stage.names, stage.linears, stats.hessian, choices, report)
+
+
+def _block_record(block: nn.Module, report: QuantizationReport, before: tuple[int, int, int]):
+    """What a finished block adds to the report, and its weights (all of them: scaling also changes its norms)."""
+    layers = report.layers[before[0]:]
+    record = {"layers": [asdict(layer) for layer in layers], "scaled": [asdict(g) for g in report.scaled[before[1]:]],
+              "rounded": report.rounded_for_lack_of_tokens[before[2]:]}
+    tensors = {f"state/{key}": value for key, value in block.state_dict().items()}
+    for layer in layers:
+        if report.tensors[layer.name] is not None:
+            tensors.update({f"codes/{layer.name}/{key}": value for key, value in store(report.tensors[layer.name]).items()})
+    return record, tensors
+
+
+def _restore_block(block: nn.Module, record: dict, tensors: dict[str, torch.Tensor], report: QuantizationReport) -> bool:
+    """Put a kept block back (weights, codes, report entries); False, with nothing changed, if the kept file does not
+    fit this block."""
+    current = block.state_dict()
+    state = {key[len("state/"):]: value for key, value in tensors.items() if key.startswith("state/")}
+    if set(state) != set(current) or any(state[k].shape != v.shape or state[k].dtype != v.dtype for k, v in current.items()):
+        return False
+    try:
+        layers = [LayerReport(**{**entry, "shape": tuple(entry["shape"])}) for entry in record["layers"]]
+        codes = {}
+        for layer in layers:
+            parts = {key.split("/", 2)[2]: value for key, value in tensors.items()
+                     if key.startswith(f"codes/{layer.name}/")}
+            codes[layer.name] = restore(parse_format(layer.option), layer.shape, parts) if layer.option != KEEP else None
+        scaled = [ScaledGroup(**group) for group in record["scaled"]]
+        rounded = list(record["rounded"])
+    except (KeyError, TypeError, ValueError, MixbitsError):
+        return False
+    block.load_state_dict(state)
+    report.layers += layers
+    report.tensors.update(codes)
+    report.scaled += scaled
+    report.rounded_for_lack_of_tokens += rounded
+    return True
 
 
 def _solve(names: list[str], linears: list[nn.Linear], hessian: torch.Tensor | None, choices, report: QuantizationReport) -> None:

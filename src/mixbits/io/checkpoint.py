@@ -41,7 +41,7 @@ from ..hashing import sha256_file
 from ..models.registry import adapter_for
 from ..models.loaded import LoadedModel
 from ..plan import KEEP
-from ..schema import (COUNT, FILE_NAME, MODULE_NAME, SHA256, SHAPE, Check, Field, ListOf, MapOf, Nullable, SchemaError,
+from ..schema import (COUNT, FILE_NAME, MODULE_NAME, SHA256, SHAPE, Field, ListOf, MapOf, Nullable, SchemaError,
                       check, optional, read_json)
 
 VERSION = 3  # 2: outer layers (the embedding in 16 bits or quantized); 3: quantized inputs ("activation")
@@ -61,18 +61,6 @@ LAYER_SCHEMA = {"name": Field(MODULE_NAME), "option": Field(str), "solver": Fiel
 INFO_SCHEMA = {"mixbits_checkpoint": Field(int), "layers": Field(ListOf(LAYER_SCHEMA)),
                "outer": optional(ListOf(LAYER_SCHEMA)), "tied": Field(MapOf(MODULE_NAME, MODULE_NAME)),
                "source": optional(Nullable(dict)), "quantization": optional(Nullable(dict)), "plan": optional(Nullable(dict))}
-# The sizes transformers builds a model from, bounded so that even its skeleton stays small; the rest of the
-# config is transformers' to check, and the built skeleton is checked against the stored tensors.
-_DIMENSION = optional(Nullable(Check(int, lambda n: 1 <= n <= 2**24, "a positive integer up to 2^24")))
-_COUNT = optional(Nullable(Check(int, lambda n: 1 <= n <= 1024, "a positive integer up to 1024")))
-CONFIG_SCHEMA = {"model_type": Field(str), "architectures": optional(Nullable(ListOf(str))),
-                 **{key: _DIMENSION for key in ("hidden_size", "intermediate_size", "vocab_size", "head_dim",
-                                                "num_attention_heads", "num_key_value_heads", "moe_intermediate_size",
-                                                "shared_expert_intermediate_size", "max_position_embeddings")},
-                 **{key: _COUNT for key in ("num_hidden_layers", "num_experts", "num_local_experts",
-                                            "num_experts_per_tok")}}
-
-
 def _read_json(path: Path, schema) -> dict:
     """The JSON object in `path`, checked against `schema`; CheckpointError (one line) if it is not one."""
     data = read_json(path, CheckpointError, f"{path} is missing; it is not a complete mixbits checkpoint",
@@ -454,7 +442,7 @@ def _config(directory: Path):
     """config.json, checked against CONFIG_SCHEMA (sizes bounded) and read by transformers."""
     from transformers import AutoConfig
 
-    from ..models.loader import quiet_transformers
+    from ..models.loader import CONFIG_SCHEMA, quiet_transformers
 
     _read_json(directory / "config.json", CONFIG_SCHEMA)
     try:

