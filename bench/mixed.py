@@ -47,7 +47,7 @@ import time
 from common import RESULTS, pct
 
 from mixbits.allocate import Budget
-from mixbits.measure import Sensitivity
+from mixbits.sensitivity import Sensitivity
 from mixbits.mixes import allocated_plan
 from mixbits.report import format_table
 

@@ -242,12 +242,12 @@ def test_writing_is_atomic(tmp_path, monkeypatch, quantized):
     target = tmp_path / "ckpt"
     save_quantized(model, report, target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    import safetensors.torch
+    import mixbits.io.checkpoint as checkpoint_module
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(checkpoint_module, "write_safetensors", crash)
     with pytest.raises(OSError):
         save_quantized(model, report, target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the old checkpoint is untouched

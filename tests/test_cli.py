@@ -175,7 +175,7 @@ def test_an_infeasible_budget_names_what_is_achievable(tmp_path, capsys):
 def test_quantize_to_a_budget_writes_the_plan_it_applied(tmp_path):
     import json
 
-    from mixbits.measure import Sensitivity
+    from mixbits.sensitivity import Sensitivity
     from mixbits.menu import parse_choice
     from mixbits.plan import Plan
 

@@ -153,7 +153,7 @@ def test_a_gguf_header_that_would_exhaust_memory_is_refused_at_once(after, skip,
 def test_inconsistent_sensitivity_files_are_refused(edit, message, workdir):
     import json
 
-    from mixbits.measure import SensitivityError
+    from mixbits.sensitivity import SensitivityError
 
     target = TARGETS["sensitivity"](workdir)
     path = workdir / "sensitivity.json"

@@ -13,7 +13,10 @@ from mixbits.allocate import Budget, BudgetError
 from mixbits.calibrate import calibration_stats
 from mixbits.errors import MixbitsError
 from mixbits.formats import parse_format
-from mixbits.measure import GroupSensitivity, KLMeter, LayerStats, OptionDamage, Sensitivity, layer_statistics, measure, proxy_damage
+from mixbits.damage import KLMeter, proxy_damage
+from mixbits.layer_stats import LayerStats, layer_statistics
+from mixbits.measure import measure
+from mixbits.sensitivity import GroupSensitivity, OptionDamage, Sensitivity
 from mixbits.menu import Choice, parse_menu, parse_pin
 from mixbits.mixes import allocated_plan, check_budget, heuristic_plan, uniform_plan
 from mixbits.models.llama import LLAMA

@@ -16,6 +16,7 @@ from mixbits.plan import KEEP, LayerPlan, Plan
 # the modules, which the package's functions of the same names hide
 quantize_module = importlib.import_module("mixbits.quantize")
 measure_module = importlib.import_module("mixbits.measure")
+damage_module = importlib.import_module("mixbits.damage")
 solve_block = quantize_module._quantize_block  # before any test wraps it
 
 BLOCKS = 4
@@ -126,7 +127,7 @@ def test_an_interrupted_measurement_resumes_to_the_same_damages(tmp_path, monkey
     groups = len(whole.groups)
     state = tmp_path / "state"
     calls = []
-    original = measure_module.solve_many
+    original = damage_module.solve_many
 
     def interrupting(*args, **kwargs):
         if len(calls) == 5 * len(menu):  # five groups measured
@@ -134,11 +135,11 @@ def test_an_interrupted_measurement_resumes_to_the_same_damages(tmp_path, monkey
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(measure_module, "solve_many", interrupting)
+    monkeypatch.setattr(damage_module, "solve_many", interrupting)
     with pytest.raises(Interrupted):
         measured(state)
     calls.clear()
-    monkeypatch.setattr(measure_module, "solve_many", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(damage_module, "solve_many", lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed = measured(state)
     assert len(calls) == (groups - 5) * len(menu)
     assert damages(resumed) == damages(whole)

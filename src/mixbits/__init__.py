@@ -26,7 +26,8 @@ from .eval import Evaluation, ReferenceScores, evaluate, evaluate_domains
 from .formats import parse_format
 from .io.checkpoint import load_quantized, save_quantized
 from .models import LoadedModel, load_model
-from .measure import Sensitivity, measure
+from .measure import measure
+from .sensitivity import Sensitivity
 from .menu import parse_menu
 from .mixes import allocated_plan, heuristic_plan, uniform_plan
 from .plan import Plan

@@ -109,18 +109,23 @@ def block_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor,
 
     handles = [block.register_forward_pre_hook(grab(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
-        with torch.no_grad():
-            for window in windows:
-                try:
-                    model(window[None], use_cache=False)
-                except _StopBlock:
-                    pass
+        forward_windows(model, windows)
     finally:
         for handle in handles:
             handle.remove()
     if any(call is None for call in calls):
         raise MixbitsError("the model's forward skipped some of its blocks; block-wise calibration needs every block")
     return torch.cat(captured), calls
+
+
+def forward_windows(model: nn.Module, windows: torch.Tensor) -> None:
+    """Run the model on each window alone, for what hooks record; a hook may stop a window early (_StopBlock)."""
+    with torch.no_grad():
+        for window in windows:
+            try:
+                model(window[None], use_cache=False)
+            except _StopBlock:
+                pass
 
 
 def _run(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) -> Iterator[torch.Tensor | None]:

@@ -77,6 +77,10 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", "-o", help="write a packed checkpoint (codes at their bit width) to this directory; "
                                         "finished blocks and measurements are kept in OUT.partial until it is "
                                         "written, so an interrupted run resumes with the same command")
+    q.add_argument("--stream", action="store_true",
+                   help="for a model larger than memory: read, solve and write one block at a time from --model's "
+                        "safetensors shards into --out (one --format, solver gptq unless --solver; no evaluation: run "
+                        "`mixbits eval OUT` after)")
     q.add_argument("--no-eval", dest="evaluate", action="store_false", help="only quantize and report bits")
     _add_eval_args(q)
     q.set_defaults(run=_run_quantize)
@@ -372,6 +376,8 @@ def _run_quantize(args) -> int:
 
     # Fail on bad arguments before any slow work.
     check_source(args.model)
+    if args.stream:
+        return _run_streamed(args)
     planning = args.bpw is not None or args.size is not None
     if args.plan and planning:
         raise MixbitsError("give either --plan or a budget (--bpw/--size), not both")
@@ -474,6 +480,39 @@ def _run_quantize(args) -> int:
         return 0
     print(f"{report.format} {report.method} against the original model:")
     _print_domains(result)
+    return 0
+
+
+def _run_streamed(args) -> int:
+    from pathlib import Path
+
+    from .io.checkpoint import check_output_directory
+    from .streaming import quantize_streamed
+
+    unsupported = [flag for flag, given in (("--plan", args.plan), ("--bpw/--size", args.bpw or args.size),
+                                            ("--awq", args.awq), ("--smoothquant", args.smoothquant),
+                                            ("--rotate", args.rotate), ("--act", args.act), ("--head", args.head),
+                                            ("--head-format", args.head_format)) if given]
+    if unsupported:
+        raise MixbitsError(f"--stream quantizes to one --format; {unsupported[0]} does not stream yet")
+    if not args.out:
+        raise MixbitsError("--stream writes each block to the checkpoint as it finishes; give --out DIR")
+    if args.model is None or not Path(args.model).is_dir():
+        raise MixbitsError("--stream reads a Hugging Face model directory of safetensors shards; give --model DIR")
+    check_output_directory(args.out)
+    _check_calibration(args)
+    report, saved = quantize_streamed(args.model, args.out, args.format, solver=args.solver or "gptq",
+                                      calibration=args.calib_text, calibration_windows=args.calib_windows,
+                                      calibration_len=args.calib_window_len, clip_search=args.clip_search,
+                                      gptq=_gptq_settings(args), embedding_format=args.embedding_format)
+    record = {"quantization": report.as_dict(), "checkpoint": saved.as_dict()}
+    if args.json:
+        print(json.dumps(record, indent=1))
+        return 0
+    print(f"streamed {len(report.layers)} linear layers, {report.weights:,} weights, {report.bits_per_weight:.4f} "
+          f"bits per weight, {report.seconds:.1f} s, peak memory {report.peak_memory_bytes / 2**20:.0f} MiB")
+    print(f"checkpoint: {saved.path}, {sum(saved.files.values()) / 1e6:.2f} MB in all; evaluate it with "
+          f"`mixbits eval {saved.path}`")
     return 0
 
 

@@ -6,7 +6,7 @@ sees, so the (group, options) jobs are independent. The driver takes the
 statistics (one pass), then hands the groups to workers: Ray actors that
 each hold the model and a KL meter of their own and take the next group as
 they finish one. Each worker runs the same code as a local measurement
-(`measure.GroupMeter`), so the results are the local ones; only the
+(`damage.GroupMeter`), so the results are the local ones; only the
 threads each worker's matrix products use differ, which can change float
 sums in their last bits.
 
@@ -59,7 +59,7 @@ class _Worker:
     """A Ray actor: the model and a KL meter, measuring one group per call."""
 
     def __init__(self, model: nn.Module, kl_windows, clip_search, gptq, outer: bool, threads: int):
-        from .measure import GroupMeter
+        from .damage import GroupMeter
 
         torch.set_num_threads(threads)
         self.meter = GroupMeter(model, kl_windows, clip_search, gptq, outer)

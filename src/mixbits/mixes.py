@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from .allocate import Budget, BudgetError, Option, allocate
-from .measure import GroupSensitivity, Sensitivity, SensitivityError, other_parameters
+from .sensitivity import GroupSensitivity, Sensitivity, SensitivityError, other_parameters
 from .menu import Choice, MenuError, Pin, check_pins_match, embedding_choices, group_choices, pinned_choice
 from .models.structure import outer_layers, quantizable_linears
 from .plan import KEEP, LayerPlan, Plan, option_bits

@@ -19,7 +19,8 @@ from . import defaults
 from .allocate import Budget
 from .calibrate import calibration_name
 from .errors import MixbitsError
-from .measure import Sensitivity, SensitivityError, measure
+from .measure import measure
+from .sensitivity import Sensitivity, SensitivityError
 from .menu import Choice, Pin, parse_menu
 from .mixes import allocated_plan, check_budget
 from .models.loaded import LoadedModel

@@ -300,12 +300,12 @@ def _quantize_calibrated(module: nn.Module, choices: dict[str, tuple[str, str]],
     for index, block in enumerate(tqdm(sequence, desc=f"{report.method} blocks", disable=not progress, leave=False)):
         step = f"block-{index:04d}"
         kept = state.load(step) if state is not None else None
-        if kept is not None and _restore_block(block.block, *kept, report):
+        if kept is not None and restore_block(block.prefix, block.block, *kept, report):
             continue  # its weights are as solved before, so its outputs, the next block's inputs, are too
         before = (len(report.layers), len(report.scaled), len(report.rounded_for_lack_of_tokens))
         _quantize_block(index, block, choices, report, decoder, fmt, smoothing)
         if state is not None:
-            state.save(step, *_block_record(block.block, report, before))
+            state.save(step, *block_record(block.prefix, block.block, report, before))
     if state is not None and state.kept and progress:
         print(f"quantize: {len(state.kept)} finished blocks taken from {state.root}", file=sys.stderr)
     if report.rounded_for_lack_of_tokens:
@@ -334,37 +334,57 @@ def _quantize_block(index: int, block, choices, report: QuantizationReport, deco
         _solve(stage.names, stage.linears, stats.hessian, choices, report)
 
 
-def _block_record(block: nn.Module, report: QuantizationReport, before: tuple[int, int, int]):
-    """What a finished block adds to the report, and its weights (all of them: scaling also changes its norms)."""
+def block_record(prefix: str, block: nn.Module, report: QuantizationReport, before: tuple[int, int, int]):
+    """What a finished block (qualified name `prefix`) added to the report since `before` (lengths of its layers,
+    scaled groups and rounded layers), and its tensors: each layer as stored (codes and parameters, or the 16-bit
+    weight) under "codes/NAME/", the rest of the block (norms, biases; scaling changes the norms) under "float/"."""
     layers = report.layers[before[0]:]
     record = {"layers": [asdict(layer) for layer in layers], "scaled": [asdict(g) for g in report.scaled[before[1]:]],
               "rounded": report.rounded_for_lack_of_tokens[before[2]:]}
-    tensors = {f"state/{key}": value for key, value in block.state_dict().items()}
+    replaced = {layer.name[len(prefix) + 1:] + ".weight" for layer in layers}
+    modules = dict(block.named_modules())
+    tensors = {f"float/{key}": value for key, value in block.state_dict().items() if key not in replaced}
     for layer in layers:
-        if report.tensors[layer.name] is not None:
-            tensors.update({f"codes/{layer.name}/{key}": value for key, value in store(report.tensors[layer.name]).items()})
+        quantized = report.tensors[layer.name]
+        stored = store(quantized) if quantized is not None else {
+            "weight": modules[layer.name[len(prefix) + 1:]].weight.detach().half()}
+        tensors.update({f"codes/{layer.name}/{key}": value for key, value in stored.items()})
     return record, tensors
 
 
-def _restore_block(block: nn.Module, record: dict, tensors: dict[str, torch.Tensor], report: QuantizationReport) -> bool:
-    """Put a kept block back (weights, codes, report entries); False, with nothing changed, if the kept file does not
-    fit this block."""
+def restore_block(prefix: str, block: nn.Module, record: dict, tensors: dict[str, torch.Tensor],
+                  report: QuantizationReport) -> bool:
+    """Put back a block `block_record` kept: its weights as the solver left them (dequantized from the codes, exactly),
+    the rest of its tensors, its report entries. False, with nothing changed, if the kept tensors do not fit it."""
     current = block.state_dict()
-    state = {key[len("state/"):]: value for key, value in tensors.items() if key.startswith("state/")}
-    if set(state) != set(current) or any(state[k].shape != v.shape or state[k].dtype != v.dtype for k, v in current.items()):
-        return False
+    modules = dict(block.named_modules())
+    floats = {key[len("float/"):]: value for key, value in tensors.items() if key.startswith("float/")}
     try:
         layers = [LayerReport(**{**entry, "shape": tuple(entry["shape"])}) for entry in record["layers"]]
-        codes = {}
-        for layer in layers:
-            parts = {key.split("/", 2)[2]: value for key, value in tensors.items()
-                     if key.startswith(f"codes/{layer.name}/")}
-            codes[layer.name] = restore(parse_format(layer.option), layer.shape, parts) if layer.option != KEEP else None
+        replaced = {layer.name[len(prefix) + 1:] + ".weight": layer for layer in layers}
+        if set(floats) | set(replaced) != set(current) or set(floats) & set(replaced) or any(
+                floats[k].shape != current[k].shape or floats[k].dtype != current[k].dtype for k in floats):
+            return False
+        codes, weights = {}, {}
+        for key, layer in replaced.items():
+            parts = {name.split("/", 2)[2]: value for name, value in tensors.items()
+                     if name.startswith(f"codes/{layer.name}/")}
+            if layer.option == KEEP:
+                codes[layer.name], weights[key] = None, parts["weight"].float()
+            else:
+                codes[layer.name] = restore(parse_format(layer.option), layer.shape, parts)
+                weights[key] = codes[layer.name].dequantize()
+            if weights[key].shape != current[key].shape:
+                return False
         scaled = [ScaledGroup(**group) for group in record["scaled"]]
         rounded = list(record["rounded"])
     except (KeyError, TypeError, ValueError, MixbitsError):
         return False
-    block.load_state_dict(state)
+    with torch.no_grad():
+        for key, value in floats.items():
+            current[key].copy_(value)
+        for key, value in weights.items():
+            modules[key.removesuffix(".weight")].weight.copy_(value.to(current[key].dtype))
     report.layers += layers
     report.tensors.update(codes)
     report.scaled += scaled

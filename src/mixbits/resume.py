@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .io.safetensors_writer import DTYPES_BY_NAME
+
 SETTINGS = "settings.json"
 
 
@@ -51,6 +53,21 @@ class RunState:
             return None
         self.kept.append(name)
         return record, tensors
+
+    def tensors(self, name: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The dtype and shape of every tensor of finished step `name`, read from its header alone."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / f"{name}.safetensors"), "pt") as handle:
+            return {key: (DTYPES_BY_NAME[handle.get_slice(key).get_dtype()], tuple(handle.get_slice(key).get_shape()))
+                    for key in handle.keys()}
+
+    def tensor(self, name: str, key: str) -> torch.Tensor:
+        """One tensor of finished step `name` (the others stay on disk)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / f"{name}.safetensors"), "pt") as handle:
+            return handle.get_tensor(key)
 
     def save(self, name: str, record: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
         from safetensors.torch import save_file

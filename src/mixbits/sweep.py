@@ -19,7 +19,7 @@ from pathlib import Path
 from .allocate import Budget
 from .errors import MixbitsError
 from .eval import Domain, ReferenceScores, evaluate_domains, reference_scores
-from .measure import Sensitivity
+from .sensitivity import Sensitivity
 from .menu import Choice, Pin
 from .mixes import allocated_plan, heuristic_plan, uniform_plan
 from .models.registry import adapter_for

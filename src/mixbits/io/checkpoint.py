@@ -36,13 +36,14 @@ from torch import nn
 from ..errors import MixbitsError, ModelLoadError, first_line
 from ..activations import parse_activation
 from ..formats import parse_format
-from ..formats.storage import restore, store, stored_bytes
+from ..formats.storage import restore, store
 from ..hashing import sha256_file
 from ..models.registry import adapter_for
 from ..models.loaded import LoadedModel
 from ..plan import KEEP
 from ..schema import (COUNT, FILE_NAME, MODULE_NAME, SHA256, SHAPE, Field, ListOf, MapOf, Nullable, SchemaError,
                       check, optional, read_json)
+from .safetensors_writer import nbytes, write_safetensors
 
 VERSION = 3  # 2: outer layers (the embedding in 16 bits or quantized); 3: quantized inputs ("activation")
 READABLE = (1, 2, 3)
@@ -114,26 +115,33 @@ def save_quantized(model: nn.Module | LoadedModel, report, directory: str | Path
     check_output_directory(directory)
 
     modules = dict(model.named_modules())
-    quantized: dict[str, torch.Tensor] = {}
+    stored = {}
+    for layer in report.layers + report.outer:
+        tensor = report.tensors[layer.name]
+        stored[layer.name] = store(tensor) if tensor is not None else {
+            "weight": modules[layer.name].weight.detach().half().contiguous()}
+    replaced = {f"{layer.name}.weight" for layer in report.layers + report.outer}
+    floats, tied = float_tensors(model, replaced)
+    return write_checkpoint(directory, config, tokenizer, report, stored, floats, tied, plan, source)
+
+
+def write_checkpoint(directory: Path, config, tokenizer, report, stored: dict[str, dict], floats: dict, tied: dict,
+                     plan=None, source: dict | None = None) -> SavedCheckpoint:
+    """Write a checkpoint from its parts: each layer's stored tensors by name (`stored`, tensors or `Lazy` ones read
+    as they are written), the float tensors and ties (`float_tensors`), the report's layers."""
+    quantized: dict = {}
     entries: dict[str, list[dict]] = {"layers": [], "outer": []}
     layer_bytes = 0  # of the quantized layers alone
     for kind, reports in (("layers", report.layers), ("outer", report.outer)):
         for layer in reports:
-            tensor = report.tensors[layer.name]
-            if tensor is None:
-                stored = {"weight": modules[layer.name].weight.detach().half().contiguous()}
-            else:
-                stored = store(tensor)
-            quantized.update({f"{layer.name}.{key}": value for key, value in stored.items()})
-            layer_bytes += stored_bytes(stored) if kind == "layers" else 0
+            quantized.update({f"{layer.name}.{key}": value for key, value in stored[layer.name].items()})
+            layer_bytes += sum(map(nbytes, stored[layer.name].values())) if kind == "layers" else 0
             entry = {"name": layer.name, "option": layer.option, "solver": layer.solver, "shape": list(layer.shape),
                      "bits": layer.bits}
             if getattr(layer, "activation", None):  # an embedding's: the input format of the head tied to it
                 entry["head_activation" if kind == "outer" else "activation"] = layer.activation
             entries[kind].append(entry)
     layers = entries["layers"]
-    replaced = {f"{layer['name']}.weight" for layer in layers + entries["outer"]}
-    floats, tied = _float_tensors(model, replaced)
     info = {
         "mixbits_checkpoint": VERSION,
         "source": source,
@@ -144,14 +152,12 @@ def save_quantized(model: nn.Module | LoadedModel, report, directory: str | Path
         "plan": None if plan is None else plan.as_dict(),
     }
 
-    from safetensors.torch import save_file
-
     temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
-        save_file(quantized, str(temporary / QUANTIZED), metadata={"mixbits_checkpoint": str(VERSION)})
-        save_file(floats, str(temporary / FLOAT), metadata={"mixbits_checkpoint": str(VERSION)})
+        write_safetensors(temporary / QUANTIZED, quantized, {"mixbits_checkpoint": str(VERSION)})
+        write_safetensors(temporary / FLOAT, floats, {"mixbits_checkpoint": str(VERSION)})
         (temporary / "config.json").write_text(config.to_json_string())
         if tokenizer is not None:
             tokenizer.save_pretrained(temporary)
@@ -364,12 +370,14 @@ def checkpoint_info(directory: str | Path) -> dict:
     return _checked_info(Path(directory))
 
 
-def _float_tensors(model: nn.Module, replaced: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every state-dict tensor not in `replaced`, each storage once; `tied` maps a duplicate name to the one kept.
+def float_tensors(model: nn.Module, replaced: set[str], skip: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every state-dict tensor not in `replaced` (nor under `skip.`), each storage once; `tied` maps a duplicate
+    name to the one kept.
 
     A tensor sharing its storage with a replaced one (a head tied to a stored embedding) is tied to it.
     """
-    state = model.state_dict(keep_vars=False)
+    state = {name: tensor for name, tensor in model.state_dict(keep_vars=False).items()
+             if skip is None or not name.startswith(skip + ".")}
 
     def key(tensor):
         return tensor.data_ptr(), tensor.numel(), tuple(tensor.shape)

@@ -73,8 +73,9 @@ def gptq(
     weight = matrix.detach().float().clone()
     rows, cols = weight.shape
     hessian = hessian.detach().double().clone()
-    if settings.shrink:
-        hessian = (1 - settings.shrink) * hessian + settings.shrink * torch.diag(hessian.diagonal())
+    if settings.shrink:  # (1 - shrink) H + shrink diag(H), in place: H of a 11008-wide input is 1 GB in float64
+        diagonal = hessian.diagonal().clone()
+        hessian.mul_(1 - settings.shrink).diagonal().add_(settings.shrink * diagonal)
     dead = hessian.diagonal() == 0  # inputs that are always zero: their weights do not matter
     hessian[dead, dead] = 1.0
     weight[:, dead] = 0.0
@@ -94,7 +95,7 @@ def gptq(
     position = torch.empty_like(order)
     position[order] = torch.arange(cols)
     weight = weight[:, order]
-    inverse = upper_inverse_cholesky(hessian[order][:, order], settings.damp).float()
+    inverse = upper_inverse_cholesky(hessian[order[:, None], order[None, :]], settings.damp).float()
     rounded = torch.zeros_like(weight)
     visit = order.tolist()
     param_rows = fmt.param_rows(rows)  # a column is [param_rows, 1, rows / param_rows] in the grouped layout
@@ -148,11 +149,14 @@ def gptq(
 def upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising the damping until H factors."""
     mean_diagonal = hessian.diagonal().mean()
-    eye = torch.eye(len(hessian), dtype=hessian.dtype)
     for _ in range(MAX_DAMPING_TRIES):
-        factor, info = torch.linalg.cholesky_ex(hessian + damp * mean_diagonal * eye)
+        damped = hessian.clone()
+        damped.diagonal().add_(damp * mean_diagonal)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
             inverse = torch.cholesky_inverse(factor)
+            del factor
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info == 0:
                 return upper
