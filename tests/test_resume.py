@@ -2,13 +2,13 @@
 uninterrupted run gives (checkpoints compared byte for byte), computing only the steps that were not finished."""
 
 import importlib
-import json
 
 import pytest
 import torch
 
 import mixbits
-from mixbits.io.checkpoint import INFO, save_quantized
+from checkpoint_contents import checkpoint_contents
+from mixbits.io.checkpoint import save_quantized
 from mixbits.models.structure import quantizable_linears
 from mixbits.models.tiny import tiny_model
 from mixbits.plan import KEEP, LayerPlan, Plan
@@ -21,7 +21,6 @@ solve_block = quantize_module._quantize_block  # before any test wraps it
 
 BLOCKS = 4
 CALIBRATION = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
-TIMING = ("seconds", "peak_memory_bytes")
 
 
 class Interrupted(Exception):
@@ -68,15 +67,6 @@ def run(tmp_path, name, settings, resume=None, stop_after=None, monkeypatch=None
     return solved
 
 
-def checkpoint_files(path):
-    files = {p.name: p.read_bytes() for p in sorted(path.iterdir())}
-    info = json.loads(files.pop(INFO))
-    for key in TIMING:
-        info["quantization"].pop(key)
-    files.pop("manifest.json")  # it holds mixbits.json's hash, which the timing changes
-    return files, info
-
-
 @pytest.mark.parametrize("kind", SETTINGS)
 def test_an_interrupted_quantization_resumes_to_the_same_checkpoint(tmp_path, kind, monkeypatch):
     settings = SETTINGS[kind]
@@ -86,7 +76,7 @@ def test_an_interrupted_quantization_resumes_to_the_same_checkpoint(tmp_path, ki
         run(tmp_path, "never", settings, resume=state, stop_after=2, monkeypatch=monkeypatch)
     assert not (tmp_path / "never").exists()
     assert run(tmp_path, "resumed", settings, resume=state, monkeypatch=monkeypatch) == [2, 3]  # 0, 1 were kept
-    whole, resumed = checkpoint_files(tmp_path / "whole"), checkpoint_files(tmp_path / "resumed")
+    whole, resumed = checkpoint_contents(tmp_path / "whole"), checkpoint_contents(tmp_path / "resumed")
     assert whole[0].keys() == resumed[0].keys()
     for name in whole[0]:
         assert whole[0][name] == resumed[0][name], f"{name} differs"
@@ -109,7 +99,7 @@ def test_a_damaged_kept_block_is_solved_again(tmp_path, monkeypatch):
     kept.write_bytes(kept.read_bytes()[:-100])  # truncated
     assert run(tmp_path, "resumed", SETTINGS["gptq"], resume=state, monkeypatch=monkeypatch) == [1, 2, 3]
     run(tmp_path, "whole", SETTINGS["gptq"], monkeypatch=monkeypatch)
-    assert checkpoint_files(tmp_path / "whole") == checkpoint_files(tmp_path / "resumed")
+    assert checkpoint_contents(tmp_path / "whole") == checkpoint_contents(tmp_path / "resumed")
 
 
 def test_an_interrupted_measurement_resumes_to_the_same_damages(tmp_path, monkeypatch):

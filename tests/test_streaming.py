@@ -2,13 +2,13 @@
 checkpoint the in-memory path gives, byte for byte, and resumes after an interruption."""
 
 import importlib
-import json
 
 import pytest
 import torch
 
 import mixbits
-from mixbits.io.checkpoint import INFO, load_quantized, save_quantized
+from checkpoint_contents import checkpoint_contents
+from mixbits.io.checkpoint import load_quantized, save_quantized
 from mixbits.models.loader import load_model
 from mixbits.models.tiny import tiny_model
 from mixbits.streaming import quantize_streamed
@@ -16,7 +16,6 @@ from mixbits.streaming import quantize_streamed
 streaming_module = importlib.import_module("mixbits.streaming")
 solve_block = streaming_module._quantize_block
 CALIBRATION = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
-TIMING = ("seconds", "peak_memory_bytes")
 
 
 @pytest.fixture(params=[True, False], ids=["tied", "untied"])
@@ -29,15 +28,6 @@ def sharded(request, tmp_path):
     return path
 
 
-def contents(path):
-    files = {p.name: p.read_bytes() for p in sorted(path.iterdir())}
-    info = json.loads(files.pop(INFO))
-    for key in TIMING:
-        info["quantization"].pop(key)
-    files.pop("manifest.json")
-    return files, info
-
-
 @pytest.mark.parametrize("fmt, embedding", [("int4:g32:asym", None), ("int3:g32:sym", "q8_0")])
 def test_streamed_checkpoint_equals_the_in_memory_one(sharded, tmp_path, fmt, embedding):
     loaded = load_model(sharded)
@@ -47,7 +37,7 @@ def test_streamed_checkpoint_equals_the_in_memory_one(sharded, tmp_path, fmt, em
     streamed, _ = quantize_streamed(sharded, tmp_path / "streamed", fmt, calibration=CALIBRATION,
                                     embedding_format=embedding, progress=False)
     assert streamed.bits == report.bits and streamed.model_bits == report.model_bits
-    memory, stream = contents(tmp_path / "memory"), contents(tmp_path / "streamed")
+    memory, stream = checkpoint_contents(tmp_path / "memory"), checkpoint_contents(tmp_path / "streamed")
     assert memory[0].keys() == stream[0].keys()
     for name in memory[0]:
         assert memory[0][name] == stream[0][name], f"{name} differs"
@@ -81,7 +71,7 @@ def test_an_interrupted_stream_resumes(sharded, tmp_path, monkeypatch):
     assert solved == [2, 3]
     monkeypatch.setattr(streaming_module, "_quantize_block", solve_block)
     quantize_streamed(sharded, tmp_path / "whole", calibration=CALIBRATION, progress=False)
-    assert contents(tmp_path / "out") == contents(tmp_path / "whole")
+    assert checkpoint_contents(tmp_path / "out") == checkpoint_contents(tmp_path / "whole")
 
 
 def test_a_shard_lacking_a_block_weight_is_refused(sharded, tmp_path):

@@ -40,8 +40,9 @@ from .activations import StaticIntFormat, activation_name, parse_activation
 from .calibrate import SequentialCalibration, calibration_data, input_stats
 from .errors import MixbitsError
 from .formats import Format, QuantizedTensor, parse_format
-from .formats.storage import restore, store
+from .formats.storage import restore
 from .hashing import sha256_state_dict, sha256_tensor
+from .io.checkpoint import stored_layer
 from .memory import peak_bytes, reset_peak
 from .models.registry import adapter_for
 from .models.loaded import LoadedModel
@@ -345,9 +346,7 @@ def block_record(prefix: str, block: nn.Module, report: QuantizationReport, befo
     modules = dict(block.named_modules())
     tensors = {f"float/{key}": value for key, value in block.state_dict().items() if key not in replaced}
     for layer in layers:
-        quantized = report.tensors[layer.name]
-        stored = store(quantized) if quantized is not None else {
-            "weight": modules[layer.name[len(prefix) + 1:]].weight.detach().half()}
+        stored = stored_layer(report.tensors[layer.name], modules[layer.name[len(prefix) + 1:]])
         tensors.update({f"codes/{layer.name}/{key}": value for key, value in stored.items()})
     return record, tensors
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from .calibrate import BlockCalibration, _StopBlock, calibration_data, forward_w
 from .errors import MixbitsError, ModelLoadError, first_line
 from .formats import parse_format
 from .hashing import sha256_files, sha256_tensor
-from .io.checkpoint import check_output_directory, float_tensors, write_checkpoint
+from .io.checkpoint import check_output_directory, float_tensors, stored_layer, write_checkpoint
 from .io.safetensors_writer import Lazy
 from .memory import peak_bytes, reset_peak
 from .models.loaded import LoadedModel
@@ -204,7 +205,7 @@ def quantize_streamed(
                                "solver": solver, "windows": sha256_tensor(windows), "clip_search": clip_search,
                                "gptq": gptq.as_dict()})
     inputs, calls = _block_calls(model, windows)
-    choices = _Uniform((option, solver))
+    choices = defaultdict(lambda: (option, solver))  # every layer alike
     for index, block in enumerate(tqdm(blocks, desc="stream blocks", disable=not progress, leave=False)):
         name, step = f"{prefix}.{index}", f"block-{index:04d}"
         names = [n for n in shapes if n.startswith(name + ".")]
@@ -229,21 +230,8 @@ def quantize_streamed(
     return report, saved
 
 
-class _Uniform(dict):
-    """Every layer's (option, solver): one for all."""
-
-    def __init__(self, choice):
-        super().__init__()
-        self.choice = choice
-
-    def __missing__(self, key):
-        return self.choice
-
-
 def _write(model, report, out: Path, state: RunState, prefix: str, blocks: int, loaded: LoadedModel):
     """The checkpoint from the kept blocks (read one tensor at a time) and the outer layers in memory."""
-    from .formats.storage import store
-
     stored: dict[str, dict] = {}
     floats: dict = {}
     for index in range(blocks):
@@ -258,9 +246,7 @@ def _write(model, report, out: Path, state: RunState, prefix: str, blocks: int, 
                 floats[f"{prefix}.{index}.{rest}"] = lazy
     modules = dict(model.named_modules())
     for layer in report.outer:
-        tensor = report.tensors[layer.name]
-        stored[layer.name] = store(tensor) if tensor is not None else {
-            "weight": modules[layer.name].weight.detach().half().contiguous()}
+        stored[layer.name] = stored_layer(report.tensors[layer.name], modules[layer.name])
     outer_floats, tied = float_tensors(model, {f"{layer.name}.weight" for layer in report.outer}, skip=prefix)
     return write_checkpoint(out, model.config, loaded.tokenizer, report, stored, {**floats, **outer_floats}, tied,
                             source={"name": loaded.name, "sha256": loaded.sha256})

@@ -115,14 +115,16 @@ def save_quantized(model: nn.Module | LoadedModel, report, directory: str | Path
     check_output_directory(directory)
 
     modules = dict(model.named_modules())
-    stored = {}
-    for layer in report.layers + report.outer:
-        tensor = report.tensors[layer.name]
-        stored[layer.name] = store(tensor) if tensor is not None else {
-            "weight": modules[layer.name].weight.detach().half().contiguous()}
+    stored = {layer.name: stored_layer(report.tensors[layer.name], modules[layer.name])
+              for layer in report.layers + report.outer}
     replaced = {f"{layer.name}.weight" for layer in report.layers + report.outer}
     floats, tied = float_tensors(model, replaced)
     return write_checkpoint(directory, config, tokenizer, report, stored, floats, tied, plan, source)
+
+
+def stored_layer(quantized, module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a layer is stored as: its codes and parameters, or its weight in float16 (kept in 16 bits)."""
+    return store(quantized) if quantized is not None else {"weight": module.weight.detach().half().contiguous()}
 
 
 def write_checkpoint(directory: Path, config, tokenizer, report, stored: dict[str, dict], floats: dict, tied: dict,

@@ -140,7 +140,8 @@ def _build_gguf_cache(path: Path, digest: str, cache: Path, name: str) -> Loaded
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model, report = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                                  output_loading_info=True)
-        if _gguf_adds_bos(path) and bos_token_id(tokenizer) is None and tokenizer.bos_token_id is not None:
+        adds_bos = bool(header.metadata.get("tokenizer.ggml.add_bos_token"))
+        if adds_bos and bos_token_id(tokenizer) is None and tokenizer.bos_token_id is not None:
             tokenizer.add_bos_token = True
     except Exception as error:  # transformers/gguf raise many types on bad files
         raise ModelLoadError(f"could not load GGUF {path}: {first_line(error)}; check that the file is complete") from error
@@ -197,13 +198,6 @@ def _check_complete(report: dict, path: Path) -> None:
     if missing:
         raise ModelLoadError(f"{path} lacks {len(missing)} of the model's weights, or holds them in other shapes "
                              f"(first: {missing[0]}); check that the file is complete and unedited")
-
-
-def _gguf_adds_bos(path: Path) -> bool:
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
-    return bool(field is not None and field.contents())
 
 
 @contextlib.contextmanager
