@@ -8,7 +8,7 @@ import torch
 from mixbits.formats import parse_format
 from mixbits.formats.elements import E4M3
 from mixbits.formats.granularity import to_groups
-from mixbits.solvers import GptqSettings, gptq, round_to_nearest
+from mixbits.solvers import GptqSettings, gptq, gptq_options, round_to_nearest
 from mixbits.solvers.gptq import upper_inverse_cholesky
 
 
@@ -114,3 +114,35 @@ def test_hessian_shrunk_to_its_diagonal_is_rounding_under_per_input_importance()
     assert errors[0] < errors[1] < errors[2]
     with pytest.raises(ValueError):
         GptqSettings(shrink=1.5)
+
+
+def test_options_solved_in_one_pass_equal_each_solved_alone():
+    """Batched options share the Hessian's factor and the column loop; rows never mix, so each result is the
+    single-format solve's bit for bit, integer options (rounded together) and others alike, in any order."""
+    weight, hessian = correlated_layer(rows=48, cols=100)
+    hessian[7, :] = hessian[:, 7] = 0  # a dead input
+    names = ["lut3:ch", "int2:g32:asym", "int4:ch:asym", "nvfp4", "int3:g48:asym", "int4:g64:sym", "fp8_e4m3:tensor",
+             "int5:g64:asym", "nf4:g64"]
+    batched = gptq_options(weight, hessian, [parse_format(n) for n in names])
+    for name, together in zip(names, batched):
+        alone = gptq(weight, hessian, parse_format(name))
+        assert together.format == alone.format, name
+        assert torch.equal(together.codes, alone.codes), name
+        assert together.params.keys() == alone.params.keys()
+        assert all(torch.equal(together.params[k], alone.params[k]) for k in alone.params), name
+
+
+def test_solve_options_splits_stacked_layers_and_passes(monkeypatch):
+    """Layers sharing an input under several options, in passes of two options at most: as solved one by one."""
+    import mixbits.solvers as solvers
+
+    weight, hessian = correlated_layer(rows=40, cols=64)
+    layers = [weight[:24], weight[24:]]
+    formats = [parse_format(n) for n in ("int3:g32:asym", "nvfp4", "int4:ch:asym", "lut3:ch")] + [None]
+    monkeypatch.setattr(solvers, "BATCH_ELEMENTS", 2 * weight.numel())
+    found = solvers.solve_options(layers, formats, "gptq", hessian)
+    for fmt, solved in zip(formats, found):
+        expected = solvers.solve_many(layers, fmt, "gptq", hessian)
+        assert len(solved) == 2
+        for a, b in zip(solved, expected):
+            assert (a is None and b is None) or torch.equal(a.dequantize(), b.dequantize())

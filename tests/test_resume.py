@@ -117,19 +117,20 @@ def test_an_interrupted_measurement_resumes_to_the_same_damages(tmp_path, monkey
     groups = len(whole.groups)
     state = tmp_path / "state"
     calls = []
-    original = damage_module.solve_many
+    original = damage_module.solve_options
+    solvers = len({choice.solver for choice in menu})  # a group solves its options once per solver
 
     def interrupting(*args, **kwargs):
-        if len(calls) == 5 * len(menu):  # five groups measured
+        if len(calls) == 5 * solvers:  # five groups measured
             raise Interrupted
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(damage_module, "solve_many", interrupting)
+    monkeypatch.setattr(damage_module, "solve_options", interrupting)
     with pytest.raises(Interrupted):
         measured(state)
     calls.clear()
-    monkeypatch.setattr(damage_module, "solve_many", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(damage_module, "solve_options", lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed = measured(state)
-    assert len(calls) == (groups - 5) * len(menu)
+    assert len(calls) == (groups - 5) * solvers
     assert damages(resumed) == damages(whole)

@@ -33,7 +33,7 @@ from .models.registry import adapter_for
 from .models.structure import outer_layers, output_head, quantizable_linears, transformer_blocks
 from .plan import KEEP
 from .sensitivity import GroupSensitivity, OptionDamage, group_name
-from .solvers import GptqSettings, approximation, solve_many
+from .solvers import GptqSettings, approximation, solve_options
 
 
 def embedding_damage(weight: torch.Tensor, approx: torch.Tensor, stats: EmbeddingStats) -> tuple[float, float]:
@@ -136,12 +136,22 @@ class GroupMeter:
         group = GroupSensitivity(group_name(layers), layers, shapes, block, [])
         originals = [self.modules[name].weight.detach().clone() for name in layers]
         hessian = stats[layers[0]].hessian if isinstance(stats[layers[0]], LayerStats) else None
-        for choice in choices:
+        by_solver = {}
+        for k, choice in enumerate(choices):
+            by_solver.setdefault(choice.solver, []).append(k)
+        solutions, solve_seconds = {}, {}
+        for solver, indices in by_solver.items():
+            # The layers of a group read one input, so they share one Hessian and are solved together, and with
+            # GPTQ all the options at once; each option is charged its share of the time.
             start = time.perf_counter()
+            found = solve_options(originals, [choices[k].format for k in indices], solver, hessian, self.clip_search,
+                                  self.gptq)
+            for k, solved in zip(indices, found):
+                solutions[k], solve_seconds[k] = solved, (time.perf_counter() - start) / len(indices)
+        for k, choice in enumerate(choices):
+            start = time.perf_counter() - solve_seconds[k]
             proxy = output_error = 0.0
-            # The layers of a group read one input, so they share one Hessian and are solved together.
-            solved = solve_many(originals, choice.format, choice.solver, hessian, self.clip_search, self.gptq)
-            approximations = [approximation(w, q) for w, q in zip(originals, solved)]
+            approximations = [approximation(w, q) for w, q in zip(originals, solutions.pop(k))]
             for name, weight, approx in zip(layers, originals, approximations):
                 layer_proxy, layer_error = self._damages(name, weight, approx, stats)
                 proxy, output_error = proxy + layer_proxy, output_error + layer_error

@@ -3,7 +3,7 @@
 import torch
 
 from ..formats import Format, QuantizedTensor
-from .gptq import GptqSettings, gptq
+from .gptq import GptqSettings, gptq, gptq_options
 from .rtn import round_to_nearest
 
 
@@ -49,4 +49,29 @@ def solve_many(matrices: list[torch.Tensor], fmt: Format | None, solver: str, he
     return stacked.split_rows([m.shape[0] for m in matrices])
 
 
-__all__ = ["GptqSettings", "approximation", "gptq", "round_to_nearest", "solve", "solve_many", "stackable"]
+# Weights GPTQ stacks in one pass of `solve_options` (float32; the pass holds them twice: 2 GB).
+BATCH_ELEMENTS = 2**28
+
+
+def solve_options(matrices: list[torch.Tensor], formats: list[Format | None], solver: str,
+                  hessian: torch.Tensor | None = None, clip_search: bool = True,
+                  settings: GptqSettings = GptqSettings()) -> list[list[QuantizedTensor | None]]:
+    """`solve_many` under each of `formats`: with GPTQ, the formats whose rows stack are solved in one pass
+    (`gptq_options`), which shares the Hessian's factorisation and each column's error feedback among them."""
+    batched = [k for k, fmt in enumerate(formats) if solver == "gptq" and fmt is not None and stackable(fmt)]
+    results: list[list[QuantizedTensor | None] | None] = [None] * len(formats)
+    if len(batched) > 1:
+        if hessian is None:
+            raise ValueError("gptq needs the input Hessian of the layer")
+        stacked = torch.cat([m.detach() for m in matrices])
+        per_pass = max(1, BATCH_ELEMENTS // stacked.numel())  # a 7B MLP's 11 copies would take 8 GB
+        solved = [quantized for i in range(0, len(batched), per_pass)
+                  for quantized in gptq_options(stacked, hessian, [formats[k] for k in batched[i:i + per_pass]],
+                                                clip_search=clip_search, settings=settings)]
+        for k, quantized in zip(batched, solved):
+            results[k] = quantized.split_rows([m.shape[0] for m in matrices]) if len(matrices) > 1 else [quantized]
+    return [found if found is not None else solve_many(matrices, fmt, solver, hessian, clip_search, settings)
+            for found, fmt in zip(results, formats)]
+
+
+__all__ = ["GptqSettings", "approximation", "gptq", "gptq_options", "round_to_nearest", "solve", "solve_many", "solve_options", "stackable"]

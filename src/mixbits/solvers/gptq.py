@@ -18,6 +18,12 @@ Per-tensor and per-channel parameters are fitted once, from the original
 weights. Second-level scales (NVFP4's tensor scale, i8 row scales) are pinned
 from a first fit of the whole matrix, so groups fitted one at a time remain
 one consistent encoding.
+
+`gptq_options` solves one matrix under several formats in one pass (the
+sensitivity measurement's options): the Hessian is factored once, the
+formats' copies of the weights are stacked, and each column's error feedback
+is one update over all of them. The weights are held transposed, so a column
+of every copy is one contiguous row.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 
 from .. import defaults
 from ..formats import Format, QuantizedTensor
+from ..formats.integer import IntFormat
 from ..formats.granularity import to_groups
 from .rtn import error_weights, fit_params, hessian_importance, output_error
 
@@ -70,80 +77,162 @@ def gptq(
     settings: GptqSettings = GptqSettings(),
 ) -> QuantizedTensor:
     """Quantize a [rows, cols] matrix whose input has Hessian `hessian` [cols, cols]."""
-    weight = matrix.detach().float().clone()
-    rows, cols = weight.shape
+    return gptq_options(matrix, hessian, [fmt], clip_search=clip_search, block_size=block_size, settings=settings)[0]
+
+
+class _Option:
+    """One format's share of a batched GPTQ run: its rows of the stacked weights and its group parameters."""
+
+    def __init__(self, fmt: Format, rows: slice, weight: torch.Tensor, hessian: torch.Tensor,
+                 importance: torch.Tensor, clip_search: bool):
+        self.fmt, self.rows = fmt, rows
+        cols = weight.shape[1]
+        self.per_group = fmt.granularity.kind == "group"
+        self.size = fmt.granularity.size if self.per_group else cols
+        self.initial = None  # whole-matrix parameters: the only ones without groups, the pinned second level with them
+        self.group_fmt = fmt
+        if not self.per_group or fmt.has_second_level:
+            whole = to_groups(weight, fmt.granularity)
+            self.initial = fit_params(whole, fmt, error_weights(whole, importance, fmt), clip_search,
+                                      output_error(hessian, whole, fmt))
+            self.group_fmt = fmt.pinned(self.initial)
+        self.group_params: list[dict[str, torch.Tensor] | None] = [None] * fmt.granularity.groups_per_row(cols)
+        self.param_rows = fmt.param_rows(weight.shape[0])  # a column is [param_rows, 1, rows / param_rows] grouped
+
+    def params(self) -> dict[str, torch.Tensor]:
+        if not self.per_group:
+            return self.initial
+        return {key: torch.cat([p[key] for p in self.group_params], dim=1) for key in self.group_params[0]}
+
+
+def affine(fmt: Format) -> bool:
+    """Integer formats whose rounding is clamp(round(v / scale) + zero) with per-row parameters: GPTQ rounds a column
+    of every such option at once."""
+    return (isinstance(fmt, IntFormat) and fmt.min is None and not fmt.has_second_level
+            and fmt.granularity.kind in ("group", "channel"))
+
+
+def gptq_options(
+    matrix: torch.Tensor,
+    hessian: torch.Tensor,
+    formats: list[Format],
+    *,
+    clip_search: bool = True,
+    block_size: int = 128,
+    settings: GptqSettings = GptqSettings(),
+) -> list[QuantizedTensor]:
+    """`gptq` of one matrix under each of `formats`, in one pass.
+
+    The options share everything GPTQ derives from the Hessian (shrinkage,
+    column order, inverse Cholesky factor), and their copies of the weights
+    are stacked, so each column's error feedback is one update over all of
+    them; integer options are rounded together (`affine`). Rows do not
+    interact, so each result is the one `gptq` gives for its format alone.
+    """
+    source = matrix.detach().float().clone()
+    rows, cols = source.shape
     hessian = hessian.detach().double().clone()
     if settings.shrink:  # (1 - shrink) H + shrink diag(H), in place: H of a 11008-wide input is 1 GB in float64
         diagonal = hessian.diagonal().clone()
         hessian.mul_(1 - settings.shrink).diagonal().add_(settings.shrink * diagonal)
     dead = hessian.diagonal() == 0  # inputs that are always zero: their weights do not matter
     hessian[dead, dead] = 1.0
-    weight[:, dead] = 0.0
+    source[:, dead] = 0.0
     importance = hessian_importance(hessian, rows)
 
-    per_group = fmt.granularity.kind == "group"
-    size = fmt.granularity.size if per_group else cols
-    initial = None  # whole-matrix parameters: the only ones without groups, the pinned second level with them
-    group_fmt = fmt
-    if not per_group or fmt.has_second_level:
-        whole = to_groups(weight, fmt.granularity)
-        initial = fit_params(whole, fmt, error_weights(whole, importance, fmt), clip_search, output_error(hessian, whole, fmt))
-        group_fmt = fmt.pinned(initial)
-    group_params: list[dict[str, torch.Tensor] | None] = [None] * fmt.granularity.groups_per_row(cols)
+    # Integer options first, so their rows are one slice of the stack.
+    ranked = sorted(range(len(formats)), key=lambda k: not affine(formats[k]))
+    options = [_Option(formats[k], slice(n * rows, (n + 1) * rows), source, hessian, importance, clip_search)
+               for n, k in enumerate(ranked)]
+    integer = [option for option in options if affine(option.fmt)]
 
     order = torch.argsort(hessian.diagonal(), descending=True, stable=True) if settings.act_order else torch.arange(cols)
     position = torch.empty_like(order)
     position[order] = torch.arange(cols)
-    weight = weight[:, order]
+    # Transposed: one column of every option's rows is one contiguous row here, [cols in visiting order, stack].
+    weight = source.T[order].repeat(1, len(options))
     inverse = upper_inverse_cholesky(hessian[order[:, None], order[None, :]], settings.damp).float()
     rounded = torch.zeros_like(weight)
     visit = order.tolist()
-    param_rows = fmt.param_rows(rows)  # a column is [param_rows, 1, rows / param_rows] in the grouped layout
+
+    # The integer options' parameters per (option, group, row), filled as groups are fitted, and each
+    # column's group per option.
+    stacked = len(integer) * rows
+    widest = max((option.fmt.granularity.groups_per_row(cols) for option in integer), default=1)
+    scales = torch.ones(len(integer), widest, rows)
+    zeros = torch.zeros(len(integer), widest, rows)
+    low = torch.tensor([[float(o.fmt.code_range[0])] for o in integer])
+    high = torch.tensor([[float(o.fmt.code_range[1])] for o in integer])
+    which = torch.arange(len(integer))
+    column_groups = torch.tensor([[(j // o.size) if o.per_group else 0 for o in integer] for j in visit],
+                                 dtype=torch.long).reshape(cols, len(integer))
+
+    def record(n: int, group: int, params: dict[str, torch.Tensor]) -> None:
+        if n < len(integer):
+            scales[n, group] = params["scale"].reshape(rows)  # one group's (or the rows') parameters: [rows, 1, 1]
+            if "zero" in params:
+                zeros[n, group] = params["zero"].float().reshape(rows)
+
+    for n, option in enumerate(options):
+        if not option.per_group:
+            record(n, 0, option.initial)
 
     for start in range(0, cols, block_size):
         stop = min(start + block_size, cols)
-        block = weight[:, start:stop].clone()
-        errors = torch.zeros(rows, stop - start)
+        block = weight[start:stop].clone()
+        errors = torch.zeros(stop - start, weight.shape[1])
         block_inverse = inverse[start:stop, start:stop]
         for i in range(stop - start):
-            group = visit[start + i] // size
-            if not per_group:
-                params = initial
-            elif group_params[group] is None:
-                # Current values of the group's columns: those in this block as updated so far,
-                # later ones with the updates still pending from this block's rounded columns.
-                members = torch.arange(group * size, min(group * size + size, cols))
-                where = position[members]
-                current = weight[:, where].clone()
-                inside = where < stop
-                current[:, inside] = block[:, where[inside] - start]
-                later = where[~inside]
-                if i > 0 and len(later):
-                    current[:, ~inside] -= errors[:, :i] @ inverse[start:start + i][:, later]
-                grouped = to_groups(current, fmt.granularity)
-                members_hessian = hessian[members][:, members]
-                group_params[group] = params = fit_params(
-                    grouped, group_fmt.for_group(group), error_weights(grouped, importance[:, members], fmt),
-                    clip_search, output_error(members_hessian, grouped, fmt),
-                )
-            else:
-                params = group_params[group]
-            values = block[:, i]
-            approx = fmt.decode(fmt.encode(values.reshape(param_rows, 1, -1), params), params).reshape(rows)
-            rounded[:, start + i] = approx
-            error = (values - approx) / block_inverse[i, i]
-            block[:, i:].addr_(error, block_inverse[i, i:], alpha=-1)
-            errors[:, i] = error
-        weight[:, stop:] -= errors @ inverse[start:stop, stop:]
+            column = visit[start + i]
+            for n, option in enumerate(options):
+                group = column // option.size
+                if option.per_group and option.group_params[group] is None:
+                    params = option.group_params[group] = _fit_group(
+                        option, group, weight, block, errors, inverse, position, hessian, importance,
+                        start, stop, i, clip_search)
+                    record(n, group, params)
+            values, approx = block[i], rounded[start + i]
+            if integer:
+                groups = column_groups[start + i]
+                scale, zero = scales[which, groups], zeros[which, groups]
+                codes = torch.round(values[:stacked].view(len(integer), rows) / scale).add_(zero)
+                approx[:stacked] = codes.clamp_(low, high).sub_(zero).mul_(scale).view(-1)
+            for option in options[len(integer):]:
+                params = option.group_params[column // option.size] if option.per_group else option.initial
+                grouped = values[option.rows].reshape(option.param_rows, 1, -1)
+                approx[option.rows] = option.fmt.decode(option.fmt.encode(grouped, params), params).reshape(rows)
+            error = (values - approx).div_(block_inverse[i, i])
+            block[i:].addr_(block_inverse[i, i:], error, alpha=-1)
+            errors[i] = error
+        weight[stop:] -= inverse[start:stop, stop:].T @ errors
 
-    result = rounded[:, position]
-    if per_group:
-        params = {key: torch.cat([p[key] for p in group_params], dim=1) for key in group_params[0]}
-    else:
-        params = initial
-    grouped = to_groups(result, fmt.granularity)
-    # The pinned format carries the second-level scale every group was rounded under, which storage needs.
-    return QuantizedTensor(group_fmt, (rows, cols), fmt.encode(grouped.values, params), params)
+    results: list[QuantizedTensor | None] = [None] * len(formats)
+    rounded = rounded[position]  # back in the columns' own order
+    for k, option in zip(ranked, options):
+        grouped = to_groups(rounded[:, option.rows].T, option.fmt.granularity)
+        params = option.params()
+        # The pinned format carries the second-level scale every group was rounded under, which storage needs.
+        results[k] = QuantizedTensor(option.group_fmt, (rows, cols), option.fmt.encode(grouped.values, params), params)
+    return results
+
+
+def _fit_group(option: _Option, group: int, weight, block, errors, inverse, position, hessian, importance,
+               start: int, stop: int, i: int, clip_search: bool) -> dict[str, torch.Tensor]:
+    """Parameters of `group` of one option, from its current values: the group's columns in this block as updated so
+    far, later ones with the updates still pending from this block's rounded columns."""
+    size, cols = option.size, weight.shape[0]
+    members = torch.arange(group * size, min(group * size + size, cols))
+    where = position[members]
+    current = weight[where, option.rows]
+    inside = where < stop
+    current[inside] = block[where[inside] - start, option.rows]
+    later = where[~inside]
+    if i > 0 and len(later):
+        current[~inside] -= inverse[start:start + i][:, later].T @ errors[:i, option.rows]
+    grouped = to_groups(current.T, option.fmt.granularity)
+    return fit_params(grouped, option.group_fmt.for_group(group),
+                      error_weights(grouped, importance[:, members], option.fmt), clip_search,
+                      output_error(hessian[members][:, members], grouped, option.fmt))
 
 
 def upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
