@@ -147,7 +147,6 @@ def test_a_gguf_header_that_would_exhaust_memory_is_refused_at_once(after, skip,
     (lambda s: s["groups"][0]["options"][0].update(bits=s["groups"][0]["options"][0]["bits"] + 1), "the file says"),
     (lambda s: s["groups"][0]["shapes"].pop(), "shapes"),
     (lambda s: s["groups"][1]["layers"].__setitem__(0, s["groups"][0]["layers"][0]), "another group"),
-    (lambda s: s["groups"][0]["options"][0].update(kl=None), "has no KL"),
     (lambda s: s["groups"][0]["layers"].__setitem__(0, "model.layers.9.mlp.up_proj"), "this model does not have"),
 ])
 def test_inconsistent_sensitivity_files_are_refused(edit, message, workdir):

@@ -73,6 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
     mixed.add_argument("--plan", help="apply a plan written by `mixbits plan`")
     _add_budget_args(mixed, required=False)
     _add_plan_args(mixed)
+    mixed.add_argument("--kl-all", action="store_true",
+                        help="measure the KL of every option, not only where this budget's plan depends on it "
+                             "(slower; a --sensitivity file written then serves any budget)")
     mixed.add_argument("--save-plan", help="with --bpw/--size, also write the plan to this file")
     q.add_argument("--out", "-o", help="write a packed checkpoint (codes at their bit width) to this directory; "
                                         "finished blocks and measurements are kept in OUT.partial until it is "
@@ -91,6 +94,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_budget_args(p, required=True)
     _add_plan_args(p)
+    p.add_argument("--kl-all", action="store_true",
+                        help="measure the KL of every option, not only where this budget's plan depends on it "
+                             "(slower; a --sensitivity file written then serves any budget)")
     p.add_argument("--solver", choices=defaults.SOLVERS, default="gptq", help="solver of options without @SOLVER (default: %(default)s)")
     _add_calibration_args(p)
     p.add_argument("--out", "-o", required=True, help="where to write the plan (JSON); measurements are kept in "
@@ -331,7 +337,8 @@ def _run_plan(args) -> int:
     loaded = load_model(args.model)
     partial = _partial_folder(args.out)
     plan, sensitivity = plan_for_budget(loaded, budget, menu, sensitivity=args.sensitivity, damage=args.damage,
-                                        pins=pins, target=args.target, resume=partial, **_measure_options(args))
+                                        pins=pins, target=args.target, resume=partial, kl_all=args.kl_all,
+                                        **_measure_options(args))
     plan.save(args.out)
     discard(partial)
     if args.json:
@@ -427,7 +434,8 @@ def _run_quantize(args) -> int:
         from .planning import plan_for_budget
 
         plan, sensitivity = plan_for_budget(loaded, budget, menu, sensitivity=args.sensitivity, damage=args.damage,
-                                            pins=pins, target=args.target, resume=partial, **_measure_options(args))
+                                            pins=pins, target=args.target, resume=partial, kl_all=args.kl_all,
+                                            **_measure_options(args))
         if args.save_plan:
             plan.save(args.save_plan)
         if not args.json:

@@ -131,7 +131,10 @@ class GroupMeter:
         return proxy, error
 
     @torch.no_grad()
-    def measure(self, layers: list[str], block: int, choices: list[Choice], stats: dict) -> GroupSensitivity:
+    def measure(self, layers: list[str], block: int, choices: list[Choice], stats: dict,
+                kl_for: "set[Choice] | None" = None) -> GroupSensitivity:
+        """The group's damage under each of `choices`; the KL only of those in `kl_for` (None: all), None for the
+        others."""
         shapes = [tuple(self.modules[name].weight.shape) for name in layers]
         group = GroupSensitivity(group_name(layers), layers, shapes, block, [])
         originals = [self.modules[name].weight.detach().clone() for name in layers]
@@ -161,7 +164,7 @@ class GroupMeter:
                 # float32 weights rounded to float16 moved the KL by 6e-9 nats in the median group of the default
                 # model (7e-8 at most): the second-order estimate stands in, and the blocks after are not rerun
                 measured = proxy
-            elif self.meter is not None:
+            elif self.meter is not None and (kl_for is None or choice in kl_for):
                 timer = time.perf_counter()
                 for name, approx in zip(layers, approximations):
                     self.modules[name].weight.copy_(approx)

@@ -64,16 +64,17 @@ class _Worker:
         torch.set_num_threads(threads)
         self.meter = GroupMeter(model, kl_windows, clip_search, gptq, outer)
 
-    def measure(self, index, layers, block, choices, stats):
+    def measure(self, index, layers, block, choices, stats, kl_for=None):
         before = dict(self.meter.seconds)
-        group = self.meter.measure(layers, block, choices, stats)
+        group = self.meter.measure(layers, block, choices, stats, kl_for)
         return index, group, {key: self.meter.seconds[key] - before.get(key, 0.0) for key in self.meter.seconds}
 
 
 def measure_groups(model: nn.Module, jobs: list[tuple], kl_windows, clip_search, gptq, outer: bool, cluster: Cluster,
                    finished: Callable) -> dict[str, float]:
-    """Measure `jobs` ((index, layers, block, choices, stats) each) on Ray workers, calling `finished(index, group)`
-    as each group comes back; returns the seconds spent quantizing and measuring KL, summed over the workers."""
+    """Measure `jobs` ((index, layers, block, choices, stats, kl_for) each: `GroupMeter.measure`'s arguments) on Ray
+    workers, calling `finished(index, group)` as each group comes back; returns the seconds spent quantizing and
+    measuring KL, summed over the workers."""
     try:
         import ray
         from ray.util import ActorPool

@@ -22,6 +22,7 @@ from .sensitivity import GroupSensitivity, Sensitivity, SensitivityError, other_
 from .menu import Choice, MenuError, Pin, check_pins_match, embedding_choices, group_choices, pinned_choice
 from .models.structure import outer_layers, quantizable_linears
 from .plan import KEEP, LayerPlan, Plan, option_bits
+from .selective import predicted_kl
 
 def allocated_plan(sensitivity: Sensitivity, budget: Budget, damage: str = "kl", pins: list[Pin] = (),
                    menu: list[Choice] | None = None) -> Plan:
@@ -46,10 +47,18 @@ def allocated_plan(sensitivity: Sensitivity, budget: Budget, damage: str = "kl",
         if not measured:
             raise SensitivityError(f"the sensitivity file measured none of the options for {group.name}; "
                                    "measure them, or give options it holds")
-        groups[group.name] = [Option(str(o.choice), o.bits, getattr(o, damage)) for o in measured]
+        found = group_damages(group, damage)
+        groups[group.name] = [Option(str(o.choice), o.bits, found[o.choice]) for o in measured]
     chosen = allocate(groups, _budget_bits(sensitivity, budget))
     by_name = {(g.name, str(o.choice)): o.choice for g in _allocated_groups(sensitivity, budget) for o in g.options}
     return _plan(sensitivity, {name: by_name[name, option.name] for name, option in chosen.items()}, damage, budget)
+
+
+def group_damages(group: GroupSensitivity, damage: str) -> dict[Choice, float]:
+    """Each option's `damage`; a KL not measured (`measure(kl_budgets=...)`) predicted from the proxy."""
+    if damage == "kl":
+        return predicted_kl(group)
+    return {o.choice: getattr(o, damage) for o in group.options}
 
 
 def _allocated_groups(sensitivity: Sensitivity, budget: Budget | None) -> list[GroupSensitivity]:
@@ -162,7 +171,7 @@ def _budget_bits(sensitivity: Sensitivity, budget: Budget, allocate_outer: bool 
 
 def _damage(group: GroupSensitivity, choice: Choice, damage: str) -> float | None:
     found = group.find(choice)
-    return getattr(found, damage) if found is not None and damage in ("kl", "proxy") else None
+    return group_damages(group, damage)[found.choice] if found is not None and damage in ("kl", "proxy") else None
 
 
 def _plan(sensitivity: Sensitivity, chosen: dict[str, Choice], damage: str, budget: Budget | None,

@@ -50,6 +50,7 @@ def sensitivity_for(
     outer: bool = False,
     resume: str | Path | None = None,
     cluster=None,
+    kl_budgets: list[Budget] | None = None,
     progress: bool = True,
 ) -> Sensitivity:
     """The damage of every option of `menu` (None: the default menu) on every layer group of `loaded`, and with
@@ -59,7 +60,10 @@ def sensitivity_for(
     calibration, GPTQ settings and clip search; options it lacks are measured alike and written back. With `path`
     naming no file yet, the measurement is saved there. `damage` "kl" measures the KL (slow), "proxy" only the proxy.
     `resume` is a folder that keeps finished measurements for a rerun after an interruption, `cluster` a Ray
-    cluster to measure on (`measure`).
+    cluster to measure on, `kl_budgets` the budgets whose plans the KL is measured for (None: every option's;
+    `measure`; options added to a file, or the embedding and head, are measured in full, as their budget's plan
+    depends on the rest of the file). A file measured for other budgets is reused, its missing KLs predicted, with a
+    warning when the plan depends on them.
     """
     menu = parse_menu(None) if menu is None else menu
     gptq = GptqSettings() if gptq is None else gptq
@@ -67,15 +71,15 @@ def sensitivity_for(
         raise MixbitsError(f"damage must be 'kl' or 'proxy', got {damage!r}")
     loaded = load_model(loaded)  # an nn.Module is named by its weights' digest, which a file's reuse checks
 
-    def measured(options: list[Choice], kl: bool, blocks: bool = True) -> Sensitivity:
+    def measured(options: list[Choice], kl: bool, blocks: bool = True, selective: bool = False) -> Sensitivity:
         return measure(loaded, options, calibration=calibration, calibration_windows=calibration_windows,
                        calibration_len=calibration_len, pins=pins, ties=ties, kl=kl, kl_windows=kl_windows,
                        kl_len=kl_len, fisher_windows=fisher_windows, target=target, clip_search=clip_search,
                        gptq=gptq, outer=outer, blocks=blocks, resume=resume, cluster=cluster,
-                       progress=progress)
+                       kl_budgets=kl_budgets if kl and selective else None, progress=progress)
 
     if path is None or not Path(path).exists():
-        found = measured(menu, kl=damage == "kl")
+        found = measured(menu, kl=damage == "kl", selective=True)
         if path is not None:
             found.save(path)
         return found
@@ -119,17 +123,31 @@ def plan_for_budget(
     damage: str = "kl",
     pins: list[Pin] = (),
     target: str | None = None,
+    kl_all: bool = False,
+    progress: bool = True,
     **measure_options,
 ) -> tuple[Plan, Sensitivity]:
     """The least-damage plan of `menu`'s options within `budget`, and the sensitivity it was allocated from.
 
     `sensitivity` is a measured table, a file to reuse or write (see `sensitivity_for`, which also takes
     `measure_options`), or None to measure now. The budget is checked against the model before any measuring.
+    A new measurement takes the KL only where this budget's plan depends on it, or with `kl_all` of every option
+    (slower; the table then serves any budget).
     """
     menu = parse_menu(None) if menu is None else menu
     loaded = load_model(loaded)
     check_budget(loaded.model, menu, list(pins), budget, target)
     if not isinstance(sensitivity, Sensitivity):
         sensitivity = sensitivity_for(loaded, menu, path=sensitivity, damage=damage, pins=pins, target=target,
-                                      outer=budget.whole_model, **measure_options)
-    return allocated_plan(sensitivity, budget, damage, list(pins), menu), sensitivity
+                                      outer=budget.whole_model, kl_budgets=None if kl_all else [budget],
+                                      progress=progress, **measure_options)
+    plan = allocated_plan(sensitivity, budget, damage, list(pins), menu)
+    if damage == "kl" and progress:
+        groups = {g.name: g for g in sensitivity.groups + sensitivity.outer}
+        predicted = {layer.group for layer in plan.layers
+                     if groups[layer.group].find(Choice(layer.option, layer.solver)).kl is None}
+        if predicted:
+            print(f"plan: {len(predicted)} groups take options whose KL was predicted from the proxy, not measured "
+                  "(the sensitivity was measured for other budgets); measure with --kl-all for this one",
+                  file=sys.stderr)
+    return plan, sensitivity

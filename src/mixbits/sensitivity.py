@@ -162,11 +162,12 @@ class Sensitivity:
         from scipy.stats import spearmanr
 
         result: dict[str, float | None] = {}
+        measured = [[o for o in g.options if o.kl is not None] for g in self.groups]  # a selective one's KLs
         for proxy in ("proxy", "output_error"):
-            pairs = [(getattr(o, proxy), o.kl) for g in self.groups for o in g.options]
+            pairs = [(getattr(o, proxy), o.kl) for options in measured for o in options]
             result[f"{proxy}_all"] = float(spearmanr(*zip(*pairs)).statistic) if len(pairs) > 2 else None
-            within = [spearmanr([getattr(o, proxy) for o in g.options], [o.kl for o in g.options]).statistic
-                      for g in self.groups if len(g.options) > 2]
+            within = [spearmanr([getattr(o, proxy) for o in options], [o.kl for o in options]).statistic
+                      for options in measured if len(options) > 2]
             within = [r for r in within if not math.isnan(r)]
             result[f"{proxy}_within_groups"] = float(sum(within) / len(within)) if within else None
         return result
@@ -237,9 +238,6 @@ class Sensitivity:
                 if option.choice in choices:
                     raise SensitivityError(f"{where} measures {option.choice} twice; measure again")
                 choices.add(option.choice)
-                if self.kl_windows and option.kl is None:
-                    raise SensitivityError(f"{where}: {option.choice} has no KL, though KL windows are recorded; "
-                                           "measure again")
 
     def check_model(self, model: LoadedModel) -> None:
         """Refuse measurements of layers `model` does not have, or has in other shapes."""
