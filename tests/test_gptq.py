@@ -10,6 +10,8 @@ from mixbits.formats.elements import E4M3
 from mixbits.formats.granularity import to_groups
 from mixbits.solvers import GptqSettings, gptq, gptq_options, round_to_nearest
 from mixbits.solvers.gptq import upper_inverse_cholesky
+from mixbits.solvers.rtn import fit_affine_group, fit_params
+from mixbits.solvers.rtn import output_error as output_error_of
 
 
 def correlated_layer(rows=128, cols=256, seed=0):
@@ -122,7 +124,7 @@ def test_options_solved_in_one_pass_equal_each_solved_alone():
     weight, hessian = correlated_layer(rows=48, cols=100)
     hessian[7, :] = hessian[:, 7] = 0  # a dead input
     names = ["lut3:ch", "int2:g32:asym", "int4:ch:asym", "nvfp4", "int3:g48:asym", "int4:g64:sym", "fp8_e4m3:tensor",
-             "int5:g64:asym", "nf4:g64"]
+             "int5:g64:asym", "nf4:g64", "int3:g32:asym", "int4:g32:asym:scale=e8m0", "int2:g64:asym", "int8:g32:asym"]
     batched = gptq_options(weight, hessian, [parse_format(n) for n in names])
     for name, together in zip(names, batched):
         alone = gptq(weight, hessian, parse_format(name))
@@ -130,6 +132,24 @@ def test_options_solved_in_one_pass_equal_each_solved_alone():
         assert torch.equal(together.codes, alone.codes), name
         assert together.params.keys() == alone.params.keys()
         assert all(torch.equal(together.params[k], alone.params[k]) for k in alone.params), name
+
+
+@pytest.mark.parametrize("clip_search", [True, False])
+def test_integer_formats_fitted_together_get_the_parameters_each_gets_alone(clip_search):
+    """fit_affine_group over rows of several asymmetric integer formats: each format's parameters equal
+    fit_params' for its rows alone (IntFormat.fit under the same clip search)."""
+    weight, hessian = correlated_layer(rows=30, cols=40)
+    formats = [parse_format(n) for n in ("int2:g40:asym", "int3:g40:asym", "int5:g40:asym", "int8:g40:asym")]
+    parts = [weight * (k + 1) for k in range(len(formats))]  # different values per format
+    grouped = to_groups(torch.cat(parts), formats[0].granularity)
+    together = fit_affine_group(grouped, formats, output_error_of(hessian, grouped, formats[0]), clip_search)
+    for fmt, part, found in zip(formats, parts, together):
+        alone = to_groups(part, fmt.granularity)
+        expected = fit_params(alone, fmt, torch.ones_like(alone.values), clip_search,
+                              output_error_of(hessian, alone, fmt))
+        assert found.keys() == expected.keys()
+        assert all(torch.equal(found[k], expected[k]) for k in expected), fmt
+        assert found["zero"].dtype == torch.uint8
 
 
 def test_solve_options_splits_stacked_layers_and_passes(monkeypatch):

@@ -55,3 +55,27 @@ def test_a_measurement_for_a_budget_has_the_kls_its_plan_needs_and_they_equal_th
     found = sum(true_kl[g, option] for g, (option, _) in chosen.items())
     optimal = sum(true_kl[l.group, l.option] for l in {l.group: l for l in best.layers}.values())
     assert found <= optimal * 1.02
+
+
+def test_later_rounds_take_the_first_rounds_solutions_and_measure_the_same(monkeypatch):
+    """Options whose KL a later round measures are solved once (the first round keeps them); with nothing kept,
+    they are solved again, to the same damages."""
+    import mixbits.damage as damage
+
+    model, menu, budget = tiny_llama(), parse_menu(MENU), Budget(4.5)
+    solved = []
+
+    def counting(matrices, formats, *args, **kwargs):
+        solved.extend((float(matrices[0].double().sum()), str(fmt)) for fmt in formats)  # group, option
+        return solve_options(matrices, formats, *args, **kwargs)
+
+    solve_options = damage.solve_options
+    monkeypatch.setattr(damage, "solve_options", counting)
+    kept = measure(model, menu, kl_budgets=[budget], **SETTINGS)
+    assert len(solved) == len(set(solved)) == sum(len(g.options) for g in kept.groups)
+    solved.clear()
+    monkeypatch.setattr(damage, "KEPT_CODES", 0)
+    again = measure(model, menu, kl_budgets=[budget], **SETTINGS)
+    assert len(solved) > len(set(solved))
+    for first, second in zip(kept.groups, again.groups):
+        assert [(o.proxy, o.kl) for o in first.options] == [(o.proxy, o.kl) for o in second.options]

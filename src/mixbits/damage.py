@@ -105,10 +105,17 @@ def group_stats(stats: dict, layers: list[str], head) -> dict:
     return found
 
 
+# Codes of solutions a GroupMeter keeps for a later round of KL measurements (about 1 GB, one byte each).
+KEPT_CODES = 2**30
+
+
 class GroupMeter:
     """The options of one group at a time measured on the float model: its layers quantized under each option (from
     the statistics), their proxy, and the KL with only them changed (then put back). `seconds` sums the time spent
-    quantizing and measuring the KL."""
+    quantizing and measuring the KL.
+
+    The solutions of options whose KL was not measured are kept (up to KEPT_CODES codes), so a later round that
+    measures it (`selective`) does not solve them again."""
 
     def __init__(self, model: nn.Module, kl_windows: torch.Tensor | None, clip_search: bool, gptq: GptqSettings,
                  outer: bool):
@@ -116,6 +123,8 @@ class GroupMeter:
         self.head = output_head(model)
         self.clip_search, self.gptq = clip_search, gptq
         self.seconds = {"quantize": 0.0, "kl": 0.0}
+        self.kept: dict[tuple[str, Choice], list] = {}  # (group, choice) -> its layers' QuantizedTensors
+        self.kept_codes = 0
         timer = time.perf_counter()
         self.meter = KLMeter(model, kl_windows) if kl_windows is not None else None
         self.seconds["kl"] += time.perf_counter() - timer
@@ -139,10 +148,14 @@ class GroupMeter:
         group = GroupSensitivity(group_name(layers), layers, shapes, block, [])
         originals = [self.modules[name].weight.detach().clone() for name in layers]
         hessian = stats[layers[0]].hessian if isinstance(stats[layers[0]], LayerStats) else None
+        solutions, solve_seconds = {}, {}
+        for k, choice in enumerate(choices):
+            if (group.name, choice) in self.kept:
+                solutions[k], solve_seconds[k] = self._take(group.name, choice), 0.0
         by_solver = {}
         for k, choice in enumerate(choices):
-            by_solver.setdefault(choice.solver, []).append(k)
-        solutions, solve_seconds = {}, {}
+            if k not in solutions:
+                by_solver.setdefault(choice.solver, []).append(k)
         for solver, indices in by_solver.items():
             # The layers of a group read one input, so they share one Hessian and are solved together, and with
             # GPTQ all the options at once; each option is charged its share of the time.
@@ -154,7 +167,8 @@ class GroupMeter:
         for k, choice in enumerate(choices):
             start = time.perf_counter() - solve_seconds[k]
             proxy = output_error = 0.0
-            approximations = [approximation(w, q) for w, q in zip(originals, solutions.pop(k))]
+            solved = solutions.pop(k)
+            approximations = [approximation(w, q) for w, q in zip(originals, solved)]
             for name, weight, approx in zip(layers, originals, approximations):
                 layer_proxy, layer_error = self._damages(name, weight, approx, stats)
                 proxy, output_error = proxy + layer_proxy, output_error + layer_error
@@ -164,7 +178,9 @@ class GroupMeter:
                 # float32 weights rounded to float16 moved the KL by 6e-9 nats in the median group of the default
                 # model (7e-8 at most): the second-order estimate stands in, and the blocks after are not rerun
                 measured = proxy
-            elif self.meter is not None and (kl_for is None or choice in kl_for):
+            elif self.meter is not None and kl_for is not None and choice not in kl_for:
+                self._keep(group.name, choice, solved)
+            elif self.meter is not None:
                 timer = time.perf_counter()
                 for name, approx in zip(layers, approximations):
                     self.modules[name].weight.copy_(approx)
@@ -175,3 +191,14 @@ class GroupMeter:
             group.options.append(OptionDamage(choice.option, choice.solver, group.bits(choice), proxy, output_error,
                                               measured, time.perf_counter() - start))
         return group
+
+    def _keep(self, group: str, choice: Choice, solved: list) -> None:
+        codes = sum(q.codes.numel() for q in solved if q is not None)
+        if self.kept_codes + codes <= KEPT_CODES:
+            self.kept[group, choice] = solved
+            self.kept_codes += codes
+
+    def _take(self, group: str, choice: Choice) -> list:
+        solved = self.kept.pop((group, choice))
+        self.kept_codes -= sum(q.codes.numel() for q in solved if q is not None)
+        return solved

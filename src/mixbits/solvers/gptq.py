@@ -23,7 +23,9 @@ one consistent encoding.
 sensitivity measurement's options): the Hessian is factored once, the
 formats' copies of the weights are stacked, and each column's error feedback
 is one update over all of them. The weights are held transposed, so a column
-of every copy is one contiguous row.
+of every copy is one contiguous row. Asymmetric integer options of one group
+size reach each group's first column together and fit it in one clip search
+(`rtn.fit_affine_group`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .. import defaults
 from ..formats import Format, QuantizedTensor
 from ..formats.integer import IntFormat
 from ..formats.granularity import to_groups
-from .rtn import error_weights, fit_params, hessian_importance, output_error
+from .rtn import affine_cohort, error_weights, fit_affine_group, fit_params, hessian_importance, output_error
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +142,23 @@ def gptq_options(
     source[:, dead] = 0.0
     importance = hessian_importance(hessian, rows)
 
-    # Integer options first, so their rows are one slice of the stack.
-    ranked = sorted(range(len(formats)), key=lambda k: not affine(formats[k]))
+    # Integer options first, so their rows are one slice of the stack, and those whose groups are fitted together
+    # (`affine_cohort`) next to each other.
+    keys = [affine_cohort(fmt) for fmt in formats]
+    first_seen = {key: k for k, key in reversed(list(enumerate(keys)))}
+    ranked = sorted(range(len(formats)), key=lambda k: (not affine(formats[k]), first_seen[keys[k]]))
     options = [_Option(formats[k], slice(n * rows, (n + 1) * rows), source, hessian, importance, clip_search)
                for n, k in enumerate(ranked)]
     integer = [option for option in options if affine(option.fmt)]
+    # The options whose groups are fitted in one call: a cohort, or one option alone.
+    fitted: list[list[_Option]] = []
+    for option, k in zip(options, ranked):
+        if not option.per_group:
+            continue
+        if keys[k] is not None and fitted and affine_cohort(fitted[-1][0].fmt) == keys[k]:
+            fitted[-1].append(option)
+        else:
+            fitted.append([option])
 
     order = torch.argsort(hessian.diagonal(), descending=True, stable=True) if settings.act_order else torch.arange(cols)
     position = torch.empty_like(order)
@@ -184,13 +198,14 @@ def gptq_options(
         block_inverse = inverse[start:stop, start:stop]
         for i in range(stop - start):
             column = visit[start + i]
-            for n, option in enumerate(options):
-                group = column // option.size
-                if option.per_group and option.group_params[group] is None:
-                    params = option.group_params[group] = _fit_group(
-                        option, group, weight, block, errors, inverse, position, hessian, importance,
-                        start, stop, i, clip_search)
-                    record(n, group, params)
+            for cohort in fitted:
+                group = column // cohort[0].size
+                if cohort[0].group_params[group] is None:
+                    found = _fit_group(cohort, group, weight, block, errors, inverse, position, hessian, importance,
+                                       start, stop, i, clip_search)
+                    for option, params in zip(cohort, found):
+                        option.group_params[group] = params
+                        record(options.index(option), group, params)
             values, approx = block[i], rounded[start + i]
             if integer:
                 groups = column_groups[start + i]
@@ -216,23 +231,28 @@ def gptq_options(
     return results
 
 
-def _fit_group(option: _Option, group: int, weight, block, errors, inverse, position, hessian, importance,
-               start: int, stop: int, i: int, clip_search: bool) -> dict[str, torch.Tensor]:
-    """Parameters of `group` of one option, from its current values: the group's columns in this block as updated so
-    far, later ones with the updates still pending from this block's rounded columns."""
-    size, cols = option.size, weight.shape[0]
+def _fit_group(cohort: list[_Option], group: int, weight, block, errors, inverse, position, hessian, importance,
+               start: int, stop: int, i: int, clip_search: bool) -> list[dict[str, torch.Tensor]]:
+    """Parameters of `group` of each option of `cohort` (adjacent in the stack), from their current values: the
+    group's columns in this block as updated so far, later ones with the updates still pending from this block's
+    rounded columns."""
+    first = cohort[0]
+    size, cols = first.size, weight.shape[0]
+    rows = slice(first.rows.start, cohort[-1].rows.stop)
     members = torch.arange(group * size, min(group * size + size, cols))
     where = position[members]
-    current = weight[where, option.rows]
+    current = weight[where, rows]
     inside = where < stop
-    current[inside] = block[where[inside] - start, option.rows]
+    current[inside] = block[where[inside] - start, rows]
     later = where[~inside]
     if i > 0 and len(later):
-        current[~inside] -= inverse[start:start + i][:, later].T @ errors[:i, option.rows]
-    grouped = to_groups(current.T, option.fmt.granularity)
-    return fit_params(grouped, option.group_fmt.for_group(group),
-                      error_weights(grouped, importance[:, members], option.fmt), clip_search,
-                      output_error(hessian[members][:, members], grouped, option.fmt))
+        current[~inside] -= inverse[start:start + i][:, later].T @ errors[:i, rows]
+    grouped = to_groups(current.T, first.fmt.granularity)
+    error = output_error(hessian[members][:, members], grouped, first.fmt)
+    if affine_cohort(first.fmt) is not None:
+        return fit_affine_group(grouped, [option.fmt for option in cohort], error, clip_search)
+    weights = error_weights(grouped, importance[:, members], first.fmt)
+    return [fit_params(grouped, first.group_fmt.for_group(group), weights, clip_search, error)]
 
 
 def upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:

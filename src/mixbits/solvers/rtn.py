@@ -24,6 +24,7 @@ import torch
 
 from ..formats import Format, QuantizedTensor
 from ..formats.granularity import Grouped, to_groups
+from ..formats.integer import IntFormat
 
 # (approx, values) in the grouped layout [R, G, g] -> error per group [R, G, 1]
 GroupError = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,6 +76,53 @@ def fit_params(
                 best_clip = torch.where(better, ratio, best_clip)
         clip = best_clip
     return fmt.fit(grouped, clip, weights)
+
+
+def fit_affine_group(grouped: Grouped, formats: list[IntFormat], error: GroupError,
+                     clip_search: bool = True) -> list[dict[str, torch.Tensor]]:
+    """`fit_params` of one group under several asymmetric integer formats with a zero point and the same scale
+    codec (`affine_cohort`), their rows stacked in `grouped` in the order of `formats`: one clip search for all of
+    them, and each format's parameters equal to those `fit_params` gives it alone.
+
+    GPTQ fits a group of every option when it reaches the group's first column; for the small groups there the
+    per-call overhead outweighs the arithmetic, so the options share the calls. The arithmetic is IntFormat's
+    fit, encode and decode, kept in step with them (tests/test_gptq.py compares the two)."""
+    values = grouped.values
+    rows = values.shape[0] // len(formats)
+    high = torch.tensor([float(fmt.code_range[1]) for fmt in formats]).repeat_interleave(rows)[:, None, None]
+    codec = formats[0].scale
+    lowest = values.amin(dim=-1, keepdim=True).clamp(max=0)  # as IntFormat.fit, with the extremes taken once
+    highest = values.amax(dim=-1, keepdim=True).clamp(min=0)
+
+    def fit(clip: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vmin = lowest * clip
+        scale = codec.round((highest * clip - vmin) / high)
+        return scale, torch.minimum(torch.round(-vmin / scale).clamp(min=0), high)
+
+    clip: float | torch.Tensor = 1.0
+    if clip_search and len(formats[0].clip_grid) > 1:
+        best_error = None
+        for ratio in formats[0].clip_grid:
+            scale, zero = fit(ratio)
+            codes = torch.minimum((torch.round(values / scale) + zero).clamp(min=0), high)
+            candidate = error((codes - zero) * scale, values)
+            if best_error is None:
+                best_error, clip = candidate, torch.full_like(candidate, ratio)
+            else:
+                better = candidate < best_error
+                best_error, clip = torch.where(better, candidate, best_error), torch.where(better, ratio, clip)
+    scale, zero = fit(clip)
+    zero = zero.to(torch.uint8)
+    return [{"scale": scale[k * rows:(k + 1) * rows], "zero": zero[k * rows:(k + 1) * rows]}
+            for k in range(len(formats))]
+
+
+def affine_cohort(fmt: Format):
+    """The key of the formats `fit_affine_group` fits together (group size and scale codec), None if it cannot."""
+    if (isinstance(fmt, IntFormat) and not fmt.symmetric and fmt.min is None and not fmt.has_second_level
+            and fmt.granularity.kind == "group"):
+        return fmt.granularity.size, fmt.scale, fmt.clip_grid
+    return None
 
 
 def magnitude_importance(matrix: torch.Tensor) -> torch.Tensor:
