@@ -79,3 +79,23 @@ def test_later_rounds_take_the_first_rounds_solutions_and_measure_the_same(monke
     assert len(solved) > len(set(solved))
     for first, second in zip(kept.groups, again.groups):
         assert [(o.proxy, o.kl) for o in first.options] == [(o.proxy, o.kl) for o in second.options]
+
+
+def test_plans_at_other_budgets_are_told_apart_and_a_sweep_says_so(capsys):
+    """A table measured for 4.5 bpw holds every KL its plan takes and not all that a 3.25 bpw plan takes; a sweep
+    allocating from it names the budgets that rest on predictions."""
+    from mixbits.selective import predicted_groups
+    from mixbits.sweep import sweep
+
+    model, menu = tiny_llama(), parse_menu(MENU)
+    selective = measure(model, menu, kl_budgets=[Budget(4.5)], **SETTINGS)
+    kls = {(g.name, o.option, o.solver): o.kl for g in selective.groups for o in g.options}
+    for budget in (4.5, 3.25):
+        plan = allocated_plan(selective, Budget(budget), "kl")
+        unmeasured = {layer.group for layer in plan.layers if kls[layer.group, layer.option, layer.solver] is None}
+        assert predicted_groups(selective, plan) == unmeasured
+        assert bool(unmeasured) == (budget == 3.25)
+    capsys.readouterr()
+    sweep(None, selective, menu, [3.25, 4.5], [], series=("allocated",), calibration=None, references=[None],
+          skip={("allocated", "3.25 bpw"), ("allocated", "4.5 bpw")})
+    assert "sweep: the allocated plans at 3.25 bpw take options whose KL was predicted" in capsys.readouterr().err

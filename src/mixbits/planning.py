@@ -27,6 +27,7 @@ from .models.loaded import LoadedModel
 from .models.loader import load_model
 from .models.structure import outer_layers
 from .plan import Plan
+from .selective import predicted_groups
 from .solvers import GptqSettings
 
 
@@ -143,9 +144,7 @@ def plan_for_budget(
                                       progress=progress, **measure_options)
     plan = allocated_plan(sensitivity, budget, damage, list(pins), menu)
     if damage == "kl" and progress:
-        groups = {g.name: g for g in sensitivity.groups + sensitivity.outer}
-        predicted = {layer.group for layer in plan.layers
-                     if groups[layer.group].find(Choice(layer.option, layer.solver)).kl is None}
+        predicted = predicted_groups(sensitivity, plan)
         if predicted:
             print(f"plan: {len(predicted)} groups take options whose KL was predicted from the proxy, not measured "
                   "(the sensitivity was measured for other budgets); measure with --kl-all for this one",

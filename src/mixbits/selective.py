@@ -22,6 +22,7 @@ from .plan import KEEP
 if TYPE_CHECKING:
     from .allocate import Budget
     from .menu import Pin
+    from .plan import Plan
     from .sensitivity import GroupSensitivity, Sensitivity
 
 
@@ -57,3 +58,10 @@ def undecided(sensitivity: "Sensitivity", budget: "Budget", pins: "list[Pin]",
         if lacking:
             needed[group.name] = lacking
     return needed
+
+
+def predicted_groups(sensitivity: "Sensitivity", plan: "Plan") -> set[str]:
+    """The groups whose option in `plan` has a predicted KL, not a measured one."""
+    groups = {g.name: g for g in sensitivity.groups + sensitivity.outer}
+    return {layer.group for layer in plan.layers
+            if groups[layer.group].find(Choice(layer.option, layer.solver)).kl is None}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .models.registry import adapter_for
 from .models.loaded import LoadedModel
 from .plan import KEEP, Plan
 from .quantize import quantize
+from .selective import predicted_groups
 from .solvers import GptqSettings
 
 SERIES = ("allocated", "heuristic", "uniform")
@@ -124,6 +126,13 @@ def sweep(
         if "heuristic" in series:
             jobs.append(("heuristic", f"{budget:g} bpw", budget, heuristic_plan(sensitivity, menu, Budget(budget), damage,
                                                                              adapter_for(model.model).bumped)))
+    predicted = [label for kind, label, _, plan in jobs
+                 if kind == "allocated" and damage == "kl" and predicted_groups(sensitivity, plan)]
+    if predicted and progress:
+        print(f"sweep: the allocated plans at {', '.join(predicted)} take options whose KL was predicted from the "
+              "proxy, not measured (the sensitivity file was measured for other budgets); measure every KL with "
+              "`mixbits plan --kl-all --sensitivity FILE`",
+              file=sys.stderr)
     if "uniform" in series:
         for choice in menu:
             if choice.option == KEEP:
