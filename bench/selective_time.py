@@ -2,7 +2,7 @@
 
 Side by side in one process on the default model and menu, `measure(kl_budgets=[3.0 bpw])`:
 - before: the statistics' X^T X converted to float64 window by window (`calibrate.FLUSH_ROWS` = 1), every
-  option's groups fitted alone in GPTQ (no `affine_cohort`), and later rounds solving their options again
+  option's groups fitted alone in GPTQ (no `gptq.affine_cohort`), and later rounds solving their options again
   (`damage.KEPT_CODES` = 0);
 - now: float32 products summed over 4096 rows before float64, integer options of one group size fitted in one
   clip search, and the first round's solutions kept for the later rounds.
@@ -44,11 +44,9 @@ def measured(before: bool):
 
 
 def main() -> None:
-    loaded = load_model()
-    record = provenance(loaded.name, loaded.sha256)
-    del loaded
     runs = {name: measured(name == "before") for name in ("before", "now")}
     (old, old_seconds), (new, new_seconds) = runs["before"], runs["now"]
+    record = provenance(new.model["name"], new.model["sha256"])  # the sensitivity records what it measured
     pairs = [(a, b) for g, h in zip(old.groups, new.groups) for a, b in zip(g.options, h.options)]
     same_kls = sum((a.kl is None) == (b.kl is None) for a, b in pairs)
     proxy = max(abs(b.proxy / a.proxy - 1) for a, b in pairs if a.proxy)

@@ -148,13 +148,11 @@ class GroupMeter:
         group = GroupSensitivity(group_name(layers), layers, shapes, block, [])
         originals = [self.modules[name].weight.detach().clone() for name in layers]
         hessian = stats[layers[0]].hessian if isinstance(stats[layers[0]], LayerStats) else None
-        solutions, solve_seconds = {}, {}
+        solutions, solve_seconds, by_solver = {}, {}, {}
         for k, choice in enumerate(choices):
             if (group.name, choice) in self.kept:
                 solutions[k], solve_seconds[k] = self._take(group.name, choice), 0.0
-        by_solver = {}
-        for k, choice in enumerate(choices):
-            if k not in solutions:
+            else:
                 by_solver.setdefault(choice.solver, []).append(k)
         for solver, indices in by_solver.items():
             # The layers of a group read one input, so they share one Hessian and are solved together, and with
@@ -193,12 +191,16 @@ class GroupMeter:
         return group
 
     def _keep(self, group: str, choice: Choice, solved: list) -> None:
-        codes = sum(q.codes.numel() for q in solved if q is not None)
+        codes = _codes(solved)
         if self.kept_codes + codes <= KEPT_CODES:
             self.kept[group, choice] = solved
             self.kept_codes += codes
 
     def _take(self, group: str, choice: Choice) -> list:
         solved = self.kept.pop((group, choice))
-        self.kept_codes -= sum(q.codes.numel() for q in solved if q is not None)
+        self.kept_codes -= _codes(solved)
         return solved
+
+
+def _codes(solved: list) -> int:
+    return sum(q.codes.numel() for q in solved if q is not None)

@@ -36,6 +36,19 @@ def signed_extreme(values: torch.Tensor) -> torch.Tensor:
     return values.gather(-1, values.abs().argmax(dim=-1, keepdim=True))
 
 
+def zero_point_params(lowest: torch.Tensor, highest: torch.Tensor, clip, high, codec: ScaleCodec):
+    """Scale and zero point (as float) of asymmetric codes in [0, high] covering [lowest, highest] * clip, where
+    lowest <= 0 <= highest per group; `high` a number or a tensor broadcasting over the groups (several widths)."""
+    vmin = lowest * clip
+    scale = codec.round((highest * clip - vmin) / high)
+    return scale, torch.round(-vmin / scale).clamp(min=0).clamp(max=high)
+
+
+def zero_point_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, high) -> torch.Tensor:
+    """Asymmetric codes (as float) of `values` under `zero_point_params`' scale and zero point."""
+    return (torch.round(values / scale) + zero).clamp(min=0).clamp(max=high)
+
+
 @dataclass(frozen=True)
 class IntFormat(Format):
     bits_per_code: int
@@ -112,20 +125,17 @@ class IntFormat(Format):
             minimum = self.offset_codec.round(vmin * clip)
             span = (vmax * clip - minimum).clamp(min=torch.finfo(torch.float32).tiny)
             return {"scale": self.scale.round(span / high), "min": minimum}
-        vmin = values.amin(dim=-1, keepdim=True).clamp(max=0) * clip
-        vmax = values.amax(dim=-1, keepdim=True).clamp(min=0) * clip
-        scale = self.scale.round((vmax - vmin) / high)
-        zero = torch.round(-vmin / scale).clamp(0, high)
+        scale, zero = zero_point_params(values.amin(dim=-1, keepdim=True).clamp(max=0),
+                                        values.amax(dim=-1, keepdim=True).clamp(min=0), clip, high, self.scale)
         return {"scale": scale, "zero": zero.to(torch.uint8)}
 
     def encode(self, values: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         low, high = self.code_range
         if self.min is not None:
             return torch.round((values - params["min"]) / params["scale"]).clamp(low, high).to(torch.uint8)
-        scaled = torch.round(values / params["scale"])
         if self.symmetric:
-            return scaled.clamp(low, high).to(torch.int8)
-        return (scaled + params["zero"].float()).clamp(low, high).to(torch.uint8)
+            return torch.round(values / params["scale"]).clamp(low, high).to(torch.int8)
+        return zero_point_codes(values, params["scale"], params["zero"].float(), high).to(torch.uint8)
 
     def decode(self, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.symmetric:

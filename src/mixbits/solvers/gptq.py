@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import groupby
 
 import torch
 
@@ -39,7 +40,7 @@ from .. import defaults
 from ..formats import Format, QuantizedTensor
 from ..formats.integer import IntFormat
 from ..formats.granularity import to_groups
-from .rtn import affine_cohort, error_weights, fit_affine_group, fit_params, hessian_importance, output_error
+from .rtn import error_weights, fit_affine_group, fit_params, hessian_importance, output_error
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,14 @@ def affine(fmt: Format) -> bool:
             and fmt.granularity.kind in ("group", "channel"))
 
 
+def affine_cohort(fmt: Format):
+    """Which options fit their groups together (`rtn.fit_affine_group`): asymmetric affine ones with groups, keyed
+    by group size, scale codec and clip grid; None for the others."""
+    if affine(fmt) and not fmt.symmetric and fmt.granularity.kind == "group":
+        return fmt.granularity.size, fmt.scale, fmt.clip_grid
+    return None
+
+
 def gptq_options(
     matrix: torch.Tensor,
     hessian: torch.Tensor,
@@ -145,20 +154,19 @@ def gptq_options(
     # Integer options first, so their rows are one slice of the stack, and those whose groups are fitted together
     # (`affine_cohort`) next to each other.
     keys = [affine_cohort(fmt) for fmt in formats]
-    first_seen = {key: k for k, key in reversed(list(enumerate(keys)))}
-    ranked = sorted(range(len(formats)), key=lambda k: (not affine(formats[k]), first_seen[keys[k]]))
+    key_order: dict = {}
+    for key in keys:
+        key_order.setdefault(key, len(key_order))
+    ranked = sorted(range(len(formats)), key=lambda k: (not affine(formats[k]), key_order[keys[k]]))
     options = [_Option(formats[k], slice(n * rows, (n + 1) * rows), source, hessian, importance, clip_search)
                for n, k in enumerate(ranked)]
     integer = [option for option in options if affine(option.fmt)]
-    # The options whose groups are fitted in one call: a cohort, or one option alone.
-    fitted: list[list[_Option]] = []
-    for option, k in zip(options, ranked):
-        if not option.per_group:
-            continue
-        if keys[k] is not None and fitted and affine_cohort(fitted[-1][0].fmt) == keys[k]:
-            fitted[-1].append(option)
-        else:
-            fitted.append([option])
+    # Positions in `options` of the options whose groups are fitted in one call: a cohort, or one option alone.
+    fitted: list[list[int]] = []
+    for key, members in groupby((n for n, option in enumerate(options) if option.per_group),
+                                key=lambda n: keys[ranked[n]]):
+        members = list(members)
+        fitted += [members] if key is not None else [[n] for n in members]
 
     order = torch.argsort(hessian.diagonal(), descending=True, stable=True) if settings.act_order else torch.arange(cols)
     position = torch.empty_like(order)
@@ -199,13 +207,13 @@ def gptq_options(
         for i in range(stop - start):
             column = visit[start + i]
             for cohort in fitted:
-                group = column // cohort[0].size
-                if cohort[0].group_params[group] is None:
-                    found = _fit_group(cohort, group, weight, block, errors, inverse, position, hessian, importance,
-                                       start, stop, i, clip_search)
-                    for option, params in zip(cohort, found):
-                        option.group_params[group] = params
-                        record(options.index(option), group, params)
+                group = column // options[cohort[0]].size
+                if options[cohort[0]].group_params[group] is None:
+                    found = _fit_group([options[n] for n in cohort], group, weight, block, errors, inverse, position,
+                                       hessian, importance, start, stop, i, clip_search)
+                    for n, params in zip(cohort, found):
+                        options[n].group_params[group] = params
+                        record(n, group, params)
             values, approx = block[i], rounded[start + i]
             if integer:
                 groups = column_groups[start + i]

@@ -24,7 +24,7 @@ import torch
 
 from ..formats import Format, QuantizedTensor
 from ..formats.granularity import Grouped, to_groups
-from ..formats.integer import IntFormat
+from ..formats.integer import IntFormat, zero_point_codes, zero_point_params
 
 # (approx, values) in the grouped layout [R, G, g] -> error per group [R, G, 1]
 GroupError = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,67 +62,52 @@ def fit_params(
         def error(approx, values):
             return ((approx - values).square() * weights).sum(dim=-1, keepdim=True)
 
-    clip: float | torch.Tensor = 1.0
-    if clip_search and len(fmt.clip_grid) > 1:
-        best_error = best_clip = None
-        for ratio in fmt.clip_grid:
-            params = fmt.fit(grouped, ratio, weights)
-            candidate = error(fmt.decode(fmt.encode(grouped.values, params), params), grouped.values)
-            if best_error is None:
-                best_error, best_clip = candidate, torch.full_like(candidate, ratio)
-            else:
-                better = candidate < best_error
-                best_error = torch.where(better, candidate, best_error)
-                best_clip = torch.where(better, ratio, best_clip)
-        clip = best_clip
+    def candidate(ratio: float) -> torch.Tensor:
+        params = fmt.fit(grouped, ratio, weights)
+        return error(fmt.decode(fmt.encode(grouped.values, params), params), grouped.values)
+
+    clip = best_clip(fmt.clip_grid, candidate) if clip_search and len(fmt.clip_grid) > 1 else 1.0
     return fmt.fit(grouped, clip, weights)
+
+
+def best_clip(grid: tuple[float, ...], errors: Callable[[float], torch.Tensor]) -> torch.Tensor:
+    """Each group's ratio of `grid` with the least `errors(ratio)` ([R, G, 1]); the first of equal ones."""
+    best_error = clip = None
+    for ratio in grid:
+        candidate = errors(ratio)
+        if best_error is None:
+            best_error, clip = candidate, torch.full_like(candidate, ratio)
+        else:
+            better = candidate < best_error
+            best_error, clip = torch.where(better, candidate, best_error), torch.where(better, ratio, clip)
+    return clip
 
 
 def fit_affine_group(grouped: Grouped, formats: list[IntFormat], error: GroupError,
                      clip_search: bool = True) -> list[dict[str, torch.Tensor]]:
     """`fit_params` of one group under several asymmetric integer formats with a zero point and the same scale
-    codec (`affine_cohort`), their rows stacked in `grouped` in the order of `formats`: one clip search for all of
-    them, and each format's parameters equal to those `fit_params` gives it alone.
+    codec and clip grid, their rows stacked in `grouped` in the order of `formats`: one clip search for all of
+    them, and each format's parameters equal to those `fit_params` gives it alone (IntFormat's own arithmetic,
+    with each format's code range per row).
 
     GPTQ fits a group of every option when it reaches the group's first column; for the small groups there the
-    per-call overhead outweighs the arithmetic, so the options share the calls. The arithmetic is IntFormat's
-    fit, encode and decode, kept in step with them (tests/test_gptq.py compares the two)."""
+    per-call overhead outweighs the arithmetic, so the options share the calls."""
     values = grouped.values
     rows = values.shape[0] // len(formats)
     high = torch.tensor([float(fmt.code_range[1]) for fmt in formats]).repeat_interleave(rows)[:, None, None]
-    codec = formats[0].scale
-    lowest = values.amin(dim=-1, keepdim=True).clamp(max=0)  # as IntFormat.fit, with the extremes taken once
+    codec, grid = formats[0].scale, formats[0].clip_grid
+    lowest = values.amin(dim=-1, keepdim=True).clamp(max=0)  # the extremes taken once for every ratio
     highest = values.amax(dim=-1, keepdim=True).clamp(min=0)
 
-    def fit(clip: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vmin = lowest * clip
-        scale = codec.round((highest * clip - vmin) / high)
-        return scale, torch.minimum(torch.round(-vmin / scale).clamp(min=0), high)
+    def candidate(ratio: float) -> torch.Tensor:
+        scale, zero = zero_point_params(lowest, highest, ratio, high, codec)
+        return error((zero_point_codes(values, scale, zero, high) - zero) * scale, values)
 
-    clip: float | torch.Tensor = 1.0
-    if clip_search and len(formats[0].clip_grid) > 1:
-        best_error = None
-        for ratio in formats[0].clip_grid:
-            scale, zero = fit(ratio)
-            codes = torch.minimum((torch.round(values / scale) + zero).clamp(min=0), high)
-            candidate = error((codes - zero) * scale, values)
-            if best_error is None:
-                best_error, clip = candidate, torch.full_like(candidate, ratio)
-            else:
-                better = candidate < best_error
-                best_error, clip = torch.where(better, candidate, best_error), torch.where(better, ratio, clip)
-    scale, zero = fit(clip)
+    clip = best_clip(grid, candidate) if clip_search and len(grid) > 1 else 1.0
+    scale, zero = zero_point_params(lowest, highest, clip, high, codec)
     zero = zero.to(torch.uint8)
     return [{"scale": scale[k * rows:(k + 1) * rows], "zero": zero[k * rows:(k + 1) * rows]}
             for k in range(len(formats))]
-
-
-def affine_cohort(fmt: Format):
-    """The key of the formats `fit_affine_group` fits together (group size and scale codec), None if it cannot."""
-    if (isinstance(fmt, IntFormat) and not fmt.symmetric and fmt.min is None and not fmt.has_second_level
-            and fmt.granularity.kind == "group"):
-        return fmt.granularity.size, fmt.scale, fmt.clip_grid
-    return None
 
 
 def magnitude_importance(matrix: torch.Tensor) -> torch.Tensor:
