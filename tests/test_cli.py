@@ -156,7 +156,8 @@ def test_plan_arguments_are_checked_before_loading(tmp_path, capsys):
     assert "START:STOP:STEP" in refused(capsys, "sweep", "--bpw", "4:2:0.5", "--out", str(tmp_path / "s"))
     missing = str(tmp_path / "no-folder" / "sensitivity.json")
     assert "create it first" in refused(capsys, "plan", "--bpw", "3", "--out", out, "--sensitivity", missing)
-    assert "--shrink from 0 to 1" in refused(capsys, "plan", "--bpw", "3", "--out", out, "--shrink", "1.5")
+    assert "--shrink and --asymmetry from 0 to 1" in refused(capsys, "plan", "--bpw", "3", "--out", out, "--shrink", "1.5")
+    assert "--asymmetry from 0 to 1" in refused(capsys, "quantize", "--solver", "gptaq", "--asymmetry", "2")
     assert not (tmp_path / "no-folder").exists() and not (tmp_path / "p.json").exists()
     assert not list(tmp_path.iterdir())
 

@@ -28,13 +28,14 @@ def sharded(request, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("fmt, embedding", [("int4:g32:asym", None), ("int3:g32:sym", "q8_0")])
-def test_streamed_checkpoint_equals_the_in_memory_one(sharded, tmp_path, fmt, embedding):
+@pytest.mark.parametrize("fmt, embedding, solver", [("int4:g32:asym", None, "gptq"), ("int3:g32:sym", "q8_0", "gptq"),
+                                                    ("int3:g32:asym", None, "gptaq")])
+def test_streamed_checkpoint_equals_the_in_memory_one(sharded, tmp_path, fmt, embedding, solver):
     loaded = load_model(sharded)
-    report = mixbits.quantize(loaded, fmt, solver="gptq", calibration=CALIBRATION, embedding_format=embedding,
+    report = mixbits.quantize(loaded, fmt, solver=solver, calibration=CALIBRATION, embedding_format=embedding,
                               progress=False)
     save_quantized(loaded, report, tmp_path / "memory")
-    streamed, _ = quantize_streamed(sharded, tmp_path / "streamed", fmt, calibration=CALIBRATION,
+    streamed, _ = quantize_streamed(sharded, tmp_path / "streamed", fmt, solver=solver, calibration=CALIBRATION,
                                     embedding_format=embedding, progress=False)
     assert streamed.bits == report.bits and streamed.model_bits == report.model_bits
     memory, stream = checkpoint_contents(tmp_path / "memory"), checkpoint_contents(tmp_path / "streamed")

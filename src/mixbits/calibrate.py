@@ -9,14 +9,21 @@ that stage's last Linear, so a solver can quantize stage by stage and every
 later stage sees the already-quantized earlier ones (GPTQ's "true sequential"
 order). `outputs()` runs the finished block to give the next block's inputs.
 
+With a float reference (`SequentialCalibration(..., reference=True)`, for
+GPTAQ), a float copy of each block runs beside it on the float model's own
+block inputs, and each Linear's statistics also hold the cross term
+(X_float - X)^T X of its float-model input against its input here.
+
 Statistics per stage input X (all tokens of all windows, as rows):
     hessian  = X^T X / tokens   (float32 products of up to FLUSH_ROWS rows summed in float64, stored float32)
     abs_mean = mean |X| per input channel
     abs_max  = max |X| per input channel
+    cross    = (X_float - X)^T X / tokens, with a reference (same summation as the Hessian)
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -42,29 +49,53 @@ class InputStats:
     tokens: int
     sample: torch.Tensor | None = None  # [<= SAMPLE_ROWS, C]: every SAMPLE_STRIDE-th input row, for errors that
     # depend on the inputs themselves (quantized activations), not only on X^T X
+    cross: torch.Tensor | None = None  # [C, C] float32, (X_float - X)^T X / tokens: how the float model's input to
+    # the layer differs from this one (GPTAQ); None without a reference or where the rows do not pair up (experts)
+
+
+class _Sum:
+    """A float64 sum of [C, C] products, each added in float32 first until FLUSH_ROWS rows are pending: converting a
+    product per window (inputs of one 512-token window at a time) took a seventh of the statistics pass."""
+
+    def __init__(self, channels: int):
+        self.total = torch.zeros(channels, channels, dtype=torch.float64)
+        self.partial, self.pending = None, 0
+
+    def add(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        product = left.T @ right
+        self.partial = product if self.partial is None else self.partial.add_(product)
+        self.pending += left.shape[0]
+        if self.pending >= FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> torch.Tensor:
+        if self.partial is not None:
+            self.total += self.partial.double()
+            self.partial, self.pending = None, 0
+        return self.total
 
 
 class _Accumulator:
     def __init__(self):
         self.gram = None
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """Add inputs `x`; with `reference`, the float model's inputs for the same tokens, to the cross term."""
         rows = x.detach().reshape(-1, x.shape[-1]).float()
         if self.gram is None:
             channels = rows.shape[1]
-            self.gram = torch.zeros(channels, channels, dtype=torch.float64)
-            self.partial, self.pending = None, 0
+            self.gram = _Sum(channels)
+            self.cross = _Sum(channels) if reference is not None else None
             self.abs_sum = torch.zeros(channels, dtype=torch.float64)
             self.abs_max = torch.zeros(channels)
             self.tokens = self.sampled = 0
             self.rows: list[torch.Tensor] = []
-        # Inputs of fewer than FLUSH_ROWS tokens (one window at a time) are summed in float32 up to that many, then
-        # added to the float64 sum: converting a [C, C] product per window took a seventh of the statistics pass.
-        product = rows.T @ rows
-        self.partial = product if self.partial is None else self.partial.add_(product)
-        self.pending += rows.shape[0]
-        if self.pending >= FLUSH_ROWS:
-            self._flush()
+        self.gram.add(rows, rows)
+        if self.cross is not None:
+            if reference is None or reference.numel() != rows.numel():
+                self.cross = None  # rows that do not pair up token by token (an expert's routed tokens)
+            else:
+                self.cross.add(reference.detach().reshape(rows.shape).float() - rows, rows)
         if self.sampled < SAMPLE_ROWS:
             self.rows.append(rows[::SAMPLE_STRIDE][:SAMPLE_ROWS - self.sampled].clone())
             self.sampled += len(self.rows[-1])
@@ -73,15 +104,10 @@ class _Accumulator:
         self.abs_max = torch.maximum(self.abs_max, magnitude.amax(0))
         self.tokens += rows.shape[0]
 
-    def _flush(self) -> None:
-        if self.partial is not None:
-            self.gram += self.partial.double()
-            self.partial, self.pending = None, 0
-
     def stats(self) -> InputStats:
-        self._flush()
-        return InputStats((self.gram / self.tokens).float(), (self.abs_sum / self.tokens).float(), self.abs_max, self.tokens,
-                          torch.cat(self.rows))
+        cross = None if self.cross is None else (self.cross.flush() / self.tokens).float()
+        return InputStats((self.gram.flush() / self.tokens).float(), (self.abs_sum / self.tokens).float(), self.abs_max,
+                          self.tokens, torch.cat(self.rows), cross)
 
 
 def _no_tokens(linear: nn.Linear) -> InputStats:
@@ -160,10 +186,16 @@ def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) ->
 
 
 class BlockCalibration:
-    """Statistics and outputs of one block for a fixed set of inputs."""
+    """Statistics and outputs of one block for a fixed set of inputs.
 
-    def __init__(self, block: nn.Module, prefix: str, inputs: torch.Tensor, kwargs: dict[str, Any]):
+    `reference`, if given, is (the block as the float model has it, the float
+    model's inputs to it): statistics then hold each Linear's cross term.
+    """
+
+    def __init__(self, block: nn.Module, prefix: str, inputs: torch.Tensor, kwargs: dict[str, Any],
+                 reference: tuple[nn.Module, torch.Tensor] | None = None):
         self.block, self.prefix, self.inputs, self.kwargs = block, prefix, inputs, kwargs  # kwargs: this block's call
+        self.reference = reference
 
     def stages(self) -> list[Stage]:
         """Linears grouped by the input tensor they read, in forward order (from one window)."""
@@ -201,13 +233,18 @@ class BlockCalibration:
         accumulators: dict[nn.Linear, _Accumulator] = {}
         remaining: set[nn.Linear] = set()
         batch_inputs: list[tuple[torch.Tensor, _Accumulator]] = []
+        floats = self._float_inputs(linears)
+        batch = {}
 
         def record(module, args):
             x = args[0]
             shared = next((acc for seen, acc in batch_inputs if seen is x), None)
             if shared is None:
                 shared = accumulators.setdefault(module, _Accumulator())
-                shared.add(x)
+                float_input = batch["floats"].get(module) if floats is not None else None
+                # Only inputs of every token pair up row by row with the float model's (not an expert's routed ones).
+                whole = x.shape[:-1].numel() == batch["tokens"]
+                shared.add(x, float_input if whole and float_input is not None else None)
                 batch_inputs.append((x, shared))
             accumulators.setdefault(module, shared)
             remaining.discard(module)
@@ -219,12 +256,45 @@ class BlockCalibration:
             for start in range(0, len(self.inputs), BATCH):
                 remaining.update(linears)
                 batch_inputs.clear()
-                for _ in _run(self.block, self.inputs[start:start + BATCH], self.kwargs):
+                window = self.inputs[start:start + BATCH]
+                batch["tokens"] = window.shape[:-1].numel()
+                if floats is not None:
+                    batch["floats"] = next(floats)
+                for _ in _run(self.block, window, self.kwargs):
                     pass
         finally:
             for handle in handles:
                 handle.remove()
         return {linear: accumulators[linear].stats() if linear in accumulators else _no_tokens(linear) for linear in linears}
+
+    def _float_inputs(self, linears: list[nn.Linear]) -> Iterator[dict[nn.Linear, torch.Tensor]] | None:
+        """Per batch of windows, the input each of `linears` gets in the float model (its twin in the reference block,
+        on the reference inputs), or None without a reference."""
+        if self.reference is None:
+            return None
+        block, inputs = self.reference
+        twins = dict(block.named_modules())
+        pairs = {twins[name]: module for name, module in self.block.named_modules() if module in set(linears)}
+
+        def batches():
+            for start in range(0, len(inputs), BATCH):
+                found: dict[nn.Linear, torch.Tensor] = {}
+
+                def capture(module, args):
+                    found.setdefault(pairs[module], args[0])
+                    if len(found) == len(pairs):
+                        raise _StopBlock
+
+                handles = [twin.register_forward_pre_hook(capture) for twin in pairs]
+                try:
+                    for _ in _run(block, inputs[start:start + BATCH], self.kwargs):
+                        pass
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                yield found
+
+        return batches()
 
     def outputs(self) -> torch.Tensor:
         return run_block(self.block, self.inputs, self.kwargs)
@@ -235,28 +305,38 @@ class SequentialCalibration:
 
     The next block's inputs are the outputs of the previous block as it is
     when the caller resumes the iteration (quantized, if the caller quantized
-    it); after the last block, `outputs` holds the last block's outputs.
+    it); after the last block, `outputs` holds the last block's outputs. With
+    `reference`, each block is copied before it is yielded, and the copies
+    carry the float model's activations alongside (`reference_outputs` at
+    the end): the statistics' cross terms.
     """
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor):
-        self.model, self.windows = model, windows
+    def __init__(self, model: nn.Module, windows: torch.Tensor, reference: bool = False):
+        self.model, self.windows, self.reference = model, windows, reference
         self.outputs: torch.Tensor | None = None
+        self.reference_outputs: torch.Tensor | None = None
 
     def __iter__(self) -> Iterator[BlockCalibration]:
         prefix, blocks = transformer_blocks(self.model)
         inputs, calls = block_inputs(self.model, self.windows)
+        floats = inputs if self.reference else None
         for index, block in enumerate(blocks):
-            calibration = BlockCalibration(block, f"{prefix}.{index}", inputs, calls[index])
+            original = copy.deepcopy(block) if self.reference else None
+            calibration = BlockCalibration(block, f"{prefix}.{index}", inputs, calls[index],
+                                           None if original is None else (original, floats))
             yield calibration
             inputs = calibration.outputs()
-        self.outputs = inputs
+            if original is not None:
+                floats = run_block(original, floats, calls[index])
+        self.outputs, self.reference_outputs = inputs, floats
 
 
-def input_stats(inputs: torch.Tensor) -> InputStats:
-    """Statistics of a tensor of inputs [..., C] taken directly (e.g. the output head's)."""
+def input_stats(inputs: torch.Tensor, reference: torch.Tensor | None = None) -> InputStats:
+    """Statistics of a tensor of inputs [..., C] taken directly (e.g. the output head's), with the cross term against
+    `reference` (the float model's inputs) if given."""
     accumulator = _Accumulator()
     for start in range(0, len(inputs), BATCH):
-        accumulator.add(inputs[start:start + BATCH])
+        accumulator.add(inputs[start:start + BATCH], None if reference is None else reference[start:start + BATCH])
     return accumulator.stats()
 
 

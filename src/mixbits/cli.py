@@ -55,7 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="format of the input embedding, looked up row by row from its codes, e.g. q8_0 or int4:g64:asym "
                         "(default: 16 bits; a head tied to it computes with the same values)")
     q.add_argument("--solver", choices=defaults.SOLVERS,
-                   help="rtn: round to nearest, no data; gptq: error compensation from calibration data "
+                   help="rtn: round to nearest, no data; gptq: error compensation from calibration data; gptaq: "
+                        "GPTQ fitted to the float model's outputs instead of the quantized model's own (GPTAQ) "
                         "(default: rtn for one --format, gptq for the options of a plan)")
     q.add_argument("--act", metavar="FORMAT",
                    help="also round every quantized layer's inputs as the model runs, e.g. int8:g32 (blocks of 32, as "
@@ -63,6 +64,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         "measured on the calibration text) or fp8_e4m3:ch; the packed runtime then multiplies int8 "
                         "codes by weight codes (default: float inputs)")
     q.add_argument("--awq", action="store_true", help="activation-aware scaling searched on calibration data")
+    q.add_argument("--tune", type=int, nargs="?", const=defaults.TUNE_STEPS, metavar="STEPS",
+                   help="after the solver, tune each block's rounding and scales to the float block's output on the "
+                        "calibration windows, STEPS signed-gradient steps per block (default with no number: "
+                        f"{defaults.TUNE_STEPS}; off without --tune)")
     q.add_argument("--smoothquant", action="store_true",
                    help="with --act, first migrate activation outliers into the weights (SmoothQuant), the strength "
                         "searched on calibration data")
@@ -192,6 +197,9 @@ def _add_calibration_args(parser) -> None:
     parser.add_argument("--shrink", type=float, default=defaults.GPTQ_SHRINK,
                         help="GPTQ: shrink the calibration Hessian toward its diagonal, H <- (1-s) H + s diag(H), "
                              "0 to 1 (default: %(default)s)")
+    parser.add_argument("--asymmetry", type=float, default=defaults.GPTAQ_ASYMMETRY,
+                        help="gptaq: how far toward the weights that fit the float model's outputs best (least "
+                             "squares) GPTQ starts, 0 (plain GPTQ) to 1 (default: %(default)s)")
 
 
 def _add_budget_args(parser, required: bool) -> None:
@@ -353,9 +361,20 @@ def _gptq_settings(args):
     from .solvers import GptqSettings
 
     try:
-        return GptqSettings(damp=args.damp, shrink=args.shrink)
+        return GptqSettings(damp=args.damp, shrink=args.shrink, asymmetry=args.asymmetry)
     except ValueError:
-        raise MixbitsError(f"--damp must be at least 0 and --shrink from 0 to 1, got {args.damp} and {args.shrink}") from None
+        raise MixbitsError(f"--damp must be at least 0 and --shrink and --asymmetry from 0 to 1, got {args.damp}, "
+                           f"{args.shrink} and {args.asymmetry}") from None
+
+
+def _tune_settings(args):
+    from .solvers.tuning import TuneSettings
+
+    if args.tune is None:
+        return None
+    if args.tune < 1:
+        raise MixbitsError(f"--tune takes a number of steps of at least 1, got {args.tune}")
+    return TuneSettings(steps=args.tune)
 
 
 def _check_calibration(args) -> None:
@@ -419,7 +438,9 @@ def _run_quantize(args) -> int:
     texts = _eval_texts(args) if args.evaluate else None
     if args.smoothquant and not args.act:
         raise MixbitsError("SmoothQuant moves outliers out of the inputs for their quantization; give --act too")
-    calibrated = solver == "gptq" or args.awq or args.smoothquant or plan is not None or planning
+    calibrated = (solver in ("gptq", "gptaq") or args.awq or args.smoothquant or plan is not None or planning
+                  or args.tune is not None)
+    tune = _tune_settings(args)
     if calibrated:
         _check_calibration(args)
     loaded = load_model(args.model)
@@ -445,7 +466,7 @@ def _run_quantize(args) -> int:
         calibration=args.calib_text, calibration_windows=args.calib_windows,
         calibration_len=args.calib_window_len, clip_search=args.clip_search, include_head=args.head, head_format=head_format,
         embedding_format=embedding_format, plan=plan, gptq=_gptq_settings(args), activation=activation,
-        resume=partial,
+        resume=partial, tune=tune,
     )
     saved = None
     if args.out:
@@ -500,7 +521,7 @@ def _run_streamed(args) -> int:
     unsupported = [flag for flag, given in (("--plan", args.plan), ("--bpw/--size", args.bpw or args.size),
                                             ("--awq", args.awq), ("--smoothquant", args.smoothquant),
                                             ("--rotate", args.rotate), ("--act", args.act), ("--head", args.head),
-                                            ("--head-format", args.head_format)) if given]
+                                            ("--head-format", args.head_format), ("--tune", args.tune)) if given]
     if unsupported:
         raise MixbitsError(f"--stream quantizes to one --format; {unsupported[0]} does not stream yet")
     if not args.out:

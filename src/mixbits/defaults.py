@@ -1,6 +1,6 @@
 """Defaults of the benchmark protocol (DESIGN.md) and names the CLI offers, kept free of heavy imports."""
 
-SOLVERS = ("rtn", "gptq")
+SOLVERS = ("rtn", "gptq", "gptaq")
 
 # Text sources by name (mixbits.corpus): the default calibration mix (technical documentation,
 # source code, quotations and dialogue, expository prose) and the evaluation domains (the
@@ -17,6 +17,12 @@ CALIBRATION_LEN = 512
 # GPTQ's treatment of the calibration Hessian (solvers.gptq.GptqSettings; bench/results/generalization.md).
 GPTQ_DAMP = 0.01
 GPTQ_SHRINK = 0.25
+# GPTAQ: the fraction of the float model's input difference the weights absorb before GPTQ (the GPTAQ paper's alpha).
+GPTAQ_ASYMMETRY = 0.25
+# Block-wise tuning (solvers.tuning): signed-gradient steps per block, calibration windows per step, first step size.
+TUNE_STEPS = 100
+TUNE_BATCH = 4
+TUNE_LR = 0.005
 
 # Sensitivity measurement (`mixbits plan`): the Fisher's backward pass on the first windows of the
 # calibration, and the measured KL on short windows (each (group, option) reruns the blocks after it).

@@ -128,7 +128,7 @@ def measure(
         "run": "measure", "model": identity or sha256_state_dict(model), "windows": sha256_tensor(windows),
         "groups": [[layers, [str(c) for c in choices]] for layers, _, choices in plans], "kl": kl,
         "kl_windows": kl_windows, "kl_len": kl_len, "fisher_windows": fisher_windows, "clip_search": clip_search,
-        "gptq": gptq.as_dict()})
+        "gptq": gptq.measurement_key()})
     # A selective run's groups lack some KLs: a run measuring every KL takes them again, one for other budgets
     # measures what they lack.
     kept = [_kept_group(state, index, layers, choices, complete=kl and not selective) if state else None
@@ -194,7 +194,7 @@ def measure(
         keep(index, results[index])
 
     spec["fisher_windows"] = min(fisher_windows, len(windows))
-    spec["gptq"] = gptq.as_dict()
+    spec["gptq"] = gptq.measurement_key()
     spec["clip_search"] = clip_search
     index_of = {group_name(layers): index for index, (layers, _, _) in enumerate(plans)}
     for budget in kl_budgets if selective else ():

@@ -2,12 +2,14 @@
 
 Two paths:
 - data-free: round-to-nearest of every Linear (`solver="rtn"` without AWQ);
-- calibrated (`solver="gptq"`, `awq=True` and/or `smooth=True`): calibration
+- calibrated (`solver="gptq"` or `"gptaq"`, `awq=True` and/or `smooth=True`): calibration
   windows run through the model block by block (`calibrate.SequentialCalibration`).
   In each block, AWQ or SmoothQuant scales are searched and folded on the float block first;
   then the Linears are quantized stage by stage (those reading the same
   input together), each stage's input statistics taken with the earlier
   stages already quantized; the quantized block's outputs feed the next.
+  GPTAQ also runs a float copy of each block on the float model's
+  activations, for each layer's cross term (`solvers.gptq.asymmetric_target`).
 
 A rotation (`rotate=True`) is applied to the float model before either path.
 With a `plan`, each layer gets its own option and solver (`plan.Plan`).
@@ -37,7 +39,7 @@ from tqdm import tqdm
 
 from . import defaults
 from .activations import StaticIntFormat, activation_name, parse_activation
-from .calibrate import SequentialCalibration, calibration_data, input_stats
+from .calibrate import InputStats, SequentialCalibration, calibration_data, input_stats, run_block
 from .errors import MixbitsError
 from .formats import Format, QuantizedTensor, parse_format
 from .formats.storage import restore
@@ -51,6 +53,7 @@ from .plan import KEEP, LayerTotals, Plan, PlanError, option_bits
 from .resume import RunState
 from .runtime.linear import with_activation
 from .solvers import GptqSettings, approximation, round_to_nearest, solve_many
+from .solvers.tuning import TuneRecord, TuneSettings, tune_block
 from .transforms.rotation import rotate as rotate_model
 from .transforms.scaling import ScaledGroup, scale_block
 
@@ -91,6 +94,8 @@ class QuantizationReport(LayerTotals):
     tensors: dict[str, QuantizedTensor | None] = field(default_factory=dict, repr=False)
     outer: list[LayerReport] = field(default_factory=list)  # embedding and a float head, stored apart from `layers`
     rounded_for_lack_of_tokens: list[str] = field(default_factory=list)  # calibrated layers rounded to nearest instead
+    tune: TuneSettings | None = None  # block-wise tuning after the solver (`solvers.tuning`)
+    tuning: list[TuneRecord] = field(default_factory=list)  # one per tuned block
     other_parameters: int = 0  # parameters in neither (norms, biases), stored in float32
 
     @property
@@ -102,7 +107,7 @@ class QuantizationReport(LayerTotals):
     def method(self) -> str:
         """Short name of what was done, e.g. "gptq+awq" or "rtn+rotate"."""
         parts = ([self.solver] + (["awq"] if self.awq else []) + (["smoothquant"] if self.smooth else [])
-                 + (["rotate"] if self.rotation else []))
+                 + (["rotate"] if self.rotation else []) + (["tune"] if self.tune else []))
         return "+".join(parts)
 
     def as_dict(self) -> dict:
@@ -130,6 +135,8 @@ class QuantizationReport(LayerTotals):
             "peak_memory_bytes": self.peak_memory_bytes,
             "awq_scales": [asdict(group) for group in self.scaled],  # AWQ's or SmoothQuant's groups
             "rounded_for_lack_of_tokens": self.rounded_for_lack_of_tokens,
+            "tuning": None if self.tune is None else {**self.tune.as_dict(),
+                                                      "blocks": [record.as_dict() for record in self.tuning]},
         }
 
 
@@ -154,12 +161,14 @@ def quantize(
     gptq: GptqSettings = GptqSettings(),
     activation: str | Format | None = None,
     resume: str | Path | None = None,
+    tune: TuneSettings | None = None,
     progress: bool = True,
 ) -> QuantizationReport:
     """Quantize every Linear inside the transformer blocks to `format`, in place.
 
     Weights are replaced by their dequantized values (simulated quantization),
-    so the model runs as before. `solver` is "rtn" or "gptq"; `awq` adds
+    so the model runs as before. `solver` is "rtn", "gptq" or "gptaq"
+    (GPTQ fitted to the float model's outputs, `solvers.gptq`); `awq` adds
     activation-aware scaling; `rotate` a Hadamard rotation of the residual
     stream (`online_hadamard` also of every down_proj input). GPTQ and AWQ
     take calibration windows from `calibration`: None for the default
@@ -178,8 +187,10 @@ def quantize(
     first folds SmoothQuant's scales, searched for that format. With
     `resume` (a folder), each calibrated block is kept there as it
     finishes, and a run with the same settings takes the kept blocks instead
-    of solving them again, with the same result (`resume.RunState`). Returns
-    the exact bit count of everything quantized.
+    of solving them again, with the same result (`resume.RunState`). With
+    `tune`, each block's quantized Linears are then tuned to the float
+    block's output (`solvers.tuning`). Returns the exact bit count of
+    everything quantized.
     """
     if solver not in defaults.SOLVERS:
         raise MixbitsError(f"unknown solver {solver!r}; use one of {', '.join(defaults.SOLVERS)}")
@@ -192,6 +203,9 @@ def quantize(
         raise MixbitsError("SmoothQuant moves outliers out of the inputs for their quantization; give --act too")
     if smooth and awq:
         raise MixbitsError("give either --awq or --smoothquant: both fold per-channel scales into the same layers")
+    if (solver == "gptaq" or tune is not None) and (awq or smooth):
+        raise MixbitsError("gptaq and tuning compare each layer's inputs with the float model's, which --awq and "
+                           "--smoothquant rescale; use --solver gptq without --tune with them")
     module = model.model if isinstance(model, LoadedModel) else model
     adapter_for(module).prepare(module)  # stacked experts become Linears (same function)
     head = None
@@ -237,14 +251,15 @@ def quantize(
     solvers = {s for o, s in choices.values() if o != KEEP} or {"rtn"} if plan is not None else {solver}
     # A plan's damage was measured with calibration statistics (RTN's clip search on the output error too),
     # so plans always run calibrated.
-    calibrated = "gptq" in solvers or awq or smooth or plan is not None
+    calibrated = bool(solvers & {"gptq", "gptaq"}) or awq or smooth or plan is not None or tune is not None
+    asymmetric = "gptaq" in solvers or tune is not None  # a float copy of the model's activations runs alongside
     windows = spec = None
     if calibrated or static:  # static input scales are measured on the calibration text too
         windows, spec = calibration_data(model, calibration, calibration_windows, calibration_len)
 
     label = "plan" if plan is not None else uniform[0]
     report = QuantizationReport(label, clip_search, solvers.pop() if len(solvers) == 1 else "mixed", awq, smooth,
-                                calibration=spec, gptq=gptq)
+                                calibration=spec, gptq=gptq, tune=tune)
     reset_peak()
     start = time.perf_counter()
     if rotate:
@@ -260,8 +275,8 @@ def quantize(
                 "run": "quantize", "model": identity, "choices": {name: choices[name] for name in names},
                 "windows": sha256_tensor(windows), "clip_search": clip_search, "gptq": gptq.as_dict(), "awq": awq,
                 "smooth": smooth, "activation": str(act), "rotate": rotate, "online_hadamard": online_hadamard,
-                "head": include_head})
-        _quantize_calibrated(module, choices, windows, report, include_head, progress, act, state)
+                "head": include_head, "tune": None if tune is None else tune.as_dict()})
+        _quantize_calibrated(module, choices, windows, report, include_head, progress, act, state, asymmetric)
     else:
         for name, linear in tqdm(quantizable_linears(module, include_head), desc="quantize", disable=not progress, leave=False):
             _solve([name], [linear], None, choices, report)
@@ -292,18 +307,18 @@ def _plan_choices(plan: Plan, module: nn.Module, names: list[str]) -> dict[str, 
 
 def _quantize_calibrated(module: nn.Module, choices: dict[str, tuple[str, str]], windows, report: QuantizationReport,
                          include_head: bool, progress: bool, activation: Format | None = None,
-                         state: RunState | None = None) -> None:
+                         state: RunState | None = None, asymmetric: bool = False) -> None:
     scaled = report.awq or report.smooth
     fmt = parse_format(report.format) if scaled else None  # AWQ and SmoothQuant run without a plan: one format
     decoder = adapter_for(module).layout(module, "per-channel scaling") if scaled else None
     smoothing = activation if report.smooth else None
-    sequence = SequentialCalibration(module, windows)
+    sequence = SequentialCalibration(module, windows, reference=asymmetric)
     for index, block in enumerate(tqdm(sequence, desc=f"{report.method} blocks", disable=not progress, leave=False)):
         step = f"block-{index:04d}"
         kept = state.load(step) if state is not None else None
         if kept is not None and restore_block(block.prefix, block.block, *kept, report):
             continue  # its weights are as solved before, so its outputs, the next block's inputs, are too
-        before = (len(report.layers), len(report.scaled), len(report.rounded_for_lack_of_tokens))
+        before = (len(report.layers), len(report.scaled), len(report.rounded_for_lack_of_tokens), len(report.tuning))
         _quantize_block(index, block, choices, report, decoder, fmt, smoothing)
         if state is not None:
             state.save(step, *block_record(block.prefix, block.block, report, before))
@@ -317,7 +332,8 @@ def _quantize_calibrated(module: nn.Module, choices: dict[str, tuple[str, str]],
     if include_head:
         name, head = output_head(module)
         norm = adapter_for(module).final_norm(module)
-        _solve([name], [head], input_stats(norm(sequence.outputs)).hessian, choices, report)
+        reference = None if sequence.reference_outputs is None else norm(sequence.reference_outputs)
+        _solve([name], [head], input_stats(norm(sequence.outputs), reference), choices, report)
 
 
 def _quantize_block(index: int, block, choices, report: QuantizationReport, decoder, fmt, smoothing) -> None:
@@ -332,16 +348,35 @@ def _quantize_block(index: int, block, choices, report: QuantizationReport, deco
             _solve(stage.names, stage.linears, None, rounded, report)
             report.rounded_for_lack_of_tokens += stage.names
             continue
-        _solve(stage.names, stage.linears, stats.hessian, choices, report)
+        _solve(stage.names, stage.linears, stats, choices, report, keep_source=report.tune is not None)
+    if report.tune is not None:
+        _tune(block, [name for stage in stages for name in stage.names], report)
 
 
-def block_record(prefix: str, block: nn.Module, report: QuantizationReport, before: tuple[int, int, int]):
+def _tune(block, names: list[str], report: QuantizationReport) -> None:
+    """Block-wise tuning of the block's quantized Linears to the float block's output on the float inputs."""
+    original, floats = block.reference
+    targets = run_block(original, floats, block.kwargs)
+    relative = {name: name[len(block.prefix) + 1:] for name in names}
+    tuned, record = tune_block(block.block, block.kwargs, block.inputs, targets,
+                               {relative[name]: report.tensors[name] for name in names if report.tensors[name] is not None},
+                               report.tune)
+    for name in names:
+        if relative[name] in tuned:
+            tensor = tuned[relative[name]]
+            report.tensors[name] = QuantizedTensor(tensor.format, tensor.shape, tensor.codes, tensor.params)  # no source
+    report.tuning.append(record)
+
+
+def block_record(prefix: str, block: nn.Module, report: QuantizationReport, before: tuple[int, int, int, int]):
     """What a finished block (qualified name `prefix`) added to the report since `before` (lengths of its layers,
-    scaled groups and rounded layers), and its tensors: each layer as stored (codes and parameters, or the 16-bit
-    weight) under "codes/NAME/", the rest of the block (norms, biases; scaling changes the norms) under "float/"."""
+    scaled groups, rounded layers and tuning records), and its tensors: each layer as stored (codes and parameters,
+    or the 16-bit weight) under "codes/NAME/", the rest of the block (norms, biases; scaling changes the norms) under
+    "float/"."""
     layers = report.layers[before[0]:]
     record = {"layers": [asdict(layer) for layer in layers], "scaled": [asdict(g) for g in report.scaled[before[1]:]],
-              "rounded": report.rounded_for_lack_of_tokens[before[2]:]}
+              "rounded": report.rounded_for_lack_of_tokens[before[2]:],
+              "tuning": [t.as_dict() for t in report.tuning[before[3]:]]}
     replaced = {layer.name[len(prefix) + 1:] + ".weight" for layer in layers}
     modules = dict(block.named_modules())
     tensors = {f"float/{key}": value for key, value in block.state_dict().items() if key not in replaced}
@@ -377,6 +412,7 @@ def restore_block(prefix: str, block: nn.Module, record: dict, tensors: dict[str
                 return False
         scaled = [ScaledGroup(**group) for group in record["scaled"]]
         rounded = list(record["rounded"])
+        tuning = [TuneRecord(**entry) for entry in record.get("tuning", [])]
     except (KeyError, TypeError, ValueError, MixbitsError):
         return False
     with torch.no_grad():
@@ -388,17 +424,21 @@ def restore_block(prefix: str, block: nn.Module, record: dict, tensors: dict[str
     report.tensors.update(codes)
     report.scaled += scaled
     report.rounded_for_lack_of_tokens += rounded
+    report.tuning += tuning
     return True
 
 
-def _solve(names: list[str], linears: list[nn.Linear], hessian: torch.Tensor | None, choices, report: QuantizationReport) -> None:
-    """Quantize Linears that read one input (so share `hessian`), those with the same option in one call."""
+def _solve(names: list[str], linears: list[nn.Linear], stats: InputStats | None, choices, report: QuantizationReport,
+           keep_source: bool = False) -> None:
+    """Quantize Linears that read one input (so share its `stats`; None: data-free), those with the same option in one
+    call (with `keep_source`, each result keeps the values it was rounded from, for tuning)."""
     alike: dict[tuple[str, str], list[int]] = {}
     for index, name in enumerate(names):
         alike.setdefault(choices[name], []).append(index)
     for (option, solver), indices in alike.items():
         fmt = None if option == KEEP else parse_format(option)
-        quantized = solve_many([linears[i].weight for i in indices], fmt, solver, hessian, report.clip_search, report.gptq)
+        quantized = solve_many([linears[i].weight for i in indices], fmt, solver, None if stats is None else stats.hessian,
+                               report.clip_search, report.gptq, None if stats is None else stats.cross, keep_source)
         for i, tensor in zip(indices, quantized):
             weight = linears[i].weight
             weight.copy_(approximation(weight, tensor).to(weight.dtype))

@@ -118,7 +118,7 @@ class Sensitivity:
             raise SensitivityError(f"the sensitivity file was measured on {c.get('count')} x {c.get('length')} tokens "
                                    f"of {c.get('text')}, not {calibration[1]} x {calibration[2]} of {calibration[0]}; "
                                    "measure again")
-        if gptq is not None and c.get("gptq") != gptq.as_dict():
+        if gptq is not None and c.get("gptq") != gptq.measurement_key():
             raise SensitivityError(f"the sensitivity file was measured with GPTQ settings {c.get('gptq')}; pass the "
                                    "same --damp/--shrink or measure again")
         if clip_search is not None and c.get("clip_search") != clip_search:

@@ -22,6 +22,7 @@ which the adapters reshape after loading, do not yet.
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from collections import defaultdict
@@ -32,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import defaults
-from .calibrate import BlockCalibration, _StopBlock, calibration_data, forward_windows
+from .calibrate import BlockCalibration, _StopBlock, calibration_data, forward_windows, run_block
 from .errors import MixbitsError, ModelLoadError, first_line
 from .formats import parse_format
 from .hashing import sha256_files, sha256_tensor
@@ -205,18 +206,24 @@ def quantize_streamed(
                                "solver": solver, "windows": sha256_tensor(windows), "clip_search": clip_search,
                                "gptq": gptq.as_dict()})
     inputs, calls = _block_calls(model, windows)
+    floats = inputs  # the float model's block inputs (GPTAQ)
     choices = defaultdict(lambda: (option, solver))  # every layer alike
     for index, block in enumerate(tqdm(blocks, desc="stream blocks", disable=not progress, leave=False)):
         name, step = f"{prefix}.{index}", f"block-{index:04d}"
         names = [n for n in shapes if n.startswith(name + ".")]
         _materialize(model, names, files, shapes)
-        calibration_block = BlockCalibration(block, name, inputs, calls[index])
+        original = copy.deepcopy(block) if solver == "gptaq" else None  # the float block, for GPTAQ's cross terms
+        calibration_block = BlockCalibration(block, name, inputs, calls[index],
+                                             None if original is None else (original, floats))
         kept = state.load(step)
         if kept is None or not restore_block(name, block, *kept, report):
-            before = (len(report.layers), len(report.scaled), len(report.rounded_for_lack_of_tokens))
+            before = (len(report.layers), len(report.scaled), len(report.rounded_for_lack_of_tokens), len(report.tuning))
             _quantize_block(index, calibration_block, choices, report, None, None, None)
             state.save(step, *block_record(name, block, report, before))
         inputs = calibration_block.outputs()
+        if original is not None:
+            floats = run_block(original, floats, calls[index])
+            del original
         for layer in report.layers:  # the codes wait on disk; the next block needs only its inputs
             report.tensors.pop(layer.name, None)
         _release(model, names)

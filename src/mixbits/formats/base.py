@@ -14,7 +14,7 @@ every stored parameter (scales, zero points, tables, second-level scales).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -35,6 +35,9 @@ class QuantizedTensor:
     shape: tuple[int, int]
     codes: torch.Tensor
     params: dict[str, torch.Tensor]
+    # The values the solver rounded to `codes` (GPTQ: its error-updated weights), grouped like them; kept only when
+    # asked for (block-wise tuning moves them across rounding boundaries), never stored.
+    source: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def dequantize(self) -> torch.Tensor:
         return ungroup(self.format.decode(self.codes, self.params), self.shape)
@@ -42,9 +45,10 @@ class QuantizedTensor:
     def split_rows(self, sizes: list[int]) -> list["QuantizedTensor"]:
         """Consecutive row blocks of `sizes` rows as tensors of their own (formats with per-row parameters)."""
         cols = self.shape[1]
-        pieces = zip(self.codes.split(sizes), *(value.split(sizes) for value in self.params.values()))
-        return [QuantizedTensor(self.format, (codes.shape[0], cols), codes, dict(zip(self.params, values)))
-                for codes, *values in pieces]
+        sources = self.source.split(sizes) if self.source is not None else [None] * len(sizes)
+        pieces = zip(self.codes.split(sizes), sources, *(value.split(sizes) for value in self.params.values()))
+        return [QuantizedTensor(self.format, (codes.shape[0], cols), codes, dict(zip(self.params, values)), source)
+                for codes, source, *values in pieces]
 
 
 class Format(ABC):

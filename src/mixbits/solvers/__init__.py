@@ -3,23 +3,33 @@
 import torch
 
 from ..formats import Format, QuantizedTensor
-from .gptq import GptqSettings, gptq, gptq_options
+from ..formats.granularity import to_groups
+from .gptq import GptqSettings, asymmetric_target, gptq, gptq_options
 from .rtn import round_to_nearest
 
 
 def solve(matrix: torch.Tensor, fmt: Format | None, solver: str, hessian: torch.Tensor | None = None,
-          clip_search: bool = True, settings: GptqSettings = GptqSettings()) -> QuantizedTensor | None:
-    """`matrix` quantized to `fmt` by `solver` ("rtn" or "gptq"); None when `fmt` is None (kept in 16 bits).
+          clip_search: bool = True, settings: GptqSettings = GptqSettings(),
+          cross: torch.Tensor | None = None, keep_source: bool = False) -> QuantizedTensor | None:
+    """`matrix` quantized to `fmt` by `solver` ("rtn", "gptq" or "gptaq"); None when `fmt` is None (kept in 16 bits).
 
-    With a `hessian`, RTN's clip search minimises the output error; GPTQ needs one.
+    With a `hessian`, RTN's clip search minimises the output error; GPTQ needs one. GPTAQ is GPTQ from
+    `asymmetric_target` given the input's `cross` term (`calibrate.InputStats.cross`); without one (inputs as the
+    float model's, or an expert's routed tokens, which do not pair up with the float model's) it is GPTQ.
+    With `keep_source`, the result holds the values its codes were rounded from (`QuantizedTensor.source`).
     """
     if fmt is None:
         return None
-    if solver == "gptq":
+    if solver in ("gptq", "gptaq"):
         if hessian is None:
-            raise ValueError("gptq needs the input Hessian of the layer")
-        return gptq(matrix, hessian, fmt, clip_search=clip_search, settings=settings)
-    return round_to_nearest(matrix, fmt, clip_search, hessian=hessian)
+            raise ValueError(f"{solver} needs the input Hessian of the layer")
+        if solver == "gptaq" and cross is not None:
+            matrix = asymmetric_target(matrix, hessian, cross, settings)
+        return gptq(matrix, hessian, fmt, clip_search=clip_search, settings=settings, keep_source=keep_source)
+    rounded = round_to_nearest(matrix, fmt, clip_search, hessian=hessian)
+    if keep_source:
+        rounded.source = to_groups(matrix.detach().float(), fmt.granularity).values
+    return rounded
 
 
 def approximation(matrix: torch.Tensor, quantized: QuantizedTensor | None) -> torch.Tensor:
@@ -39,11 +49,13 @@ def stackable(fmt: Format | None) -> bool:
 
 
 def solve_many(matrices: list[torch.Tensor], fmt: Format | None, solver: str, hessian: torch.Tensor | None = None,
-               clip_search: bool = True, settings: GptqSettings = GptqSettings()) -> list[QuantizedTensor | None]:
+               clip_search: bool = True, settings: GptqSettings = GptqSettings(),
+               cross: torch.Tensor | None = None, keep_source: bool = False) -> list[QuantizedTensor | None]:
     """`solve` for matrices that share one input (and so one Hessian): stacked into one call where possible."""
     if len(matrices) == 1 or not stackable(fmt):
-        return [solve(m, fmt, solver, hessian, clip_search, settings) for m in matrices]
-    stacked = solve(torch.cat([m.detach() for m in matrices]), fmt, solver, hessian, clip_search, settings)
+        return [solve(m, fmt, solver, hessian, clip_search, settings, cross, keep_source) for m in matrices]
+    stacked = solve(torch.cat([m.detach() for m in matrices]), fmt, solver, hessian, clip_search, settings, cross,
+                    keep_source)
     if stacked is None:
         return [None] * len(matrices)
     return stacked.split_rows([m.shape[0] for m in matrices])
@@ -57,8 +69,9 @@ def solve_options(matrices: list[torch.Tensor], formats: list[Format | None], so
                   hessian: torch.Tensor | None = None, clip_search: bool = True,
                   settings: GptqSettings = GptqSettings()) -> list[list[QuantizedTensor | None]]:
     """`solve_many` under each of `formats`: with GPTQ, the formats whose rows stack are solved in one pass
-    (`gptq_options`), which shares the Hessian's factorisation and each column's error feedback among them."""
-    batched = [k for k, fmt in enumerate(formats) if solver == "gptq" and fmt is not None and stackable(fmt)]
+    (`gptq_options`), which shares the Hessian's factorisation and each column's error feedback among them. Without
+    a cross term (the measurement's inputs are the float model's), GPTAQ is GPTQ."""
+    batched = [k for k, fmt in enumerate(formats) if solver in ("gptq", "gptaq") and fmt is not None and stackable(fmt)]
     results: list[list[QuantizedTensor | None] | None] = [None] * len(formats)
     if len(batched) > 1:
         if hessian is None:
@@ -74,4 +87,4 @@ def solve_options(matrices: list[torch.Tensor], formats: list[Format | None], so
             for found, fmt in zip(results, formats)]
 
 
-__all__ = ["GptqSettings", "approximation", "gptq", "gptq_options", "round_to_nearest", "solve", "solve_many", "solve_options", "stackable"]
+__all__ = ["GptqSettings", "approximation", "asymmetric_target", "gptq", "gptq_options", "round_to_nearest", "solve", "solve_many", "solve_options", "stackable"]

@@ -26,6 +26,14 @@ is one update over all of them. The weights are held transposed, so a column
 of every copy is one contiguous row. Asymmetric integer options of one group
 size reach each group's first column together and fit it in one clip search
 (`rtn.fit_affine_group`).
+
+GPTAQ ("asymmetric calibration", Li et al., 2025) fits a layer to the float
+model's output rather than to its own: with X its input in the partly
+quantized model and X_f the float model's, the objective is
+||X Q^T - X_f W^T||^2. As X_f^T X = H + C with C = (X_f - X)^T X, this is
+GPTQ's objective ||X (Q - W*)^T||^2 plus a constant, for the least-squares
+target W* = W + W C H^-1; `asymmetric_target` moves W a fraction
+(`asymmetry`, the paper's alpha) of the way there, and GPTQ rounds from it.
 """
 
 from __future__ import annotations
@@ -56,17 +64,26 @@ class GptqSettings:
         solver sees only per-input importances (no cross-input correction),
         as llama.cpp's importance matrix does.
     act_order: visit columns by decreasing H_jj.
+    asymmetry: GPTAQ's step toward the float model's output, from 0 (GPTQ) to 1
+        (the whole least-squares target); only the gptaq solver reads it.
     """
 
     damp: float = defaults.GPTQ_DAMP
     shrink: float = defaults.GPTQ_SHRINK
     act_order: bool = True
+    asymmetry: float = defaults.GPTAQ_ASYMMETRY
 
     def __post_init__(self):
-        if not (self.damp >= 0 and 0 <= self.shrink <= 1):
-            raise ValueError(f"GPTQ needs damp >= 0 and 0 <= shrink <= 1, got {self.damp}, {self.shrink}")
+        if not (self.damp >= 0 and 0 <= self.shrink <= 1 and 0 <= self.asymmetry <= 1):
+            raise ValueError(f"GPTQ needs damp >= 0 and 0 <= shrink, asymmetry <= 1, got {self.damp}, {self.shrink}, "
+                             f"{self.asymmetry}")
 
     def as_dict(self) -> dict:
+        return {**self.measurement_key(), "asymmetry": self.asymmetry}
+
+    def measurement_key(self) -> dict:
+        """The settings a sensitivity measurement depends on: it solves each layer on the float model's inputs,
+        where GPTAQ is GPTQ, so not `asymmetry`."""
         return {"damp": self.damp, "shrink": self.shrink, "act_order": self.act_order}
 
 
@@ -78,9 +95,11 @@ def gptq(
     clip_search: bool = True,
     block_size: int = 128,
     settings: GptqSettings = GptqSettings(),
+    keep_source: bool = False,
 ) -> QuantizedTensor:
     """Quantize a [rows, cols] matrix whose input has Hessian `hessian` [cols, cols]."""
-    return gptq_options(matrix, hessian, [fmt], clip_search=clip_search, block_size=block_size, settings=settings)[0]
+    return gptq_options(matrix, hessian, [fmt], clip_search=clip_search, block_size=block_size, settings=settings,
+                        keep_source=keep_source)[0]
 
 
 class _Option:
@@ -131,6 +150,7 @@ def gptq_options(
     clip_search: bool = True,
     block_size: int = 128,
     settings: GptqSettings = GptqSettings(),
+    keep_source: bool = False,
 ) -> list[QuantizedTensor]:
     """`gptq` of one matrix under each of `formats`, in one pass.
 
@@ -139,6 +159,7 @@ def gptq_options(
     are stacked, so each column's error feedback is one update over all of
     them; integer options are rounded together (`affine`). Rows do not
     interact, so each result is the one `gptq` gives for its format alone.
+    With `keep_source`, each result holds the error-updated weights it rounded.
     """
     source = matrix.detach().float().clone()
     rows, cols = source.shape
@@ -175,6 +196,7 @@ def gptq_options(
     weight = source.T[order].repeat(1, len(options))
     inverse = upper_inverse_cholesky(hessian[order[:, None], order[None, :]], settings.damp).float()
     rounded = torch.zeros_like(weight)
+    updated = torch.zeros_like(weight) if keep_source else None  # each column as it was when rounded
     visit = order.tolist()
 
     # The integer options' parameters per (option, group, row), filled as groups are fitted, and each
@@ -215,6 +237,8 @@ def gptq_options(
                         options[n].group_params[group] = params
                         record(n, group, params)
             values, approx = block[i], rounded[start + i]
+            if updated is not None:
+                updated[start + i] = values
             if integer:
                 groups = column_groups[start + i]
                 scale, zero = scales[which, groups], zeros[which, groups]
@@ -231,11 +255,15 @@ def gptq_options(
 
     results: list[QuantizedTensor | None] = [None] * len(formats)
     rounded = rounded[position]  # back in the columns' own order
+    if updated is not None:
+        updated = updated[position]
     for k, option in zip(ranked, options):
         grouped = to_groups(rounded[:, option.rows].T, option.fmt.granularity)
         params = option.params()
+        source = None if updated is None else to_groups(updated[:, option.rows].T, option.fmt.granularity).values
         # The pinned format carries the second-level scale every group was rounded under, which storage needs.
-        results[k] = QuantizedTensor(option.group_fmt, (rows, cols), option.fmt.encode(grouped.values, params), params)
+        results[k] = QuantizedTensor(option.group_fmt, (rows, cols), option.fmt.encode(grouped.values, params), params,
+                                     source)
     return results
 
 
@@ -263,18 +291,36 @@ def _fit_group(cohort: list[_Option], group: int, weight, block, errors, inverse
     return [fit_params(grouped, first.group_fmt.for_group(group), weights, clip_search, error)]
 
 
+def asymmetric_target(matrix: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
+                      settings: GptqSettings = GptqSettings()) -> torch.Tensor:
+    """The weights GPTAQ rounds from: W + asymmetry * W C (H + damp * mean(diag H) * I)^-1, for input Hessian H and
+    cross term C = (X_f - X)^T X / tokens (`calibrate.InputStats.cross`), in float32."""
+    weight = matrix.detach().double()
+    factor = _damped_factor(hessian.detach().double(), settings.damp, inverse=False)
+    shift = torch.cholesky_solve((weight @ cross.double()).T, factor).T  # (W C) H^-1 = (H^-1 C^T W^T)^T, H symmetric
+    return weight.add_(shift, alpha=settings.asymmetry).float()
+
+
 def upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising the damping until H factors."""
+    return _damped_factor(hessian, damp, inverse=True)
+
+
+def _damped_factor(hessian: torch.Tensor, damp: float, inverse: bool) -> torch.Tensor:
+    """Lower Cholesky factor of H + damp * mean(diag H) * I, or with `inverse` the upper one of its inverse, raising
+    the damping tenfold (with a warning) until it factors."""
     mean_diagonal = hessian.diagonal().mean()
     for _ in range(MAX_DAMPING_TRIES):
         damped = hessian.clone()
         damped.diagonal().add_(damp * mean_diagonal)
         factor, info = torch.linalg.cholesky_ex(damped)
         del damped
+        if info == 0 and not inverse:
+            return factor
         if info == 0:
-            inverse = torch.cholesky_inverse(factor)
+            inverted = torch.cholesky_inverse(factor)
             del factor
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            upper, info = torch.linalg.cholesky_ex(inverted, upper=True)
             if info == 0:
                 return upper
         log.warning("Hessian is not positive definite at damping %g; retrying with %g", damp, damp * 10)

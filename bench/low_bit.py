@@ -1,0 +1,136 @@
+"""Below 3 bits: the solvers and formats of issue 17 against GPTQ, uniform and allocated, on every domain.
+
+Each row quantizes the default model one way and evaluates it on the
+evaluation domains of `mixbits.corpus` (pydoc, whose first half is in the
+calibration mix, and austen and kjv, kinds of text no calibration here
+holds). Targets: a uniform format (every block Linear alike), or a plan
+allocated by measured KL from the full sensitivity table
+(bench/results/mixed/sensitivity.json) to a budget in bpw; a method's plan
+is that same allocation with the method's solver on every calibrated layer,
+so rows of one budget differ only by the method. Methods:
+
+- gptq: block-sequential GPTQ (default settings: damping 0.01, Hessian shrink 0.25);
+- gptaq a=A: GPTAQ, each layer fitted to the float model's output from the
+  partly quantized model's input (`solvers.gptq.asymmetric_target`), a step
+  A toward the least-squares target;
+- +tune: then block-wise tuning of rounding offsets and scales to the float
+  block's output (`solvers.tuning`, default settings: 100 signed-gradient
+  steps of 4 windows per block).
+
+Resumable: finished rows in bench/results/low_bit.json are kept.
+
+    python bench/low_bit.py [--only int3] [--method gptq --method 'gptaq a=0.25']
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import time
+
+from mixbits import defaults
+from mixbits.allocate import Budget
+from mixbits.eval import evaluate_domains
+from mixbits.mixes import allocated_plan
+from mixbits.plan import KEEP, Plan
+from mixbits.quantize import quantize
+from mixbits.report import format_table
+from mixbits.sensitivity import Sensitivity
+from mixbits.solvers import GptqSettings
+from mixbits.solvers.tuning import TuneSettings
+
+from common import (RESULTS, calibrated_protocol, domain_cells, earlier_results, fp32_references, rewrite_report,
+                    write_results)
+
+NAME = "low_bit"
+TARGETS = ["int2:g64:asym", "plan 2.0", "plan 2.5", "int3:g64:asym", "plan 3.0", "plan 3.5"]
+METHODS = {  # label -> (solver, GPTQ settings, block-wise tuning)
+    "gptq": ("gptq", GptqSettings(), None),
+    "gptaq a=0.25": ("gptaq", GptqSettings(asymmetry=0.25), None),
+    "gptaq a=1": ("gptaq", GptqSettings(asymmetry=1.0), None),
+    "gptq+tune": ("gptq", GptqSettings(), TuneSettings()),
+    "gptaq a=0.25+tune": ("gptaq", GptqSettings(asymmetry=0.25), TuneSettings()),
+}
+
+
+def plan_with_solver(plan: Plan, solver: str) -> Plan:
+    """`plan` with `solver` on every layer its allocation solves by GPTQ."""
+    layers = [dataclasses.replace(layer, solver=solver) if layer.option != KEEP and layer.solver == "gptq" else layer
+              for layer in plan.layers]
+    return Plan(layers, plan.model, plan.budget, plan.damage)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", default=[], help="run only targets containing this text, in this order (repeatable)")
+    parser.add_argument("--method", action="append", default=[], help="run only this method (repeatable)")
+    parser.add_argument("--report", action="store_true", help="only rewrite the Markdown from the committed JSON")
+    args = parser.parse_args()
+    if args.report:
+        rewrite_report(NAME, _markdown)
+        return
+
+    sensitivity = Sensitivity.load(RESULTS / "mixed" / "sensitivity.json")
+    loaded, domains, record, windows = calibrated_protocol()
+    record["results"] = earlier_results(NAME, record, ("domains", "model", "calibration"))
+    done = {(r["target"], r["method"]) for r in record["results"]}
+    references = fp32_references(loaded, domains, record)
+
+    chosen = [t for text in args.only for t in TARGETS if text in t] if args.only else TARGETS
+    for target in dict.fromkeys(chosen):  # in the order --only names them
+        for label, (solver, settings, tune) in METHODS.items():
+            if (target, label) in done or (args.method and label not in args.method):
+                continue
+            model = copy.deepcopy(loaded.model)
+            started = time.perf_counter()
+            if target.startswith("plan "):
+                plan = plan_with_solver(allocated_plan(sensitivity, Budget(float(target.split()[1])), "kl"), solver)
+                report = quantize(model, plan=plan, calibration=windows, gptq=settings, tune=tune, progress=False)
+            else:
+                report = quantize(model, target, solver=solver, calibration=windows, gptq=settings, tune=tune,
+                                  progress=False)
+            seconds = time.perf_counter() - started
+            result = evaluate_domains(model, domains, references, progress=False)
+            row = {"target": target, "method": label, "bits_per_weight": report.bits_per_weight,
+                   "quantize_seconds": seconds, "quantization": {"solver": report.solver, "gptq": report.gptq.as_dict(),
+                                                                 "tuning": report.as_dict()["tuning"]},
+                   **result.as_dict()}
+            record["results"].append(row)
+            write_results(NAME, record, _markdown(record))
+            deltas = ", ".join(f"{d['name']} {d['delta_perplexity']:+.1%}" for d in row["domains"])
+            print(f"{target:14} {label:14} {report.bits_per_weight:.3f} bpw  {deltas} ({seconds:.0f} s)", flush=True)
+            del model, report
+            gc.collect()
+
+
+def _markdown(record: dict) -> str:
+    names = [d["name"] for d in record["domains"]]
+    seen = {d["name"] for d in record["domains"] if d["in_calibration_mix"]}
+    headers = ["target", "method", "bpw"] + [f"Δ ppl {n}" + (" (in mix)" if n in seen else "") for n in names] + [
+        "mean Δ, unseen kinds", "mean KL", "quantize s"]
+    rows = []
+    for r in sorted(record["results"], key=lambda r: (TARGETS.index(r["target"]), list(METHODS).index(r["method"]))):
+        rows.append([r["target"], r["method"], f"{r['bits_per_weight']:.3f}", *domain_cells(r, names),
+                     f"{sum(d['kl'] for d in r['domains']) / len(r['domains']):.3f}", round(r["quantize_seconds"])])
+    fp32 = ", ".join(f"{n} {p:.3f}" for n, p in record["fp32_perplexity"].items())
+    return "\n".join([
+        "# Below 3 bits: methods against GPTQ, uniform and allocated",
+        "",
+        f"`python bench/low_bit.py` (resumable: rows accumulate over runs; the last run was `{record['command']}`, "
+        f"{time.strftime('%Y-%m-%d')}). {record['model']['name']}; calibration: the default mix, "
+        f"{defaults.CALIBRATION_WINDOWS} x {defaults.CALIBRATION_LEN} tokens. fp32 perplexity: {fp32}; each domain "
+        f"{defaults.EVAL_WINDOWS} windows of {defaults.WINDOW_LEN} tokens from its middle; austen and kjv are kinds of "
+        "text no calibration here holds. 'plan B': the allocation by measured KL to B bpw from "
+        "bench/results/mixed/sensitivity.json, the same for every method. gptaq a=A: GPTAQ with a step A toward "
+        "the float model's least-squares target; +tune: then block-wise tuning of rounding offsets and scales to the "
+        "float block's output (100 signed-gradient steps of 4 windows per block). Quantize seconds on this machine, "
+        "one process, one row at a time.",
+        "",
+        format_table(headers, rows),
+    ])
+
+
+if __name__ == "__main__":
+    main()
