@@ -196,6 +196,7 @@ class BlockCalibration:
                  reference: tuple[nn.Module, torch.Tensor] | None = None):
         self.block, self.prefix, self.inputs, self.kwargs = block, prefix, inputs, kwargs  # kwargs: this block's call
         self.reference = reference
+        self._reference_outputs: torch.Tensor | None = None
 
     def stages(self) -> list[Stage]:
         """Linears grouped by the input tensor they read, in forward order (from one window)."""
@@ -299,6 +300,14 @@ class BlockCalibration:
     def outputs(self) -> torch.Tensor:
         return run_block(self.block, self.inputs, self.kwargs)
 
+    def reference_outputs(self) -> torch.Tensor:
+        """The float block's outputs on the float inputs (the next block's reference inputs, and tuning's targets),
+        computed once: the float copy never changes."""
+        if self._reference_outputs is None:
+            block, inputs = self.reference
+            self._reference_outputs = run_block(block, inputs, self.kwargs)
+        return self._reference_outputs
+
 
 class SequentialCalibration:
     """Calibration of each block in order, as an iterable of `BlockCalibration`.
@@ -327,7 +336,7 @@ class SequentialCalibration:
             yield calibration
             inputs = calibration.outputs()
             if original is not None:
-                floats = run_block(original, floats, calls[index])
+                floats = calibration.reference_outputs()
         self.outputs, self.reference_outputs = inputs, floats
 
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from . import defaults
 from .activations import StaticIntFormat, activation_name, parse_activation
-from .calibrate import InputStats, SequentialCalibration, calibration_data, input_stats, run_block
+from .calibrate import InputStats, SequentialCalibration, calibration_data, input_stats
 from .errors import MixbitsError
 from .formats import Format, QuantizedTensor, parse_format
 from .formats.storage import restore
@@ -355,8 +355,7 @@ def _quantize_block(index: int, block, choices, report: QuantizationReport, deco
 
 def _tune(block, names: list[str], report: QuantizationReport) -> None:
     """Block-wise tuning of the block's quantized Linears to the float block's output on the float inputs."""
-    original, floats = block.reference
-    targets = run_block(original, floats, block.kwargs)
+    targets = block.reference_outputs()
     relative = {name: name[len(block.prefix) + 1:] for name in names}
     tuned, record = tune_block(block.block, block.kwargs, block.inputs, targets,
                                {relative[name]: report.tensors[name] for name in names if report.tensors[name] is not None},

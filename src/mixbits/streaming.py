@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import defaults
-from .calibrate import BlockCalibration, _StopBlock, calibration_data, forward_windows, run_block
+from .calibrate import BlockCalibration, _StopBlock, calibration_data, forward_windows
 from .errors import MixbitsError, ModelLoadError, first_line
 from .formats import parse_format
 from .hashing import sha256_files, sha256_tensor
@@ -222,7 +222,7 @@ def quantize_streamed(
             state.save(step, *block_record(name, block, report, before))
         inputs = calibration_block.outputs()
         if original is not None:
-            floats = run_block(original, floats, calls[index])
+            floats = calibration_block.reference_outputs()
             del original
         for layer in report.layers:  # the codes wait on disk; the next block needs only its inputs
             report.tensors.pop(layer.name, None)
