@@ -3,23 +3,35 @@
 Each row quantizes the default model one way and evaluates it on the
 evaluation domains of `mixbits.corpus` (pydoc, whose first half is in the
 calibration mix, and austen and kjv, kinds of text no calibration here
-holds). Targets: a uniform format (every block Linear alike), or a plan
+holds). Targets: a uniform format (every block Linear alike: integer grids,
+or vector codebooks vqDxI:ch of D weights per I-bit index with a scale per
+row), or a plan
 allocated by measured KL from the full sensitivity table
 (bench/results/mixed/sensitivity.json) to a budget in bpw; a method's plan
 is that same allocation with the method's solver on every calibrated layer,
-so rows of one budget differ only by the method. Methods:
+so rows of one budget differ only by the method. 'plan B +vq' allocates
+from that table extended by the vector codebooks of VECTOR_OPTIONS
+(bench/results/low_bit/sensitivity.json, measured by `mixbits plan` as the
+docstring's last command says), so plans mix them with the integer options
+per layer. Methods:
 
 - gptq: block-sequential GPTQ (default settings: damping 0.01, Hessian shrink 0.25);
 - gptaq a=A: GPTAQ, each layer fitted to the float model's output from the
   partly quantized model's input (`solvers.gptq.asymmetric_target`), a step
   A toward the least-squares target;
-- +tune: then block-wise tuning of rounding offsets and scales to the float
-  block's output (`solvers.tuning`, default settings: 100 signed-gradient
-  steps of 4 windows per block).
+- +tune: then block-wise tuning of rounding offsets (for vector codebooks,
+  the codebooks) and scales to the float block's output (`solvers.tuning`,
+  default settings: 100 signed-gradient steps of 4 windows per block).
 
 Resumable: finished rows in bench/results/low_bit.json are kept.
 
     python bench/low_bit.py [--only int3] [--method gptq --method 'gptaq a=0.25']
+
+The '+vq' sensitivity table (the mixed table's options and VECTOR_OPTIONS; only the latter are measured):
+
+    mkdir -p bench/results/low_bit && cp bench/results/mixed/sensitivity.json bench/results/low_bit/
+    mixbits plan --bpw 2.5 --sensitivity bench/results/low_bit/sensitivity.json --out /tmp/plan.json \
+        --options OPTIONS_OF_THE_MIXED_TABLE,vq2x4:ch,vq2x5:ch,vq2x6:ch,vq4x8:ch
 """
 
 from __future__ import annotations
@@ -45,7 +57,10 @@ from common import (RESULTS, calibrated_protocol, domain_cells, earlier_results,
                     write_results)
 
 NAME = "low_bit"
-TARGETS = ["int2:g64:asym", "plan 2.0", "plan 2.5", "int3:g64:asym", "plan 3.0", "plan 3.5"]
+TARGETS = ["int2:g64:asym", "vq2x4:ch", "vq4x8:ch", "plan 2.0", "plan 2.0 +vq", "vq2x5:ch", "plan 2.5", "plan 2.5 +vq",
+           "vq2x6:ch", "int3:g64:asym", "plan 3.0", "plan 3.0 +vq", "plan 3.5"]
+VECTOR_OPTIONS = ["vq2x4:ch", "vq2x5:ch", "vq2x6:ch", "vq4x8:ch"]  # what the '+vq' plans add to the menu
+VECTOR_SENSITIVITY = RESULTS / "low_bit" / "sensitivity.json"
 METHODS = {  # label -> (solver, GPTQ settings, block-wise tuning)
     "gptq": ("gptq", GptqSettings(), None),
     "gptaq a=0.25": ("gptaq", GptqSettings(asymmetry=0.25), None),
@@ -73,6 +88,7 @@ def main() -> None:
         return
 
     sensitivity = Sensitivity.load(RESULTS / "mixed" / "sensitivity.json")
+    vector_sensitivity = Sensitivity.load(VECTOR_SENSITIVITY) if VECTOR_SENSITIVITY.exists() else None
     loaded, domains, record, windows = calibrated_protocol()
     record["results"] = earlier_results(NAME, record, ("domains", "model", "calibration"))
     done = {(r["target"], r["method"]) for r in record["results"]}
@@ -86,7 +102,10 @@ def main() -> None:
             model = copy.deepcopy(loaded.model)
             started = time.perf_counter()
             if target.startswith("plan "):
-                plan = plan_with_solver(allocated_plan(sensitivity, Budget(float(target.split()[1])), "kl"), solver)
+                table = vector_sensitivity if target.endswith("+vq") else sensitivity
+                if table is None:
+                    raise SystemExit(f"{target} needs {VECTOR_SENSITIVITY}; measure it as this script's docstring says")
+                plan = plan_with_solver(allocated_plan(table, Budget(float(target.split()[1])), "kl"), solver)
                 report = quantize(model, plan=plan, calibration=windows, gptq=settings, tune=tune, progress=False)
             else:
                 report = quantize(model, target, solver=solver, calibration=windows, gptq=settings, tune=tune,
@@ -123,10 +142,13 @@ def _markdown(record: dict) -> str:
         f"{defaults.CALIBRATION_WINDOWS} x {defaults.CALIBRATION_LEN} tokens. fp32 perplexity: {fp32}; each domain "
         f"{defaults.EVAL_WINDOWS} windows of {defaults.WINDOW_LEN} tokens from its middle; austen and kjv are kinds of "
         "text no calibration here holds. 'plan B': the allocation by measured KL to B bpw from "
-        "bench/results/mixed/sensitivity.json, the same for every method. gptaq a=A: GPTAQ with a step A toward "
-        "the float model's least-squares target; +tune: then block-wise tuning of rounding offsets and scales to the "
-        "float block's output (100 signed-gradient steps of 4 windows per block). Quantize seconds on this machine, "
-        "one process, one row at a time.",
+        "bench/results/mixed/sensitivity.json, the same for every method; 'plan B +vq': the same from that table and "
+        f"the vector codebooks {', '.join(VECTOR_OPTIONS)} (bench/results/low_bit/sensitivity.json). vqDxI:ch: D "
+        "weights per I-bit index into a codebook learned per matrix, a scale per row. gptaq a=A: GPTAQ with a step A "
+        "toward "
+        "the float model's least-squares target; +tune: then block-wise tuning of rounding offsets (codebooks, for "
+        "vector formats) and scales to the float block's output (100 signed-gradient steps of 4 windows per block). "
+        "Quantize seconds on this machine, one process, one row at a time.",
         "",
         format_table(headers, rows),
     ])

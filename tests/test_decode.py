@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mixbits.formats import parse_format
-from mixbits.runtime import IntLinear, quantized_linear
+from mixbits.runtime import IntLinear, VectorLinear, quantized_linear
 from mixbits.runtime.decode import Decoder, DecodeUnsupported, Stacked
 from mixbits.runtime.kernels import native
 from mixbits.solvers import round_to_nearest
@@ -122,6 +122,14 @@ def test_quantized_inputs_decode_as_the_model_computes(fmt):
     qkv = Decoder(model).blocks[0].qkv
     # stacked (one input quantization for q, k and v) unless the format cannot stack
     assert isinstance(qkv, Stacked) if fmt == "mxfp4" else str(qkv.activation) == "int8:g32:sym:scale=fp32"
+
+
+@needs_native
+def test_vector_codebooks_decode_from_their_tables():
+    model = quantize_linears(tiny("llama"), "vq2x6:g32")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, VectorLinear)
+    check_against_transformers(model)
+    assert isinstance(Decoder(model).blocks[0].qkv, Stacked)  # a codebook per matrix: side by side, not stacked
 
 
 def test_formats_without_a_kernel_run_side_by_side():

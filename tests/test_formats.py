@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mixbits.errors import FormatError
 from mixbits.formats import catalog, parse_format
 from mixbits.formats.elements import E2M1, E2M3, E3M2, E4M3, E5M2, minifloat
-from mixbits.formats.granularity import to_groups
+from mixbits.formats.granularity import to_groups, ungroup
 from mixbits.formats.lut import normal_float_levels
 from mixbits.formats.scales import scale_codec
 from mixbits.solvers import round_to_nearest
@@ -255,15 +255,21 @@ def test_nvfp4_and_nvint4_share_the_scaling_and_differ_in_elements():
 def test_quantize_is_an_idempotent_monotone_projection(name, data):
     fmt = parse_format(name)
     rows = data.draw(st.integers(1, 4))
-    cols = data.draw(st.integers(1, 40))
+    # Whole vectors: a vector that runs past the row's end is coded with the padding, which re-encoding the
+    # decoded row pads differently.
+    cols = data.draw(st.integers(1, 40 // fmt.vector_size)) * fmt.vector_size
     seed = data.draw(st.integers(0, 2**31 - 1))
     scale = data.draw(st.sampled_from([1e-3, 1.0, 30.0]))
     weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * scale
     q = round_to_nearest(weight, fmt)
     grouped = to_groups(q.dequantize(), fmt.granularity)
-    # Projection: re-encoding the dequantized values under the same parameters changes nothing.
-    again = fmt.decode(fmt.encode(grouped.values, q.params), q.params)
-    assert torch.equal(again, fmt.decode(q.codes, q.params))
+    # Projection: re-encoding the dequantized values under the same parameters changes nothing (not for residual
+    # codebooks, whose greedy stages may code a sum of codewords another way).
+    if getattr(fmt, "stages", 1) == 1:
+        again = fmt.decode(fmt.encode(grouped.values, q.params), q.params)
+        assert torch.equal(ungroup(again, q.shape), q.dequantize())
+    if fmt.vector_size > 1:
+        return
     # Monotone: under fixed parameters, larger inputs never decode to smaller values.
     sweep = torch.linspace(-3, 3, grouped.values.shape[-1]) * weight.abs().max()
     probe = sweep.expand_as(grouped.values).contiguous()

@@ -113,7 +113,12 @@ def pinned_choice(layers: list[str], pins: list[Pin]) -> Choice | None:
 
 def allowed(choice: Choice, shape: tuple[int, int], target: str | None) -> bool:
     """Whether a layer of `shape` can take `choice` and still be exported to `target` (None: anything goes)."""
-    if target is None or choice.option == KEEP:
+    if choice.option == KEEP:
+        return True
+    fmt = choice.format
+    if fmt.vector_size > 1 and fmt.granularity.kind == "channel" and shape[1] % fmt.vector_size:
+        return False  # rows that do not cut into whole vectors
+    if target is None:
         return True
     if target == "gguf":
         from .io.gguf import gguf_representable
@@ -148,6 +153,11 @@ def group_choices(layers: list[str], shapes: list[tuple[int, int]], menu: list[C
                 raise MenuError(f"{layers[0]} is pinned to {pinned}, which an embedding cannot look up row by row; "
                                 "pin a format with groups or per-channel scales, e.g. q8_0")
             pinned = embedding_choices([pinned])[0]
+    if pinned is not None and not all(allowed(pinned, shape, None) for shape in shapes):
+        size = pinned.format.vector_size
+        raise MenuError(f"{layers[0]} is pinned to {pinned}, which cannot cut its rows of {shapes[0][1]} weights into "
+                        f"vectors of {size}; pin it with groups instead, e.g. "
+                        f"{str(pinned.format).replace(':ch', f':g{8 * size}')}")
     if pinned is not None and not all(allowed(pinned, shape, target) for shape in shapes):
         raise MenuError(f"{layers[0]} is pinned to {pinned}, which a {target} file cannot hold; pin an option "
                         f"such as {TARGET_OPTIONS[target][0]}")

@@ -85,7 +85,7 @@ def heuristic_plan(sensitivity: Sensitivity, menu: list[Choice], budget: Budget,
     rungs: dict[int, Choice] = {}
     for choice in menu:
         if choice.option != KEEP:
-            width = choice.format.code_bits
+            width = choice.format.code_bits_per_weight
             if width not in rungs or size(choice) < size(rungs[width]):
                 rungs[width] = choice
     ladder = sorted(rungs.values(), key=size)

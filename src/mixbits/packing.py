@@ -1,4 +1,4 @@
-"""Bit packing of unsigned integer codes of 1 to 8 bits into bytes, and back.
+"""Bit packing of unsigned integer codes of 1 to 16 bits into bytes, and back.
 
 Stored checkpoints depend on this layout, so it is fixed:
 
@@ -17,7 +17,9 @@ Both directions are one regrouping: 8 codes of `width` bits and `width` bytes
 span the same 8 * width bits, so each group is gathered into one int64 word
 with shifts and split back out with shifts, for all groups at once. Groups are
 processed in chunks so that the int64 temporaries stay in cache and memory use
-stays near the size of the input and output.
+stays near the size of the input and output. Codes wider than a byte (the
+indices of vector codebooks) are split into their bits first, which is the
+same stream at width 1.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from .errors import FormatError
 
-MIN_WIDTH, MAX_WIDTH = 1, 8
+MIN_WIDTH, MAX_WIDTH = 1, 16
 # Groups per step: 131072 codes, int64 temporaries of 1 MiB that stay in cache.
 # Unchunked, the same code ran 4 to 8 times slower on 16M codes (one thread).
 CHUNK_GROUPS = 16384
@@ -45,11 +47,13 @@ def pack(codes: torch.Tensor, width: int) -> torch.Tensor:
     flat = _checked_codes(codes, width)
     if width == 8:
         return flat.to(torch.uint8, copy=True)  # a copy, never a view of the caller's codes
+    if width > 8:
+        return pack(_bits(flat, width).reshape(-1), 1)
     return _regroup(flat, width, 8, packed_size(flat.numel(), width))
 
 
 def unpack(data: torch.Tensor, width: int, count: int) -> torch.Tensor:
-    """The first `count` codes packed in `data` (uint8) at `width` bits, as a 1-D uint8 tensor."""
+    """The first `count` codes packed in `data` (uint8) at `width` bits, as a 1-D uint8 tensor (int32 above 8 bits)."""
     size = packed_size(count, width)
     if data.dtype != torch.uint8:
         raise FormatError(f"packed data must be a uint8 tensor, got {data.dtype}; pass the bytes pack() returned")
@@ -60,7 +64,15 @@ def unpack(data: torch.Tensor, width: int, count: int) -> torch.Tensor:
         )
     if width == 8:
         return flat[:count].clone()
+    if width > 8:
+        bits = unpack(flat[:size], 1, count * width).reshape(count, width).to(torch.int32)
+        return (bits << torch.arange(width, dtype=torch.int32)).sum(dim=1, dtype=torch.int32)
     return _regroup(flat[:size], 8, width, count)
+
+
+def _bits(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Each code's `width` bits, least significant first: [count, width] uint8."""
+    return ((codes.to(torch.int64)[:, None] >> torch.arange(width)) & 1).to(torch.uint8)
 
 
 def _regroup(values: torch.Tensor, bits_in: int, bits_out: int, count: int) -> torch.Tensor:

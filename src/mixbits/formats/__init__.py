@@ -21,6 +21,7 @@ from .minifloat import MinifloatFormat
 from .mx import ELEMENTS as MX_NAMES
 from .mx import MXFormat
 from .ternary import SignFormat
+from .vector import VectorFormat
 
 FAMILIES: list[tuple[re.Pattern, Callable[[str], Format]]] = [
     (re.compile(r"int-?\d+"), IntFormat.parse),
@@ -29,6 +30,7 @@ FAMILIES: list[tuple[re.Pattern, Callable[[str], Format]]] = [
     (re.compile(r"(nf|log)\d+"), TableFormat.parse),
     (re.compile(r"lut\d+"), LearnedTableFormat.parse),
     (re.compile(r"binary|ternary"), SignFormat.parse),
+    (re.compile(r"vq\d+x\d+"), VectorFormat.parse),
 ]
 
 PRESETS = {
@@ -68,6 +70,7 @@ def catalog(group: int = 64) -> list[Format]:
     names += [f"{fp}:{g}" for fp in ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1")]
     names += list(MX_NAMES) + list(PRESETS)
     names += [f"nf4:{g}", f"log4:{g}", f"log3:{g}", f"lut4:{g}", f"lut3:{g}", f"lut2:{g}"]
+    names += [f"vq{dim}x{bits}:{g}" for dim, bits in ((2, 6), (2, 5), (4, 10), (2, 4), (4, 8))] + [f"vq8x8:{g}:stages=2"]
     return [parse_format(name) for name in names]
 
 

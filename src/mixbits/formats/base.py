@@ -87,6 +87,28 @@ class Format(ABC):
 
     # Whether codes are two's complement (int8) rather than unsigned (uint8); stored offset by 2^(width-1).
     signed_codes = False
+    # Weights one code covers, consecutive along a row (vector codebooks: GPTQ rounds them together).
+    vector_size = 1
+    # Whether a parameter is shared by all rows (a codebook per matrix), so rows of several matrices cannot be
+    # quantized as one.
+    shared_across_rows = False
+
+    @property
+    def code_bits_per_weight(self) -> float:
+        """Code bits each weight costs (a vector codebook's are its index bits times stages per vector)."""
+        return float(self.code_bits)
+
+    def code_count(self, rows: int, cols: int) -> int:
+        """Codes stored for a [rows, cols] matrix."""
+        return rows * cols
+
+    def flat_codes(self, codes: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """The stored codes of grouped `codes`, [rows, code_count / rows], without a partial group's padding."""
+        return ungroup(codes, shape)
+
+    def grouped_codes(self, flat: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """`flat_codes` back in the grouped layout, a partial group padded by repeating its last code."""
+        return to_groups(flat.reshape(shape[0], -1), self.granularity).values
 
     def stored_params(self) -> dict[str, "ScaleCodec | int"]:
         """How each parameter is stored: a scale codec for float values, or a width in bits for unsigned integers."""
@@ -103,7 +125,7 @@ class Format(ABC):
 
     def bits(self, rows: int, cols: int) -> int:
         """Exact storage bits of a [rows, cols] matrix: codes and all parameters."""
-        return rows * cols * self.code_bits + self.parameter_bits(rows, cols)
+        return self.code_count(rows, cols) * self.code_bits + self.parameter_bits(rows, cols)
 
     def per_group_bits(self, codec: ScaleCodec, rows: int, cols: int, per_group: int = 1) -> int:
         """Bits of `per_group` values per group stored with `codec` (scales, or table entries)."""

@@ -21,13 +21,12 @@ import torch
 from ..errors import FormatError
 from ..packing import pack, packed_size, unpack
 from .base import Format, QuantizedTensor
-from .granularity import to_groups, ungroup
 
 
 def store(quantized: QuantizedTensor) -> dict[str, torch.Tensor]:
     """The tensors that hold `quantized`, in their stored dtypes."""
     fmt = quantized.format
-    tensors = {"codes": _pack_codes(ungroup(quantized.codes, quantized.shape), fmt.code_bits, fmt.signed_codes)}
+    tensors = {"codes": _pack_codes(fmt.flat_codes(quantized.codes, quantized.shape), fmt.code_bits, fmt.signed_codes)}
     for name, storage in fmt.stored_params().items():
         value = quantized.params[name]
         if isinstance(storage, int):
@@ -40,7 +39,7 @@ def store(quantized: QuantizedTensor) -> dict[str, torch.Tensor]:
 def restore(fmt: Format, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> QuantizedTensor:
     """The quantized matrix `store` saved; a FormatError if a tensor is missing or the wrong size."""
     rows, cols = shape
-    codes = _unpack(tensors, "codes", fmt.code_bits, rows * cols)
+    codes = _unpack(tensors, "codes", fmt.code_bits, fmt.code_count(rows, cols))
     if fmt.signed_codes:
         codes = (codes.to(torch.int16) - 2 ** (fmt.code_bits - 1)).to(torch.int8)
     params = {}
@@ -57,8 +56,8 @@ def restore(fmt: Format, shape: tuple[int, int], tensors: dict[str, torch.Tensor
         except (RuntimeError, KeyError, FormatError) as error:  # wrong sizes or missing parts
             raise FormatError(f"stored {name} of a {rows}x{cols} {fmt} matrix does not fit its shape {list(param_shape)} "
                               f"({error}); the checkpoint does not match its manifest") from None
-    # to_groups pads a partial last group by repeating the last code, as quantizing did with the last value.
-    return QuantizedTensor(fmt, (rows, cols), to_groups(codes.reshape(rows, cols), fmt.granularity).values, params)
+    # A partial last group is padded by repeating the last code, as quantizing did with the last value.
+    return QuantizedTensor(fmt, (rows, cols), fmt.grouped_codes(codes, (rows, cols)), params)
 
 
 def stored_bytes(tensors: dict[str, torch.Tensor]) -> int:

@@ -36,7 +36,7 @@ from torch.nn.utils import skip_init
 from ..errors import MixbitsError, TransformError
 from ..models.registry import adapter_for
 from .kernels import native
-from .linear import KERNEL_ROWS, IntLinear, TableLinear, input_activation, stack_rows, with_activation
+from .linear import KERNEL_ROWS, IntLinear, TableLinear, VectorLinear, input_activation, stack_rows, with_activation
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
@@ -102,7 +102,8 @@ def stack_linears(parts: list[nn.Module]) -> nn.Module:
 
 def matvec(module: nn.Module):
     """`module` as a plain function of a contiguous float32 [rows <= KERNEL_ROWS, in] input (for decode steps)."""
-    if isinstance(module, (IntLinear, TableLinear)):
+    if isinstance(module, (IntLinear, TableLinear)) or (isinstance(module, VectorLinear)
+                                                         and input_activation(module) is None):
         return module.matvec()
     if type(module) is nn.Linear and input_activation(module) is None:
         weight, bias = module.weight, module.bias

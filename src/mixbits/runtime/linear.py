@@ -11,6 +11,9 @@ rounding to 14-bit codes, `code_table` and `TableLinear`):
   (`kernels.native`) multiplies from the codes for a few input rows (decode)
   and dequantizes this one layer for many (prefill), then calls the float
   matrix product.
+- `VectorLinear`, vector codebooks: tables of each input vector's dot
+  products with the codewords, summed as the codes pick (few rows), or the
+  layer dequantized once (many).
 - `DequantLinear`, any format: codes kept as one byte each plus the format's
   parameters; each forward dequantizes this one layer's weight, then
   multiplies. Float weights never exist for more than one layer at a time.
@@ -360,6 +363,55 @@ class TableLinear(nn.Module):
 TABLE_CENTER = 8192  # a learned table's 14-bit codes are t + 8192
 
 
+class VectorLinear(nn.Module):
+    """y = x Wᵀ + b for a vector codebook (`vq`), computed from the codes: for a few input rows, each input
+    vector's dot products with every codeword form a table, and each output sums the entries its codes pick,
+    times its group's scale (csrc/vector.cpp); for many rows, the layer is dequantized once and multiplied.
+
+    Codes are held one per byte (indices of up to 8 bits) or two bytes (up to 16), [out, stages * in / d]."""
+
+    def __init__(self, quantized: QuantizedTensor, bias: torch.Tensor | None):
+        super().__init__()
+        fmt = quantized.format
+        self.format = fmt
+        self.out_features, self.in_features = n, k = quantized.shape
+        self.group = k if fmt.granularity.kind == "channel" else fmt.granularity.size
+        codes = fmt.flat_codes(quantized.codes, quantized.shape).to(torch.int32)
+        # Indices above 8 bits as int16 holding the unsigned 16-bit value (the kernel reads them as uint16).
+        codes = codes.to(torch.uint8) if fmt.code_bits <= 8 else torch.where(codes >= 2**15, codes - 2**16, codes).to(torch.int16)
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("books", quantized.params["codebook"].float().contiguous())
+        self.register_buffer("scale", quantized.params["scale"].reshape(n, -1).float().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    @staticmethod
+    def supports(fmt: Format, shape: tuple[int, int]) -> bool:
+        return fmt.vector_size > 1 and shape[1] % fmt.vector_size == 0
+
+    def weight_values(self) -> torch.Tensor:
+        n, stages = self.out_features, self.books.shape[0]
+        codes = self.codes.long() & (2**16 - 1)  # int16 back to the unsigned index
+        staged = codes.reshape(n, stages, -1)
+        vectors = sum(self.books[s][staged[:, s]] for s in range(stages))  # [n, in / d, d]
+        scale = self.scale.repeat_interleave(self.group, dim=1)[:, :self.in_features]
+        return vectors.reshape(n, -1) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        y = self.matvec()(flat) if flat.shape[0] <= KERNEL_ROWS else F.linear(flat, self.weight_values(), self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def matvec(self):
+        """This layer as a plain function of a contiguous float32 [rows, in] input (see IntLinear.matvec)."""
+        kernel, codes, books, scale, group, bias = (native().vector_linear, self.codes, self.books, self.scale,
+                                                   self.group, self.bias)
+        product = lambda x: kernel(x, codes, books, scale, group)  # noqa: E731
+        return product if bias is None else lambda x: product(x).add_(bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, format={self.format}"
+
+
 PANEL = 16  # weight rows per panel of the integer-dot kernels
 
 
@@ -475,6 +527,8 @@ def quantized_linear(quantized: QuantizedTensor, bias: torch.Tensor | None = Non
         return IntLinear(quantized, bias, activation)
     if native() is not None and TableLinear.supports(quantized.format, quantized.shape, activation):
         return TableLinear(quantized, bias, activation)
+    if native() is not None and VectorLinear.supports(quantized.format, quantized.shape):
+        return with_activation(VectorLinear(quantized, bias), activation)
     return with_activation(DequantLinear(quantized, bias), activation)
 
 
@@ -488,7 +542,7 @@ def with_activation(module: nn.Module, activation: Format | None) -> nn.Module:
         return module
     if getattr(activation, "value", 0) is None:
         raise ValueError(f"{activation} needs its scale measured first: quantize with calibration text")
-    if not isinstance(module, (nn.Linear, IntLinear, TableLinear, DequantLinear)):
+    if not isinstance(module, (nn.Linear, IntLinear, TableLinear, VectorLinear, DequantLinear)):
         raise TypeError(f"only linear layers take quantized inputs, not {type(module).__name__}")
     if getattr(module, "activation", None) is not None:
         raise ValueError(f"{type(module).__name__} already quantizes its inputs to {module.activation}")

@@ -42,10 +42,11 @@ def stackable(fmt: Format | None) -> bool:
 
     GPTQ and RTN treat each row on its own given the input Hessian, so layers
     reading the same input (q/k/v, gate/up) can be solved in one call, which
-    pays the per-column overhead once. Formats with a per-tensor scale or
-    a second-level scale shared across rows cannot.
+    pays the per-column overhead once. Formats with a per-tensor scale, a
+    second-level scale or a codebook shared across rows cannot.
     """
-    return fmt is None or (fmt.granularity.kind != "tensor" and not fmt.has_second_level)
+    return fmt is None or (fmt.granularity.kind != "tensor" and not fmt.has_second_level
+                           and not fmt.shared_across_rows)
 
 
 def solve_many(matrices: list[torch.Tensor], fmt: Format | None, solver: str, hessian: torch.Tensor | None = None,

@@ -162,7 +162,6 @@ def gptq_options(
     With `keep_source`, each result holds the error-updated weights it rounded.
     """
     source = matrix.detach().float().clone()
-    rows, cols = source.shape
     hessian = hessian.detach().double().clone()
     if settings.shrink:  # (1 - shrink) H + shrink diag(H), in place: H of a 11008-wide input is 1 GB in float64
         diagonal = hessian.diagonal().clone()
@@ -170,8 +169,25 @@ def gptq_options(
     dead = hessian.diagonal() == 0  # inputs that are always zero: their weights do not matter
     hessian[dead, dead] = 1.0
     source[:, dead] = 0.0
-    importance = hessian_importance(hessian, rows)
+    importance = hessian_importance(hessian, source.shape[0])
+    results: list[QuantizedTensor | None] = [None] * len(formats)
+    scalar = [k for k, fmt in enumerate(formats) if fmt.vector_size == 1]
+    for k, fmt in enumerate(formats):
+        if fmt.vector_size > 1:
+            results[k] = _gptq_vectors(source, hessian, importance, fmt, block_size, settings, keep_source)
+    if scalar:
+        solved = _gptq_scalars(source, hessian, importance, [formats[k] for k in scalar], clip_search, block_size,
+                               settings, keep_source)
+        for k, quantized in zip(scalar, solved):
+            results[k] = quantized
+    return results
 
+
+def _gptq_scalars(source: torch.Tensor, hessian: torch.Tensor, importance: torch.Tensor, formats: list[Format],
+                  clip_search: bool, block_size: int, settings: GptqSettings, keep_source: bool
+                  ) -> list[QuantizedTensor]:
+    """`gptq_options` for formats that round each weight on its own, from the prepared weights and Hessian."""
+    rows, cols = source.shape
     # Integer options first, so their rows are one slice of the stack, and those whose groups are fitted together
     # (`affine_cohort`) next to each other.
     keys = [affine_cohort(fmt) for fmt in formats]
@@ -260,11 +276,78 @@ def gptq_options(
     for k, option in zip(ranked, options):
         grouped = to_groups(rounded[:, option.rows].T, option.fmt.granularity)
         params = option.params()
-        source = None if updated is None else to_groups(updated[:, option.rows].T, option.fmt.granularity).values
+        kept = None if updated is None else to_groups(updated[:, option.rows].T, option.fmt.granularity).values
         # The pinned format carries the second-level scale every group was rounded under, which storage needs.
         results[k] = QuantizedTensor(option.group_fmt, (rows, cols), option.fmt.encode(grouped.values, params), params,
-                                     source)
+                                     kept)
     return results
+
+
+def _gptq_vectors(source: torch.Tensor, hessian: torch.Tensor, importance: torch.Tensor, fmt: Format,
+                  block_size: int, settings: GptqSettings, keep_source: bool) -> QuantizedTensor:
+    """GPTQ with a vector codebook (GPTVQ, van Baalen et al., 2024): the d columns of a vector are rounded together.
+
+    Rounding d columns at once with their error pushed onto the later ones costs |(w - q) T^-1|^2 for a row's
+    values w and codeword q (row vectors), where T is the vectors' d x d diagonal block of the upper Cholesky factor
+    of H^-1: so each vector's codes are the nearest in that metric (`vector.nearest_codes`), then its columns'
+    errors are fed back one by one as in GPTQ. The codebooks and scales are fitted once, from the original weights;
+    vectors are visited whole, by decreasing summed H_jj with act_order. A last vector running past the row's end
+    is padded with columns of (almost) no weight in H.
+    """
+    from ..formats.vector import nearest_codes
+
+    rows, cols = source.shape
+    d, stages = fmt.vector_size, fmt.stages
+    vectors = -(-cols // d)
+    grouped = to_groups(source, fmt.granularity)
+    params = fmt.fit(grouped, 1.0, error_weights(grouped, importance, fmt))
+    books, scale = params["codebook"], params["scale"]  # [S, K, d], [R, G, 1]
+    padded = vectors * d
+    if padded > cols:  # a partial vector's missing columns: zero weights with (after damping) a negligible H_jj
+        source = torch.cat([source, source.new_zeros(rows, padded - cols)], dim=1)
+        extended = hessian.new_zeros(padded, padded)
+        extended[:cols, :cols] = hessian
+        extended.diagonal()[cols:] = 1e-8 * float(hessian.diagonal().mean())
+        hessian = extended
+    per_group = fmt.granularity.size if fmt.granularity.kind == "group" else padded
+    vector_scale = scale[:, torch.arange(vectors) * d // per_group, 0].T.contiguous()  # [vectors, R]
+    strength = hessian.diagonal().reshape(vectors, d).sum(dim=1)
+    vector_order = (torch.argsort(strength, descending=True, stable=True) if settings.act_order
+                    else torch.arange(vectors))
+    order = (vector_order[:, None] * d + torch.arange(d)).reshape(-1)
+    weight = source.T[order].contiguous()  # [columns in visiting order, rows]
+    inverse = upper_inverse_cholesky(hessian[order[:, None], order[None, :]], settings.damp).float()
+    codes = torch.zeros(vectors, stages, rows, dtype=torch.long)
+    updated = torch.zeros_like(weight) if keep_source else None
+    block_size = d * max(1, block_size // d)
+    for start in range(0, padded, block_size):
+        stop = min(start + block_size, padded)
+        block = weight[start:stop].clone()
+        errors = torch.zeros(stop - start, rows)
+        block_inverse = inverse[start:stop, start:stop]
+        for i in range(0, stop - start, d):
+            v = int(vector_order[(start + i) // d])
+            factor = block_inverse[i:i + d, i:i + d]
+            metric = torch.linalg.solve_triangular(factor, torch.eye(d), upper=True)
+            values = block[i:i + d]  # [d, R], as updated by the columns rounded before this vector
+            found = nearest_codes((values / vector_scale[v]).T, books, metric)  # [R, S]
+            approx = sum(books[s][found[:, s]] for s in range(stages)).T * vector_scale[v]  # [d, R]
+            codes[v] = found.T
+            for k in range(i, i + d):
+                if updated is not None:
+                    updated[start + k] = block[k]
+                error = (block[k] - approx[k - i]).div_(block_inverse[k, k])
+                block[k:].addr_(block_inverse[k, k:], error, alpha=-1)
+                errors[k] = error
+        weight[stop:] -= inverse[start:stop, stop:].T @ errors
+    flat = codes.permute(2, 1, 0).reshape(rows, -1)  # [R, S * vectors], stage-major as stored
+    kept = None
+    if updated is not None:
+        position = torch.empty_like(order)
+        position[order] = torch.arange(padded)
+        kept = to_groups(updated[position].T[:, :cols], fmt.granularity).values
+    dtype = torch.uint8 if fmt.code_bits <= 8 else torch.int32
+    return QuantizedTensor(fmt, (rows, cols), fmt.grouped_codes(flat, (rows, cols)).to(dtype), params, kept)
 
 
 def _fit_group(cohort: list[_Option], group: int, weight, block, errors, inverse, position, hessian, importance,

@@ -15,7 +15,11 @@ model's inputs, over the calibration windows, by signed gradient descent:
   passes the rounding straight through (d w / d V = s);
 - a per-group scale multiplier exp(a), |a| <= 1/2, applied when decoding
   (the codes held fixed), for scales stored as plain floats (fp16, bf16,
-  fp32); the stored scale is the codec's rounding of s0 * exp(a).
+  fp32); the stored scale is the codec's rounding of s0 * exp(a);
+- for vector codebooks, in place of the offsets, the codebook itself (GPTVQ's
+  and AQLM's codebook update), the codes GPTQ chose held fixed: a codebook
+  entry moves by `lr` per step, as an offset does in code units, and is
+  stored rounded by the format's table codec.
 
 Each step takes `batch` windows in a fixed shuffled order; the step size
 starts at `lr` and decays linearly to 0 (without the decay, the signed steps
@@ -70,34 +74,44 @@ class _Layer:
         self.tensor = tensor
         self.fmt, self.params = tensor.format, tensor.params
         self.scale = tensor.params["scale"]
-        self.offset = torch.zeros_like(tensor.source, requires_grad=True)
+        codebook = self.fmt.vector_size > 1  # codes index a codebook: they stay, the codebook moves
+        self.offset = None if codebook else torch.zeros_like(tensor.source, requires_grad=True)
+        self.codebook = tensor.params["codebook"].clone().requires_grad_(True) if codebook else None
         codec = getattr(self.fmt, "scale", None)
         self.log_scale = (torch.zeros_like(self.scale, requires_grad=True)
                           if isinstance(codec, CastScale) and not self.fmt.has_second_level else None)
 
     def codes(self) -> torch.Tensor:
+        if self.offset is None:
+            return self.tensor.codes
         shifted = self.tensor.source + self.offset.detach() * self.scale
         return self.fmt.encode(shifted, self.params)
 
     def weight(self) -> torch.Tensor:
-        """The dequantized weight as a function of V and a (straight through the rounding for V)."""
-        scale = self.scale if self.log_scale is None else self.scale * self.log_scale.exp()
-        value = self.fmt.decode(self.codes(), {**self.params, "scale": scale})
-        value = value + (self.offset - self.offset.detach()) * scale
+        """The dequantized weight as a function of V (straight through the rounding), a and the codebook."""
+        params = {**self.params, "scale": self.scale if self.log_scale is None else self.scale * self.log_scale.exp()}
+        if self.codebook is not None:
+            params["codebook"] = self.codebook
+        value = self.fmt.decode(self.codes(), params)
+        if self.offset is not None:
+            value = value + (self.offset - self.offset.detach()) * params["scale"]
         return ungroup(value, self.tensor.shape)
 
     def parameters(self) -> list[torch.Tensor]:
-        return [self.offset] + ([self.log_scale] if self.log_scale is not None else [])
+        return [p for p in (self.offset, self.codebook, self.log_scale) if p is not None]
 
     def result(self) -> QuantizedTensor:
-        """The tuned codes and parameters, the scale rounded by its codec as stored."""
+        """The tuned codes and parameters, the scale and codebook rounded by their codecs as stored."""
         params = dict(self.params)
         if self.log_scale is not None:
             params["scale"] = self.fmt.scale.round(self.scale * self.log_scale.detach().exp())
+        if self.codebook is not None:
+            params["codebook"] = self.fmt.table.round(self.codebook.detach())
         return QuantizedTensor(self.fmt, self.tensor.shape, self.codes(), params, self.tensor.source)
 
     def clamp_(self) -> None:
-        self.offset.data.clamp_(-MAX_OFFSET, MAX_OFFSET)
+        if self.offset is not None:
+            self.offset.data.clamp_(-MAX_OFFSET, MAX_OFFSET)
         if self.log_scale is not None:
             self.log_scale.data.clamp_(-MAX_LOG_SCALE, MAX_LOG_SCALE)
 

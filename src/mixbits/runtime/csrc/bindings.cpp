@@ -6,6 +6,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nibble_dequantize", &nibble_dequantize, "W from 4-bit codes");
   m.def("byte_dequantize", &byte_dequantize, "W from 8-bit codes");
   m.def("vectorized", &vectorized, "whether the AVX2 path was compiled");
+  m.def("vector_linear", &vector_linear, "x @ W.T for vector-codebook codes, from tables of codeword dot products");
   m.def("quantize_rows", &quantize_rows, "float32 rows to int8 codes in blocks, their scales and sums per 16 inputs");
   m.def("nibble_xlinear", &nibble_xlinear, "float32 rows quantized to int8, times 4-bit codes");
   m.def("byte_xlinear", &byte_xlinear, "float32 rows quantized to int8, times 8-bit codes");

@@ -9,6 +9,9 @@ at::Tensor nibble_dequantize(at::Tensor codes, at::Tensor scales, at::Tensor off
 at::Tensor byte_dequantize(at::Tensor codes, at::Tensor scales, at::Tensor offsets, int64_t group);
 bool vectorized();
 
+// vector.cpp: matrix products with vector-codebook weights, from tables of codeword dot products.
+at::Tensor vector_linear(at::Tensor x, at::Tensor codes, at::Tensor books, at::Tensor scales, int64_t group);
+
 // qdot.cpp: int8-quantized activations times integer-coded weights, in integer arithmetic.
 std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t block, int64_t bits, double fixed);
 at::Tensor nibble_xlinear(at::Tensor x, int64_t block, int64_t bits, double fixed, at::Tensor codes, at::Tensor scales,
