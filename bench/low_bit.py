@@ -57,7 +57,7 @@ from common import (RESULTS, calibrated_protocol, domain_cells, earlier_results,
                     write_results)
 
 NAME = "low_bit"
-TARGETS = ["int2:g64:asym", "vq2x4:ch", "vq4x8:ch", "plan 2.0", "plan 2.0 +vq", "vq2x5:ch", "plan 2.5", "plan 2.5 +vq",
+TARGETS = ["int2:g64:asym", "vq2x4:ch", "vq4x8:ch", "vq2x5:ch", "plan 2.5", "plan 2.5 +vq",
            "vq2x6:ch", "int3:g64:asym", "plan 3.0", "plan 3.0 +vq", "plan 3.5"]
 VECTOR_OPTIONS = ["vq2x4:ch", "vq2x5:ch", "vq2x6:ch", "vq4x8:ch"]  # what the '+vq' plans add to the menu
 VECTOR_SENSITIVITY = RESULTS / "low_bit" / "sensitivity.json"
