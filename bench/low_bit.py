@@ -12,8 +12,9 @@ is that same allocation with the method's solver on every calibrated layer,
 so rows of one budget differ only by the method. 'plan B +vq' allocates
 from that table extended by the vector codebooks of VECTOR_OPTIONS
 (bench/results/low_bit/sensitivity.json, measured by `mixbits plan` as the
-docstring's last command says), so plans mix them with the integer options
-per layer. Methods:
+docstring's commands say), so plans mix them with the integer options
+per layer; 'plan B +tc' from that table extended by the trellis codes of
+TRELLIS_OPTIONS (bench/results/low_bit/sensitivity_trellis.json). Methods:
 
 - gptq: block-sequential GPTQ (default settings: damping 0.01, Hessian shrink 0.25);
 - gptaq a=A: GPTAQ, each layer fitted to the float model's output from the
@@ -27,11 +28,15 @@ Resumable: finished rows in bench/results/low_bit.json are kept.
 
     python bench/low_bit.py [--only int3] [--method gptq --method 'gptaq a=0.25']
 
-The '+vq' sensitivity table (the mixed table's options and VECTOR_OPTIONS; only the latter are measured):
+The '+vq' sensitivity table (the mixed table's options and VECTOR_OPTIONS; only the latter are measured), and the
+'+tc' table (that one's options and TRELLIS_OPTIONS; only the latter are measured):
 
     mkdir -p bench/results/low_bit && cp bench/results/mixed/sensitivity.json bench/results/low_bit/
     mixbits plan --bpw 2.5 --sensitivity bench/results/low_bit/sensitivity.json --out /tmp/plan.json \
         --options OPTIONS_OF_THE_MIXED_TABLE,vq2x4:ch,vq2x5:ch,vq2x6:ch,vq4x8:ch
+    cp bench/results/low_bit/sensitivity.json bench/results/low_bit/sensitivity_trellis.json
+    mixbits plan --bpw 2.5 --sensitivity bench/results/low_bit/sensitivity_trellis.json --out /tmp/plan.json \
+        --options OPTIONS_OF_THE_VQ_TABLE,trellis2x3:ch,trellis2x4:ch,trellis2x5:ch,trellis2x6:ch,trellis2x7:ch --kl-all
 """
 
 from __future__ import annotations
@@ -57,10 +62,13 @@ from common import (RESULTS, calibrated_protocol, domain_cells, earlier_results,
                     write_results)
 
 NAME = "low_bit"
-TARGETS = ["int2:g64:asym", "vq2x4:ch", "vq4x8:ch", "vq2x5:ch", "plan 2.5", "plan 2.5 +vq",
-           "vq2x6:ch", "int3:g64:asym", "plan 3.0", "plan 3.0 +vq", "plan 3.5"]
+TARGETS = ["plan 2.0 +tc", "int2:g64:asym", "vq2x4:ch", "vq4x8:ch", "trellis2x4:ch", "vq2x5:ch", "trellis2x5:ch",
+           "plan 2.5", "plan 2.5 +vq", "plan 2.5 +tc", "vq2x6:ch", "trellis2x6:ch", "int3:g64:asym", "plan 3.0",
+           "plan 3.0 +vq", "plan 3.0 +tc", "plan 3.5", "plan 3.5 +tc"]
 VECTOR_OPTIONS = ["vq2x4:ch", "vq2x5:ch", "vq2x6:ch", "vq4x8:ch"]  # what the '+vq' plans add to the menu
 VECTOR_SENSITIVITY = RESULTS / "low_bit" / "sensitivity.json"
+TRELLIS_OPTIONS = ["trellis2x3:ch", "trellis2x4:ch", "trellis2x5:ch", "trellis2x6:ch", "trellis2x7:ch"]  # '+tc' adds
+TRELLIS_SENSITIVITY = RESULTS / "low_bit" / "sensitivity_trellis.json"
 METHODS = {  # label -> (solver, GPTQ settings, block-wise tuning)
     "gptq": ("gptq", GptqSettings(), None),
     "gptaq a=0.25": ("gptaq", GptqSettings(asymmetry=0.25), None),
@@ -88,7 +96,8 @@ def main() -> None:
         return
 
     sensitivity = Sensitivity.load(RESULTS / "mixed" / "sensitivity.json")
-    vector_sensitivity = Sensitivity.load(VECTOR_SENSITIVITY) if VECTOR_SENSITIVITY.exists() else None
+    tables = {"+vq": VECTOR_SENSITIVITY, "+tc": TRELLIS_SENSITIVITY}
+    tables = {suffix: Sensitivity.load(path) if path.exists() else None for suffix, path in tables.items()}
     loaded, domains, record, windows = calibrated_protocol()
     record["results"] = earlier_results(NAME, record, ("domains", "model", "calibration"))
     done = {(r["target"], r["method"]) for r in record["results"]}
@@ -102,9 +111,9 @@ def main() -> None:
             model = copy.deepcopy(loaded.model)
             started = time.perf_counter()
             if target.startswith("plan "):
-                table = vector_sensitivity if target.endswith("+vq") else sensitivity
+                table = tables[target.split()[-1]] if target.endswith(tuple(tables)) else sensitivity
                 if table is None:
-                    raise SystemExit(f"{target} needs {VECTOR_SENSITIVITY}; measure it as this script's docstring says")
+                    raise SystemExit(f"{target} needs its sensitivity table; measure it as this script's docstring says")
                 plan = plan_with_solver(allocated_plan(table, Budget(float(target.split()[1])), "kl"), solver)
                 report = quantize(model, plan=plan, calibration=windows, gptq=settings, tune=tune, progress=False)
             else:
@@ -143,11 +152,15 @@ def _markdown(record: dict) -> str:
         f"{defaults.EVAL_WINDOWS} windows of {defaults.WINDOW_LEN} tokens from its middle; austen and kjv are kinds of "
         "text no calibration here holds. 'plan B': the allocation by measured KL to B bpw from "
         "bench/results/mixed/sensitivity.json, the same for every method; 'plan B +vq': the same from that table and "
-        f"the vector codebooks {', '.join(VECTOR_OPTIONS)} (bench/results/low_bit/sensitivity.json). vqDxI:ch: D "
-        "weights per I-bit index into a codebook learned per matrix, a scale per row. gptaq a=A: GPTAQ with a step A "
+        f"the vector codebooks {', '.join(VECTOR_OPTIONS)} (bench/results/low_bit/sensitivity.json); 'plan B +tc': "
+        f"from that table and the trellis codes {', '.join(TRELLIS_OPTIONS)} "
+        "(bench/results/low_bit/sensitivity_trellis.json). vqDxI:ch: D "
+        "weights per I-bit index into a codebook learned per matrix, a scale per row. trellisDxK:ch: rows rotated "
+        "(random signs, Hadamard), then a walk through a 4096-state bit-shift trellis, D weights per K-bit step, "
+        "codewords from a fixed Gaussian table, a scale per row. gptaq a=A: GPTAQ with a step A "
         "toward "
         "the float model's least-squares target; +tune: then block-wise tuning of rounding offsets (codebooks, for "
-        "vector formats) and scales to the float block's output (100 signed-gradient steps of 4 windows per block). "
+        "vector formats; nothing, for trellis codes) and scales to the float block's output (100 signed-gradient steps of 4 windows per block). "
         "Quantize seconds on this machine, one process, one row at a time.",
         "",
         format_table(headers, rows),

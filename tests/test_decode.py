@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mixbits.formats import parse_format
-from mixbits.runtime import IntLinear, VectorLinear, quantized_linear
+from mixbits.runtime import IntLinear, TrellisLinear, VectorLinear, quantized_linear
 from mixbits.runtime.decode import Decoder, DecodeUnsupported, Stacked
 from mixbits.runtime.kernels import native
 from mixbits.solvers import round_to_nearest
@@ -130,6 +130,13 @@ def test_vector_codebooks_decode_from_their_tables():
     assert isinstance(model.model.layers[0].self_attn.q_proj, VectorLinear)
     check_against_transformers(model)
     assert isinstance(Decoder(model).blocks[0].qkv, Stacked)  # a codebook per matrix: side by side, not stacked
+
+
+@needs_native
+def test_trellis_codes_decode_from_their_bit_streams():
+    model = quantize_linears(tiny("llama"), "trellis2x5:ch")
+    assert isinstance(model.model.layers[0].mlp.down_proj, TrellisLinear)
+    check_against_transformers(model)
 
 
 def test_formats_without_a_kernel_run_side_by_side():

@@ -21,6 +21,7 @@ from .minifloat import MinifloatFormat
 from .mx import ELEMENTS as MX_NAMES
 from .mx import MXFormat
 from .ternary import SignFormat
+from .trellis import TrellisFormat
 from .vector import VectorFormat
 
 FAMILIES: list[tuple[re.Pattern, Callable[[str], Format]]] = [
@@ -31,6 +32,7 @@ FAMILIES: list[tuple[re.Pattern, Callable[[str], Format]]] = [
     (re.compile(r"lut\d+"), LearnedTableFormat.parse),
     (re.compile(r"binary|ternary"), SignFormat.parse),
     (re.compile(r"vq\d+x\d+"), VectorFormat.parse),
+    (re.compile(r"trellis\d+x\d+"), TrellisFormat.parse),
 ]
 
 PRESETS = {
@@ -71,6 +73,7 @@ def catalog(group: int = 64) -> list[Format]:
     names += list(MX_NAMES) + list(PRESETS)
     names += [f"nf4:{g}", f"log4:{g}", f"log3:{g}", f"lut4:{g}", f"lut3:{g}", f"lut2:{g}"]
     names += [f"vq{dim}x{bits}:{g}" for dim, bits in ((2, 6), (2, 5), (4, 10), (2, 4), (4, 8))] + [f"vq8x8:{g}:stages=2"]
+    names += [f"trellis2x{bits}:ch" for bits in (8, 7, 6, 5, 4, 3)]  # one scale per row: no group
     return [parse_format(name) for name in names]
 
 

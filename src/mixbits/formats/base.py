@@ -89,6 +89,9 @@ class Format(ABC):
     signed_codes = False
     # Weights one code covers, consecutive along a row (vector codebooks: GPTQ rounds them together).
     vector_size = 1
+    # Whether each weight's code is its own rounding (block-wise tuning moves weights across rounding boundaries);
+    # False for codes chosen jointly (vector codebooks, trellis walks).
+    rounds_each_weight = True
     # Whether a parameter is shared by all rows (a codebook per matrix), so rows of several matrices cannot be
     # quantized as one.
     shared_across_rows = False

@@ -125,6 +125,7 @@ class VectorFormat(Format):
     show_table: bool = field(default=False, compare=False)
     clip_grid = (1.0,)  # k-means places the codewords itself
     shared_across_rows = True
+    rounds_each_weight = False
 
     PATTERN = re.compile(r"vq(\d+)x(\d+)")
 

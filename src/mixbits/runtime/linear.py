@@ -14,6 +14,9 @@ rounding to 14-bit codes, `code_table` and `TableLinear`):
 - `VectorLinear`, vector codebooks: tables of each input vector's dot
   products with the codewords, summed as the codes pick (few rows), or the
   layer dequantized once (many).
+- `TrellisLinear`, trellis codes: inputs rotated as the weights were, then
+  each row's bit stream walked state by state (few rows), or the rotated
+  layer decoded once (many).
 - `DequantLinear`, any format: codes kept as one byte each plus the format's
   parameters; each forward dequantizes this one layer's weight, then
   multiplies. Float weights never exist for more than one layer at a time.
@@ -39,6 +42,8 @@ from ..activations import activation_name, fake_quantize, kernel_block
 from ..formats import Format, QuantizedTensor
 from ..formats.granularity import ungroup
 from ..formats.integer import IntFormat
+from ..formats.trellis import TrellisFormat, rotate, unrotate
+from ..packing import pack, packed_size
 from .kernels import native
 
 RUN = 32  # the kernel's step along the inputs: inputs and groups must be multiples of it
@@ -412,6 +417,57 @@ class VectorLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, format={self.format}"
 
 
+class TrellisLinear(nn.Module):
+    """y = x Wᵀ + b for a trellis code (`trellis`): the input is rotated as the weights were
+    (`formats.trellis.rotate`), then for a few rows each output walks its row's bit stream, one table lookup per
+    step (csrc/trellis.cpp); for many rows the rotated weights are decoded once and multiplied.
+
+    Each row's symbols are held as the packed bit stream they form (`packing`'s layout), padded by 4 bytes so the
+    kernel reads every state with one 4-byte load: K / D bits a weight in memory, as stored."""
+
+    def __init__(self, quantized: QuantizedTensor, bias: torch.Tensor | None):
+        super().__init__()
+        fmt = quantized.format
+        self.format = fmt
+        self.out_features, self.in_features = n, k = quantized.shape
+        symbols = fmt.flat_codes(quantized.codes, quantized.shape)
+        width = packed_size(symbols.shape[1], fmt.step_bits) + 4
+        streams = torch.zeros(n, width, dtype=torch.uint8)
+        for row in range(n):
+            packed = pack(symbols[row], fmt.step_bits)
+            streams[row, :len(packed)] = packed
+        self.register_buffer("streams", streams)
+        self.register_buffer("scale", quantized.params["scale"].reshape(n).float().contiguous())
+        self.register_buffer("table", fmt.table.clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    @staticmethod
+    def supports(fmt: Format, shape: tuple[int, int]) -> bool:
+        return isinstance(fmt, TrellisFormat) and shape[1] % fmt.dim == 0
+
+    def rotated_weight(self) -> torch.Tensor:
+        return native().trellis_dequantize(self.streams, self.scale, self.table, self.format.step_bits,
+                                           self.format.stream_offset, self.in_features)
+
+    def weight_values(self) -> torch.Tensor:
+        return unrotate(self.rotated_weight())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = rotate(x.reshape(-1, self.in_features).float()).contiguous()
+        y = self.matvec()(flat) if flat.shape[0] <= KERNEL_ROWS else F.linear(flat, self.rotated_weight(), self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def matvec(self):
+        """This layer as a plain function of a contiguous float32 [rows, in] input already rotated."""
+        kernel, streams, scale, table, bias = native().trellis_linear, self.streams, self.scale, self.table, self.bias
+        bits, offset = self.format.step_bits, self.format.stream_offset
+        product = lambda x: kernel(x, streams, scale, table, bits, offset)  # noqa: E731
+        return product if bias is None else lambda x: product(x).add_(bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, format={self.format}"
+
+
 PANEL = 16  # weight rows per panel of the integer-dot kernels
 
 
@@ -527,6 +583,8 @@ def quantized_linear(quantized: QuantizedTensor, bias: torch.Tensor | None = Non
         return IntLinear(quantized, bias, activation)
     if native() is not None and TableLinear.supports(quantized.format, quantized.shape, activation):
         return TableLinear(quantized, bias, activation)
+    if native() is not None and TrellisLinear.supports(quantized.format, quantized.shape):
+        return with_activation(TrellisLinear(quantized, bias), activation)
     if native() is not None and VectorLinear.supports(quantized.format, quantized.shape):
         return with_activation(VectorLinear(quantized, bias), activation)
     return with_activation(DequantLinear(quantized, bias), activation)
@@ -542,7 +600,7 @@ def with_activation(module: nn.Module, activation: Format | None) -> nn.Module:
         return module
     if getattr(activation, "value", 0) is None:
         raise ValueError(f"{activation} needs its scale measured first: quantize with calibration text")
-    if not isinstance(module, (nn.Linear, IntLinear, TableLinear, VectorLinear, DequantLinear)):
+    if not isinstance(module, (nn.Linear, IntLinear, TableLinear, VectorLinear, TrellisLinear, DequantLinear)):
         raise TypeError(f"only linear layers take quantized inputs, not {type(module).__name__}")
     if getattr(module, "activation", None) is not None:
         raise ValueError(f"{type(module).__name__} already quantizes its inputs to {module.activation}")

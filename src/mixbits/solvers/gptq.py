@@ -15,7 +15,9 @@ A group's parameters are fitted (with the clip search) when its first column
 is reached, from the group's current, error-updated weights; groups stay the
 contiguous column ranges the format stores, so reordering needs no index.
 Per-tensor and per-channel parameters are fitted once, from the original
-weights. Second-level scales (NVFP4's tensor scale, i8 row scales) are pinned
+weights. Vector codebooks round a vector of columns at a time, trellis codes
+a block of columns at a time by one walk per row (`_gptq_vectors`,
+`_gptq_trellis`). Second-level scales (NVFP4's tensor scale, i8 row scales) are pinned
 from a first fit of the whole matrix, so groups fitted one at a time remain
 one consistent encoding.
 
@@ -46,13 +48,15 @@ import torch
 
 from .. import defaults
 from ..formats import Format, QuantizedTensor
-from ..formats.integer import IntFormat
 from ..formats.granularity import to_groups
+from ..formats.integer import IntFormat
+from ..formats.trellis import TrellisFormat, rotation, viterbi
 from .rtn import error_weights, fit_affine_group, fit_params, hessian_importance, output_error
 
 log = logging.getLogger(__name__)
 
 MAX_DAMPING_TRIES = 8
+TRELLIS_BLOCK, TRELLIS_LOOKAHEAD = 16, 32  # columns per trellis walk of GPTQ, and columns it looks past them
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,9 @@ def gptq_options(
     results: list[QuantizedTensor | None] = [None] * len(formats)
     scalar = [k for k, fmt in enumerate(formats) if fmt.vector_size == 1]
     for k, fmt in enumerate(formats):
-        if fmt.vector_size > 1:
+        if isinstance(fmt, TrellisFormat):
+            results[k] = _gptq_trellis(source, hessian, fmt, settings, keep_source)
+        elif fmt.vector_size > 1:
             results[k] = _gptq_vectors(source, hessian, importance, fmt, block_size, settings, keep_source)
     if scalar:
         solved = _gptq_scalars(source, hessian, importance, [formats[k] for k in scalar], clip_search, block_size,
@@ -348,6 +354,58 @@ def _gptq_vectors(source: torch.Tensor, hessian: torch.Tensor, importance: torch
         kept = to_groups(updated[position].T[:, :cols], fmt.granularity).values
     dtype = torch.uint8 if fmt.code_bits <= 8 else torch.int32
     return QuantizedTensor(fmt, (rows, cols), fmt.grouped_codes(flat, (rows, cols)).to(dtype), params, kept)
+
+
+def _gptq_trellis(source: torch.Tensor, hessian: torch.Tensor, fmt: TrellisFormat, settings: GptqSettings,
+                  keep_source: bool, block_size: int = TRELLIS_BLOCK, lookahead: int = TRELLIS_LOOKAHEAD
+                  ) -> QuantizedTensor:
+    """GPTQ with a trellis code (QTIP's BlockLDLQ, Tseng et al., 2024): in the rotated basis (weights W R, Hessian
+    R^T H R), each block of `block_size` columns is coded by one Viterbi walk per row, continuing from the previous
+    block's last state, its columns' squared errors weighted by 1 / U_jj^2 (U the upper Cholesky factor of H^-1, as
+    GPTQ's feedback weighs them); the block's errors are then fed back onto the later columns as GPTQ's are. Small
+    blocks feed back more often but end their walks greedily, so each walk also looks `lookahead` columns past
+    its block (at their current values) and keeps only its block's steps: on correlated Hessians, blocks of 16
+    with 32 ahead left 12 to 15% less output error than blocks of 128 without (GPTQ's lazy batch), and 30% less
+    than one walk per row. Columns stay in their stored order (the walk runs along the row); the rotation leaves
+    little for act_order to do."""
+    rows, cols = source.shape
+    d = fmt.dim
+    steps = fmt.steps(cols)
+    turn = rotation(cols)
+    rotated = (source.double() @ turn).float()
+    params = fmt.fit(to_groups(source, fmt.granularity))
+    scale = params["scale"][:, 0, :]  # [R, 1]
+    inverse = upper_inverse_cholesky(turn.T @ hessian @ turn, settings.damp).float()
+    weight = rotated.T.contiguous()  # [cols, rows]
+    table = fmt.table
+    states = torch.zeros(rows, steps, dtype=torch.long)
+    updated = torch.zeros_like(weight) if keep_source else None
+    block_size = d * max(1, block_size // d)
+    last = None
+    lookahead = d * max(0, lookahead // d)
+    importance = inverse.diagonal().square().reciprocal()  # [cols]
+    for start in range(0, cols, block_size):
+        stop = min(start + block_size, cols)
+        block = weight[start:stop].clone()
+        block_inverse = inverse[start:stop, start:stop]
+        ahead = min(stop + lookahead, cols)
+        target = (weight[start:ahead].T / scale).reshape(rows, -1, d)
+        walk = viterbi(target, importance[start:ahead].reshape(-1, d), table, fmt.step_bits, last)
+        found = walk[:, :(stop - start) // d]
+        last = found[:, -1]
+        states[:, start // d:stop // d] = found
+        approx = (table[found].reshape(rows, -1) * scale).T  # [block columns, rows]
+        errors = torch.zeros(stop - start, rows)
+        for k in range(stop - start):
+            if updated is not None:
+                updated[start + k] = block[k]
+            error = (block[k] - approx[k]).div_(block_inverse[k, k])
+            block[k:].addr_(block_inverse[k, k:], error, alpha=-1)
+            errors[k] = error
+        weight[stop:] -= inverse[start:stop, stop:].T @ errors
+    kept = None if updated is None else (updated.T.double() @ turn.T).float()[:, None, :]
+    codes = fmt.symbols(states)[:, None, :].to(torch.uint8)
+    return QuantizedTensor(fmt, (rows, cols), codes, params, kept)
 
 
 def _fit_group(cohort: list[_Option], group: int, weight, block, errors, inverse, position, hessian, importance,

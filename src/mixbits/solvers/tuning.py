@@ -20,6 +20,8 @@ model's inputs, over the calibration windows, by signed gradient descent:
   and AQLM's codebook update), the codes GPTQ chose held fixed: a codebook
   entry moves by `lr` per step, as an offset does in code units, and is
   stored rounded by the format's table codec.
+- for trellis codes, whose walks have no per-weight rounding to move and whose
+  codebook is fixed, the scales alone.
 
 Each step takes `batch` windows in a fixed shuffled order; the step size
 starts at `lr` and decays linearly to 0 (without the decay, the signed steps
@@ -74,8 +76,9 @@ class _Layer:
         self.tensor = tensor
         self.fmt, self.params = tensor.format, tensor.params
         self.scale = tensor.params["scale"]
-        codebook = self.fmt.vector_size > 1  # codes index a codebook: they stay, the codebook moves
-        self.offset = None if codebook else torch.zeros_like(tensor.source, requires_grad=True)
+        # Codes chosen jointly (a codebook's indices, a trellis walk) stay; a learned codebook moves instead.
+        self.offset = torch.zeros_like(tensor.source, requires_grad=True) if self.fmt.rounds_each_weight else None
+        codebook = "codebook" in tensor.params
         self.codebook = tensor.params["codebook"].clone().requires_grad_(True) if codebook else None
         codec = getattr(self.fmt, "scale", None)
         self.log_scale = (torch.zeros_like(self.scale, requires_grad=True)

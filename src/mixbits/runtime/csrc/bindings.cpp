@@ -7,6 +7,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("byte_dequantize", &byte_dequantize, "W from 8-bit codes");
   m.def("vectorized", &vectorized, "whether the AVX2 path was compiled");
   m.def("vector_linear", &vector_linear, "x @ W.T for vector-codebook codes, from tables of codeword dot products");
+  m.def("trellis_viterbi", &trellis_viterbi, "the best walk through a bit-shift trellis for each sequence");
+  m.def("trellis_linear", &trellis_linear, "x @ W.T for trellis-coded rows, from their bit streams");
+  m.def("trellis_dequantize", &trellis_dequantize, "the weights of trellis-coded rows");
   m.def("quantize_rows", &quantize_rows, "float32 rows to int8 codes in blocks, their scales and sums per 16 inputs");
   m.def("nibble_xlinear", &nibble_xlinear, "float32 rows quantized to int8, times 4-bit codes");
   m.def("byte_xlinear", &byte_xlinear, "float32 rows quantized to int8, times 8-bit codes");

@@ -12,6 +12,13 @@ bool vectorized();
 // vector.cpp: matrix products with vector-codebook weights, from tables of codeword dot products.
 at::Tensor vector_linear(at::Tensor x, at::Tensor codes, at::Tensor books, at::Tensor scales, int64_t group);
 
+// trellis.cpp: the Viterbi search of trellis codes, and products and weights from their bit streams.
+at::Tensor trellis_viterbi(at::Tensor target, at::Tensor weight, at::Tensor table, int64_t step_bits, at::Tensor start);
+at::Tensor trellis_linear(at::Tensor x, at::Tensor streams, at::Tensor scales, at::Tensor table, int64_t step_bits,
+                          int64_t offset);
+at::Tensor trellis_dequantize(at::Tensor streams, at::Tensor scales, at::Tensor table, int64_t step_bits, int64_t offset,
+                              int64_t cols);
+
 // qdot.cpp: int8-quantized activations times integer-coded weights, in integer arithmetic.
 std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t block, int64_t bits, double fixed);
 at::Tensor nibble_xlinear(at::Tensor x, int64_t block, int64_t bits, double fixed, at::Tensor codes, at::Tensor scales,
