@@ -22,7 +22,10 @@ TRELLIS_OPTIONS (bench/results/low_bit/sensitivity_trellis.json). Methods:
   A toward the least-squares target;
 - +tune: then block-wise tuning of rounding offsets (for vector codebooks,
   the codebooks) and scales to the float block's output (`solvers.tuning`,
-  default settings: 100 signed-gradient steps of 4 windows per block).
+  default settings: 100 signed-gradient steps of 4 windows per block);
+- +distill: then the scales tuned to the float model's logits
+  (`solvers.distill`, default settings: 50 signed-gradient steps of one
+  calibration window).
 
 Resumable: finished rows in bench/results/low_bit.json are kept.
 
@@ -56,6 +59,7 @@ from mixbits.quantize import quantize
 from mixbits.report import format_table
 from mixbits.sensitivity import Sensitivity
 from mixbits.solvers import GptqSettings
+from mixbits.solvers.distill import DistillSettings
 from mixbits.solvers.tuning import TuneSettings
 
 from common import (RESULTS, calibrated_protocol, domain_cells, earlier_results, fp32_references, rewrite_report,
@@ -69,12 +73,13 @@ VECTOR_OPTIONS = ["vq2x4:ch", "vq2x5:ch", "vq2x6:ch", "vq4x8:ch"]  # what the '+
 VECTOR_SENSITIVITY = RESULTS / "low_bit" / "sensitivity.json"
 TRELLIS_OPTIONS = ["trellis2x3:ch", "trellis2x4:ch", "trellis2x5:ch", "trellis2x6:ch", "trellis2x7:ch"]  # '+tc' adds
 TRELLIS_SENSITIVITY = RESULTS / "low_bit" / "sensitivity_trellis.json"
-METHODS = {  # label -> (solver, GPTQ settings, block-wise tuning)
-    "gptq": ("gptq", GptqSettings(), None),
-    "gptaq a=0.25": ("gptaq", GptqSettings(asymmetry=0.25), None),
-    "gptaq a=1": ("gptaq", GptqSettings(asymmetry=1.0), None),
-    "gptq+tune": ("gptq", GptqSettings(), TuneSettings()),
-    "gptaq a=0.25+tune": ("gptaq", GptqSettings(asymmetry=0.25), TuneSettings()),
+METHODS = {  # label -> (solver, GPTQ settings, block-wise tuning, distillation)
+    "gptq": ("gptq", GptqSettings(), None, None),
+    "gptaq a=0.25": ("gptaq", GptqSettings(asymmetry=0.25), None, None),
+    "gptaq a=1": ("gptaq", GptqSettings(asymmetry=1.0), None, None),
+    "gptq+tune": ("gptq", GptqSettings(), TuneSettings(), None),
+    "gptaq a=0.25+tune": ("gptaq", GptqSettings(asymmetry=0.25), TuneSettings(), None),
+    "gptaq a=0.25+distill": ("gptaq", GptqSettings(asymmetry=0.25), None, DistillSettings()),
 }
 
 
@@ -105,7 +110,7 @@ def main() -> None:
 
     chosen = [t for text in args.only for t in TARGETS if text in t] if args.only else TARGETS
     for target in dict.fromkeys(chosen):  # in the order --only names them
-        for label, (solver, settings, tune) in METHODS.items():
+        for label, (solver, settings, tune, distill) in METHODS.items():
             if (target, label) in done or (args.method and label not in args.method):
                 continue
             model = copy.deepcopy(loaded.model)
@@ -115,15 +120,17 @@ def main() -> None:
                 if table is None:
                     raise SystemExit(f"{target} needs its sensitivity table; measure it as this script's docstring says")
                 plan = plan_with_solver(allocated_plan(table, Budget(float(target.split()[1])), "kl"), solver)
-                report = quantize(model, plan=plan, calibration=windows, gptq=settings, tune=tune, progress=False)
+                report = quantize(model, plan=plan, calibration=windows, gptq=settings, tune=tune, distill=distill,
+                                  progress=False)
             else:
                 report = quantize(model, target, solver=solver, calibration=windows, gptq=settings, tune=tune,
-                                  progress=False)
+                                  distill=distill, progress=False)
             seconds = time.perf_counter() - started
             result = evaluate_domains(model, domains, references, progress=False)
             row = {"target": target, "method": label, "bits_per_weight": report.bits_per_weight,
                    "quantize_seconds": seconds, "quantization": {"solver": report.solver, "gptq": report.gptq.as_dict(),
-                                                                 "tuning": report.as_dict()["tuning"]},
+                                                                 "tuning": report.as_dict()["tuning"],
+                                                                 "distillation": report.as_dict()["distillation"]},
                    **result.as_dict()}
             record["results"].append(row)
             write_results(NAME, record, _markdown(record))
@@ -160,7 +167,8 @@ def _markdown(record: dict) -> str:
         "codewords from a fixed Gaussian table, a scale per row. gptaq a=A: GPTAQ with a step A "
         "toward "
         "the float model's least-squares target; +tune: then block-wise tuning of rounding offsets (codebooks, for "
-        "vector formats; nothing, for trellis codes) and scales to the float block's output (100 signed-gradient steps of 4 windows per block). "
+        "vector formats; nothing, for trellis codes) and scales to the float block's output (100 signed-gradient steps of 4 windows per block); "
+        "+distill: then the scales to the float model's logits (50 signed-gradient steps of one window). "
         "Quantize seconds on this machine, one process, one row at a time.",
         "",
         format_table(headers, rows),

@@ -68,6 +68,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="after the solver, tune each block's rounding and scales to the float block's output on the "
                         "calibration windows, STEPS signed-gradient steps per block (default with no number: "
                         f"{defaults.TUNE_STEPS}; off without --tune)")
+    q.add_argument("--distill", type=int, nargs="?", const=defaults.DISTILL_STEPS, metavar="STEPS",
+                   help="after all blocks, tune every quantized layer's scales to the float model's next-token "
+                        "distributions on the calibration windows, STEPS signed-gradient steps of one window (default "
+                        f"with no number: {defaults.DISTILL_STEPS}; kept only if it lowers the KL; off without "
+                        "--distill)")
     q.add_argument("--smoothquant", action="store_true",
                    help="with --act, first migrate activation outliers into the weights (SmoothQuant), the strength "
                         "searched on calibration data")
@@ -377,6 +382,16 @@ def _tune_settings(args):
     return TuneSettings(steps=args.tune)
 
 
+def _distill_settings(args):
+    from .solvers.distill import DistillSettings
+
+    if args.distill is None:
+        return None
+    if args.distill < 1:
+        raise MixbitsError(f"--distill takes a number of steps of at least 1, got {args.distill}")
+    return DistillSettings(steps=args.distill)
+
+
 def _check_calibration(args) -> None:
     """Window counts, GPTQ settings and the calibration text (the user's, or every source of the mix), before any model loads."""
     from .corpus import resolve_text, source
@@ -439,8 +454,8 @@ def _run_quantize(args) -> int:
     if args.smoothquant and not args.act:
         raise MixbitsError("SmoothQuant moves outliers out of the inputs for their quantization; give --act too")
     calibrated = (solver in ("gptq", "gptaq") or args.awq or args.smoothquant or plan is not None or planning
-                  or args.tune is not None)
-    tune = _tune_settings(args)
+                  or args.tune is not None or args.distill is not None)
+    tune, distill = _tune_settings(args), _distill_settings(args)
     if calibrated:
         _check_calibration(args)
     loaded = load_model(args.model)
@@ -466,7 +481,7 @@ def _run_quantize(args) -> int:
         calibration=args.calib_text, calibration_windows=args.calib_windows,
         calibration_len=args.calib_window_len, clip_search=args.clip_search, include_head=args.head, head_format=head_format,
         embedding_format=embedding_format, plan=plan, gptq=_gptq_settings(args), activation=activation,
-        resume=partial, tune=tune,
+        resume=partial, tune=tune, distill=distill,
     )
     saved = None
     if args.out:
@@ -521,7 +536,8 @@ def _run_streamed(args) -> int:
     unsupported = [flag for flag, given in (("--plan", args.plan), ("--bpw/--size", args.bpw or args.size),
                                             ("--awq", args.awq), ("--smoothquant", args.smoothquant),
                                             ("--rotate", args.rotate), ("--act", args.act), ("--head", args.head),
-                                            ("--head-format", args.head_format), ("--tune", args.tune)) if given]
+                                            ("--head-format", args.head_format), ("--tune", args.tune),
+                                            ("--distill", args.distill)) if given]
     if unsupported:
         raise MixbitsError(f"--stream quantizes to one --format; {unsupported[0]} does not stream yet")
     if not args.out:

@@ -23,6 +23,12 @@ GPTAQ_ASYMMETRY = 0.25
 TUNE_STEPS = 100
 TUNE_BATCH = 4
 TUNE_LR = 0.005
+# Distillation of scales to the float model's logits (solvers.distill): steps over the whole model, windows per step,
+# first step size (log scale), windows the result is judged on.
+DISTILL_STEPS = 50
+DISTILL_BATCH = 1
+DISTILL_LR = 0.002
+DISTILL_JUDGE = 8
 
 # Sensitivity measurement (`mixbits plan`): the Fisher's backward pass on the first windows of the
 # calibration, and the measured KL on short windows (each (group, option) reruns the blocks after it).

@@ -26,6 +26,7 @@ the quantized blocks' (and a quantized head's) measure.
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 import warnings
@@ -53,6 +54,7 @@ from .plan import KEEP, LayerTotals, Plan, PlanError, option_bits
 from .resume import RunState
 from .runtime.linear import with_activation
 from .solvers import GptqSettings, approximation, round_to_nearest, solve_many
+from .solvers.distill import DistillRecord, DistillSettings, distill_scales
 from .solvers.tuning import TuneRecord, TuneSettings, tune_block
 from .transforms.rotation import rotate as rotate_model
 from .transforms.scaling import ScaledGroup, scale_block
@@ -96,6 +98,8 @@ class QuantizationReport(LayerTotals):
     rounded_for_lack_of_tokens: list[str] = field(default_factory=list)  # calibrated layers rounded to nearest instead
     tune: TuneSettings | None = None  # block-wise tuning after the solver (`solvers.tuning`)
     tuning: list[TuneRecord] = field(default_factory=list)  # one per tuned block
+    distill: DistillSettings | None = None  # scales tuned to the float model's logits after (`solvers.distill`)
+    distillation: DistillRecord | None = None
     other_parameters: int = 0  # parameters in neither (norms, biases), stored in float32
 
     @property
@@ -107,7 +111,8 @@ class QuantizationReport(LayerTotals):
     def method(self) -> str:
         """Short name of what was done, e.g. "gptq+awq" or "rtn+rotate"."""
         parts = ([self.solver] + (["awq"] if self.awq else []) + (["smoothquant"] if self.smooth else [])
-                 + (["rotate"] if self.rotation else []) + (["tune"] if self.tune else []))
+                 + (["rotate"] if self.rotation else []) + (["tune"] if self.tune else [])
+                 + (["distill"] if self.distill else []))
         return "+".join(parts)
 
     def as_dict(self) -> dict:
@@ -137,6 +142,8 @@ class QuantizationReport(LayerTotals):
             "rounded_for_lack_of_tokens": self.rounded_for_lack_of_tokens,
             "tuning": None if self.tune is None else {**self.tune.as_dict(),
                                                       "blocks": [record.as_dict() for record in self.tuning]},
+            "distillation": None if self.distill is None else {
+                **self.distill.as_dict(), **(self.distillation.as_dict() if self.distillation else {})},
         }
 
 
@@ -162,6 +169,7 @@ def quantize(
     activation: str | Format | None = None,
     resume: str | Path | None = None,
     tune: TuneSettings | None = None,
+    distill: DistillSettings | None = None,
     progress: bool = True,
 ) -> QuantizationReport:
     """Quantize every Linear inside the transformer blocks to `format`, in place.
@@ -189,7 +197,10 @@ def quantize(
     finishes, and a run with the same settings takes the kept blocks instead
     of solving them again, with the same result (`resume.RunState`). With
     `tune`, each block's quantized Linears are then tuned to the float
-    block's output (`solvers.tuning`). Returns the exact bit count of
+    block's output (`solvers.tuning`). With `distill`, the scales of every
+    quantized layer are then tuned to the float model's next-token
+    distributions on the calibration windows (`solvers.distill`; a float copy
+    of the model is kept meanwhile). Returns the exact bit count of
     everything quantized.
     """
     if solver not in defaults.SOLVERS:
@@ -251,7 +262,8 @@ def quantize(
     solvers = {s for o, s in choices.values() if o != KEEP} or {"rtn"} if plan is not None else {solver}
     # A plan's damage was measured with calibration statistics (RTN's clip search on the output error too),
     # so plans always run calibrated.
-    calibrated = bool(solvers & {"gptq", "gptaq"}) or awq or smooth or plan is not None or tune is not None
+    calibrated = (bool(solvers & {"gptq", "gptaq"}) or awq or smooth or plan is not None or tune is not None
+                  or distill is not None)
     asymmetric = "gptaq" in solvers or tune is not None  # a float copy of the model's activations runs alongside
     windows = spec = None
     if calibrated or static:  # static input scales are measured on the calibration text too
@@ -259,7 +271,8 @@ def quantize(
 
     label = "plan" if plan is not None else uniform[0]
     report = QuantizationReport(label, clip_search, solvers.pop() if len(solvers) == 1 else "mixed", awq, smooth,
-                                calibration=spec, gptq=gptq, tune=tune)
+                                calibration=spec, gptq=gptq, tune=tune, distill=distill)
+    teacher = copy.deepcopy(module) if distill is not None else None  # before any change, rotation included
     reset_peak()
     start = time.perf_counter()
     if rotate:
@@ -281,6 +294,9 @@ def quantize(
         for name, linear in tqdm(quantizable_linears(module, include_head), desc="quantize", disable=not progress, leave=False):
             _solve([name], [linear], None, choices, report)
     _quantize_outer(module, embedding_option, report)
+    if teacher is not None:
+        report.tensors, report.distillation = distill_scales(module, teacher, report.tensors, windows, distill)
+        del teacher
     if act is not None or planned_inputs:
         _quantize_inputs(module, act, report, planned_inputs, windows)
     report.seconds = time.perf_counter() - start
