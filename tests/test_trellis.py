@@ -9,7 +9,7 @@ import torch
 from mixbits.errors import FormatError
 from mixbits.formats import parse_format
 from mixbits.formats.storage import restore, store, stored_bytes
-from mixbits.formats.trellis import _viterbi_torch, codebook, rotate, rotation, unrotate, viterbi
+from mixbits.formats.trellis import _viterbi_torch, codebook, rotate, unrotate, viterbi
 from mixbits.models.tiny import tiny_model
 from mixbits.runtime import TrellisLinear, quantized_linear
 from mixbits.runtime.kernels import native
@@ -92,7 +92,6 @@ def test_rotation_is_orthogonal_and_undone():
     x, w = torch.randn(5, 576, dtype=torch.float64), torch.randn(7, 576, dtype=torch.float64)
     assert torch.allclose(rotate(x) @ rotate(w).T, x @ w.T, atol=1e-10)
     assert torch.allclose(unrotate(rotate(x)), x, atol=1e-12)
-    assert torch.allclose(x @ rotation(576), rotate(x), atol=1e-12)
 
 
 @pytest.mark.parametrize("name, cols", [("trellis2x4:ch", 96), ("trellis2x5:ch", 64), ("trellis2x6:ch", 192),
@@ -125,7 +124,7 @@ def test_codebook_is_standard_normal():
     assert len(table.unique(dim=0)) == 2**12
 
 
-@pytest.mark.parametrize("name", ["trellis2x4:ch", "trellis2x6:ch"])
+@pytest.mark.parametrize("name", ["trellis2x4:ch", "trellis2x6:ch", "trellis1x3:ch:state=10"])
 def test_gptq_beats_the_plain_walk_on_a_correlated_hessian(name):
     fmt = parse_format(name)
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(4))

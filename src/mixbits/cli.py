@@ -815,6 +815,7 @@ def _run_formats(args) -> int:
         {"format": str(fmt), "code_bits": fmt.code_bits, "bits": fmt.bits(rows, cols),
          "bits_per_weight": fmt.bits_per_weight(rows, cols)}
         for fmt in catalog(args.group)
+        if fmt.granularity.kind != "channel" or cols % fmt.vector_size == 0  # rows that cut into whole vectors
     ]
     if args.json:
         print(json.dumps({"shape": [rows, cols], "group": args.group, "formats": entries}, indent=1))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .defaults import SOLVERS
 from .errors import MixbitsError
-from .formats import parse_format
+from .formats import TrellisFormat, parse_format
 from .plan import KEEP
 
 # From 2.15 to 5.3 bits per weight, with options just above 2.5, 3 and 4 bpw (int2:g32,
@@ -155,9 +155,10 @@ def group_choices(layers: list[str], shapes: list[tuple[int, int]], menu: list[C
             pinned = embedding_choices([pinned])[0]
     if pinned is not None and not all(allowed(pinned, shape, None) for shape in shapes):
         size = pinned.format.vector_size
+        instead = (f"vq{size}x{round(pinned.format.code_bits_per_weight * size)}:g{8 * size}"
+                   if isinstance(pinned.format, TrellisFormat) else str(pinned.format).replace(':ch', f':g{8 * size}'))
         raise MenuError(f"{layers[0]} is pinned to {pinned}, which cannot cut its rows of {shapes[0][1]} weights into "
-                        f"vectors of {size}; pin it with groups instead, e.g. "
-                        f"{str(pinned.format).replace(':ch', f':g{8 * size}')}")
+                        f"vectors of {size}; pin it with groups instead, e.g. {instead}")
     if pinned is not None and not all(allowed(pinned, shape, target) for shape in shapes):
         raise MenuError(f"{layers[0]} is pinned to {pinned}, which a {target} file cannot hold; pin an option "
                         f"such as {TARGET_OPTIONS[target][0]}")

@@ -94,14 +94,6 @@ def unrotate(rows: torch.Tensor) -> torch.Tensor:
     return (rows @ matrix.T.to(rows.dtype)) * _signs(rows.shape[-1])
 
 
-def rotation(cols: int) -> torch.Tensor:
-    """R itself, [C, C] float64: rotate(x) == x @ R."""
-    from ..transforms.hadamard import rotation_matrix
-
-    matrix, _ = rotation_matrix(cols)
-    return _signs(cols).double()[:, None] * matrix.double()
-
-
 def viterbi(target: torch.Tensor, weight: torch.Tensor | None, table: torch.Tensor, step_bits: int,
             start: torch.Tensor | None = None) -> torch.Tensor:
     """The states [N, T] of the best walk for each of N sequences `target` [N, T, D]: the least sum over steps of
@@ -189,7 +181,8 @@ class TrellisFormat(Format):
             raise FormatError(f"{text!r}: write a trellis code as trellisDxK:ch, e.g. trellis2x5:ch (2 weights per "
                               "5-bit step) or trellis2x4:ch:state=14")
         scale, explicit = scale_option(options)
-        state = int_option(text, options, "state") or DEFAULT_STATE_BITS
+        state = int_option(text, options, "state")
+        state = DEFAULT_STATE_BITS if state is None else state
         return cls(int(match.group(1)), int(match.group(2)), granularity_field(text, positional, f"{head}:ch"),
                    state, scale, explicit)
 

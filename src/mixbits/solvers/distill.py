@@ -3,7 +3,8 @@
 Block-wise tuning (`solvers.tuning`) matches each block's output; what a user
 sees is the next-token distribution. After every block is quantized, this
 tunes one log multiplier a per stored scale (per row or group) of every
-quantized Linear whose scales are plain floats (fp16, bf16, fp32), the codes
+quantized layer whose scales are plain floats (fp16, bf16, fp32; the Linears,
+and the input embedding when it is quantized), the codes
 held fixed, by signed gradient descent on KL(float model || quantized model)
 of the next-token distributions over the calibration windows: the scales-only
 end-to-end stage of EfficientQAT, with the float model as teacher rather than

@@ -50,7 +50,7 @@ from .. import defaults
 from ..formats import Format, QuantizedTensor
 from ..formats.granularity import to_groups
 from ..formats.integer import IntFormat
-from ..formats.trellis import TrellisFormat, rotation, viterbi
+from ..formats.trellis import TrellisFormat, rotate, unrotate, viterbi
 from .rtn import error_weights, fit_affine_group, fit_params, hessian_importance, output_error
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def gptq_options(
     source[:, dead] = 0.0
     importance = hessian_importance(hessian, source.shape[0])
     results: list[QuantizedTensor | None] = [None] * len(formats)
-    scalar = [k for k, fmt in enumerate(formats) if fmt.vector_size == 1]
+    scalar = [k for k, fmt in enumerate(formats) if fmt.vector_size == 1 and not isinstance(fmt, TrellisFormat)]
     for k, fmt in enumerate(formats):
         if isinstance(fmt, TrellisFormat):
             results[k] = _gptq_trellis(source, hessian, fmt, settings, keep_source)
@@ -371,11 +371,11 @@ def _gptq_trellis(source: torch.Tensor, hessian: torch.Tensor, fmt: TrellisForma
     rows, cols = source.shape
     d = fmt.dim
     steps = fmt.steps(cols)
-    turn = rotation(cols)
-    rotated = (source.double() @ turn).float()
+    rotated = rotate(source.double()).float()
     params = fmt.fit(to_groups(source, fmt.granularity))
     scale = params["scale"][:, 0, :]  # [R, 1]
-    inverse = upper_inverse_cholesky(turn.T @ hessian @ turn, settings.damp).float()
+    # R^T H R as two fast transforms (H symmetric): rotate(H) = H R, then rotate((H R)^T) = R^T H R.
+    inverse = upper_inverse_cholesky(rotate(rotate(hessian).T), settings.damp).float()
     weight = rotated.T.contiguous()  # [cols, rows]
     table = fmt.table
     states = torch.zeros(rows, steps, dtype=torch.long)
@@ -396,14 +396,14 @@ def _gptq_trellis(source: torch.Tensor, hessian: torch.Tensor, fmt: TrellisForma
         states[:, start // d:stop // d] = found
         approx = (table[found].reshape(rows, -1) * scale).T  # [block columns, rows]
         errors = torch.zeros(stop - start, rows)
+        if updated is not None:  # the values the walk was chosen for
+            updated[start:stop] = block
         for k in range(stop - start):
-            if updated is not None:
-                updated[start + k] = block[k]
             error = (block[k] - approx[k]).div_(block_inverse[k, k])
             block[k:].addr_(block_inverse[k, k:], error, alpha=-1)
             errors[k] = error
         weight[stop:] -= inverse[start:stop, stop:].T @ errors
-    kept = None if updated is None else (updated.T.double() @ turn.T).float()[:, None, :]
+    kept = None if updated is None else unrotate(updated.T.double()).float()[:, None, :]
     codes = fmt.symbols(states)[:, None, :].to(torch.uint8)
     return QuantizedTensor(fmt, (rows, cols), codes, params, kept)
 
