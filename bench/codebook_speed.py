@@ -41,8 +41,8 @@ from mixbits.solvers import round_to_nearest
 from common import write_results
 
 SHAPES = [(3072, 576), (576, 1536)]
-FORMATS = ["int4:g128:asym", "int3:g64:asym", "vq2x6:ch", "vq2x5:ch", "vq4x8:ch", "vq2x4:ch", "vq4x10:ch",
-           "vq8x8:ch:stages=2", "trellis2x6:ch", "trellis2x5:ch", "trellis2x4:ch"]
+FORMATS = ["int4:g128:asym", "int3:g64:asym", "vq2x6:ch", "vq2x5:ch", "vq4x8:ch", "trellis2x6:ch", "trellis2x5:ch",
+           "trellis2x4:ch"]
 BASE = "int4:g128:asym"
 ROWS = (1, 512)
 PROMPT, NEW = 32, 64
