@@ -372,24 +372,13 @@ def _gptq_settings(args):
                            f"{args.shrink} and {args.asymmetry}") from None
 
 
-def _tune_settings(args):
-    from .solvers.tuning import TuneSettings
-
-    if args.tune is None:
+def _steps_settings(steps: int | None, flag: str, settings):
+    """`settings(steps=steps)` for a --tune or --distill given STEPS; None when the flag is absent."""
+    if steps is None:
         return None
-    if args.tune < 1:
-        raise MixbitsError(f"--tune takes a number of steps of at least 1, got {args.tune}")
-    return TuneSettings(steps=args.tune)
-
-
-def _distill_settings(args):
-    from .solvers.distill import DistillSettings
-
-    if args.distill is None:
-        return None
-    if args.distill < 1:
-        raise MixbitsError(f"--distill takes a number of steps of at least 1, got {args.distill}")
-    return DistillSettings(steps=args.distill)
+    if steps < 1:
+        raise MixbitsError(f"{flag} takes a number of steps of at least 1, got {steps}")
+    return settings(steps=steps)
 
 
 def _check_calibration(args) -> None:
@@ -455,7 +444,11 @@ def _run_quantize(args) -> int:
         raise MixbitsError("SmoothQuant moves outliers out of the inputs for their quantization; give --act too")
     calibrated = (solver in ("gptq", "gptaq") or args.awq or args.smoothquant or plan is not None or planning
                   or args.tune is not None or args.distill is not None)
-    tune, distill = _tune_settings(args), _distill_settings(args)
+    from .solvers.distill import DistillSettings
+    from .solvers.tuning import TuneSettings
+
+    tune = _steps_settings(args.tune, "--tune", TuneSettings)
+    distill = _steps_settings(args.distill, "--distill", DistillSettings)
     if calibrated:
         _check_calibration(args)
     loaded = load_model(args.model)

@@ -30,6 +30,7 @@ from .. import defaults
 from ..formats import QuantizedTensor
 from ..formats.granularity import ungroup
 from ..formats.scales import CastScale
+from .tuning import frozen, write_weights
 
 MAX_LOG_SCALE = 0.25
 
@@ -93,7 +94,6 @@ def distill_scales(model: nn.Module, teacher: nn.Module, tensors: dict[str, Quan
     where kept) and a record. The model's weights are left as the returned tensors say."""
     names = [name for name, tensor in tensors.items() if distillable(tensor)]
     logs = {name: torch.zeros_like(tensors[name].params["scale"], requires_grad=True) for name in names}
-    modules = dict(model.named_modules())
 
     def scales(name: str, log: torch.Tensor) -> torch.Tensor:
         return tensors[name].params["scale"] * log.exp()
@@ -115,10 +115,7 @@ def distill_scales(model: nn.Module, teacher: nn.Module, tensors: dict[str, Quan
             return sum(float(_kl(teacher, _logits(model, judge[i:i + 1], weights), judge[i:i + 1]))
                        for i in range(len(judge))) / len(judge)
 
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    try:
+    with frozen(model):
         start = {name: tensors[name] for name in names}
         start_kl = judged(start)
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
@@ -135,15 +132,9 @@ def distill_scales(model: nn.Module, teacher: nn.Module, tensors: dict[str, Quan
                         log.sub_(grad.sign(), alpha=size).clamp_(-MAX_LOG_SCALE, MAX_LOG_SCALE)
         tuned = rounded()
         end_kl = judged(tuned) if names else start_kl
-    finally:
-        for parameter in frozen:
-            parameter.requires_grad_(True)
     kept = end_kl < start_kl
     result = dict(tensors)
     if kept:
         result.update(tuned)
-    with torch.no_grad():
-        for name in names:
-            target = modules[name].weight
-            target.copy_(result[name].dequantize().to(target.dtype))
+    write_weights(model, names, result)
     return result, DistillRecord(len(names), start_kl, min(start_kl, end_kl), kept)

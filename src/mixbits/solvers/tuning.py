@@ -32,6 +32,7 @@ never leaves a block worse than its solver did on the error it optimises.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,28 @@ class TuneRecord:
         return {"layers": self.layers, "start_error": self.start_error, "end_error": self.end_error, "kept": self.kept}
 
 
+@contextmanager
+def frozen(module: nn.Module):
+    """`module`'s trainable parameters held without gradients meanwhile: tuning differentiates only its own."""
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+
+def write_weights(module: nn.Module, names, tensors: dict[str, QuantizedTensor]) -> None:
+    """Set the weights of `module`'s Linears `names` to the dequantized `tensors` of those names."""
+    modules = dict(module.named_modules())
+    with torch.no_grad():
+        for name in names:
+            weight = modules[name].weight
+            weight.copy_(tensors[name].dequantize().to(weight.dtype))
+
+
 def tune_block(block: nn.Module, kwargs: dict, inputs: torch.Tensor, targets: torch.Tensor,
                tensors: dict[str, QuantizedTensor], settings: TuneSettings = TuneSettings(),
                seed: int = 0) -> tuple[dict[str, QuantizedTensor], TuneRecord]:
@@ -139,9 +162,6 @@ def tune_block(block: nn.Module, kwargs: dict, inputs: torch.Tensor, targets: to
     from torch.func import functional_call
 
     layers = {name: _Layer(tensor) for name, tensor in tensors.items() if tunable(tensor)}
-    frozen = [p for p in block.parameters() if p.requires_grad]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
 
     def outputs(weights: dict[str, torch.Tensor], windows) -> torch.Tensor:
         """The block's outputs on `inputs[windows]` with the named Linears' weights replaced by `weights`."""
@@ -154,7 +174,7 @@ def tune_block(block: nn.Module, kwargs: dict, inputs: torch.Tensor, targets: to
                               .square().sum()) for i in range(0, len(inputs), settings.batch))
         return total / targets.numel()
 
-    try:
+    with frozen(block):
         start = {name: tensors[name].dequantize() for name in layers}
         start_error = error(start)
         order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
@@ -173,16 +193,9 @@ def tune_block(block: nn.Module, kwargs: dict, inputs: torch.Tensor, targets: to
                     layer.clamp_()
         tuned = {name: layer.result() for name, layer in layers.items()}
         end_error = error({name: tensor.dequantize() for name, tensor in tuned.items()}) if layers else start_error
-    finally:
-        for parameter in frozen:
-            parameter.requires_grad_(True)
     kept = end_error < start_error
     result = dict(tensors)
     if kept:
         result.update(tuned)
-    modules = dict(block.named_modules())
-    with torch.no_grad():
-        for name in layers:
-            weight = modules[name].weight
-            weight.copy_(result[name].dequantize().to(weight.dtype))
+    write_weights(block, layers, result)
     return result, TuneRecord(len(layers), start_error, min(end_error, start_error), kept)
