@@ -100,9 +100,7 @@ def main() -> None:
         rewrite_report(NAME, _markdown)
         return
 
-    sensitivity = Sensitivity.load(RESULTS / "mixed" / "sensitivity.json")
-    tables = {"+vq": VECTOR_SENSITIVITY, "+tc": TRELLIS_SENSITIVITY}
-    tables = {suffix: Sensitivity.load(path) if path.exists() else None for suffix, path in tables.items()}
+    tables = sensitivity_tables()
     loaded, domains, record, windows = calibrated_protocol()
     record["results"] = earlier_results(NAME, record, ("domains", "model", "calibration"))
     done = {(r["target"], r["method"]) for r in record["results"]}
@@ -110,34 +108,50 @@ def main() -> None:
 
     chosen = [t for text in args.only for t in TARGETS if text in t] if args.only else TARGETS
     for target in dict.fromkeys(chosen):  # in the order --only names them
-        for label, (solver, settings, tune, distill) in METHODS.items():
+        for label in METHODS:
             if (target, label) in done or (args.method and label not in args.method):
                 continue
-            model = copy.deepcopy(loaded.model)
-            started = time.perf_counter()
-            if target.startswith("plan "):
-                table = tables[target.split()[-1]] if target.endswith(tuple(tables)) else sensitivity
-                if table is None:
-                    raise SystemExit(f"{target} needs its sensitivity table; measure it as this script's docstring says")
-                plan = plan_with_solver(allocated_plan(table, Budget(float(target.split()[1])), "kl"), solver)
-                report = quantize(model, plan=plan, calibration=windows, gptq=settings, tune=tune, distill=distill,
-                                  progress=False)
-            else:
-                report = quantize(model, target, solver=solver, calibration=windows, gptq=settings, tune=tune,
-                                  distill=distill, progress=False)
-            seconds = time.perf_counter() - started
-            result = evaluate_domains(model, domains, references, progress=False)
-            row = {"target": target, "method": label, "bits_per_weight": report.bits_per_weight,
-                   "quantize_seconds": seconds, "quantization": {"solver": report.solver, "gptq": report.gptq.as_dict(),
-                                                                 "tuning": report.as_dict()["tuning"],
-                                                                 "distillation": report.as_dict()["distillation"]},
-                   **result.as_dict()}
+            row = quantized_row(loaded, target, label, windows, tables, domains, references)
             record["results"].append(row)
             write_results(NAME, record, _markdown(record))
             deltas = ", ".join(f"{d['name']} {d['delta_perplexity']:+.1%}" for d in row["domains"])
-            print(f"{target:14} {label:14} {report.bits_per_weight:.3f} bpw  {deltas} ({seconds:.0f} s)", flush=True)
-            del model, report
-            gc.collect()
+            print(f"{target:14} {label:14} {row['bits_per_weight']:.3f} bpw  {deltas} ({row['quantize_seconds']:.0f} s)",
+                  flush=True)
+
+
+def sensitivity_tables() -> dict:
+    """The sensitivity table of each kind of plan: '' the mixed table's, '+vq' and '+tc' its extensions (None if
+    not measured)."""
+    paths = {"+vq": VECTOR_SENSITIVITY, "+tc": TRELLIS_SENSITIVITY}
+    tables = {suffix: Sensitivity.load(path) if path.exists() else None for suffix, path in paths.items()}
+    return {"": Sensitivity.load(RESULTS / "mixed" / "sensitivity.json"), **tables}
+
+
+def quantized_row(loaded, target: str, label: str, windows, tables: dict, domains, references) -> dict:
+    """Quantize a copy of the model to `target` by method `label` on the calibration `windows` and evaluate it on
+    every domain: the result row."""
+    solver, settings, tune, distill = METHODS[label]
+    model = copy.deepcopy(loaded.model)
+    started = time.perf_counter()
+    if target.startswith("plan "):
+        suffix = target.split()[-1] if target.endswith(("+vq", "+tc")) else ""
+        if tables[suffix] is None:
+            raise SystemExit(f"{target} needs its sensitivity table; measure it as bench/low_bit.py's docstring says")
+        plan = plan_with_solver(allocated_plan(tables[suffix], Budget(float(target.split()[1])), "kl"), solver)
+        report = quantize(model, plan=plan, calibration=windows, gptq=settings, tune=tune, distill=distill,
+                          progress=False)
+    else:
+        report = quantize(model, target, solver=solver, calibration=windows, gptq=settings, tune=tune,
+                          distill=distill, progress=False)
+    seconds = time.perf_counter() - started
+    result = evaluate_domains(model, domains, references, progress=False)
+    row = {"target": target, "method": label, "bits_per_weight": report.bits_per_weight, "quantize_seconds": seconds,
+           "quantization": {"solver": report.solver, "gptq": report.gptq.as_dict(),
+                            "tuning": report.as_dict()["tuning"], "distillation": report.as_dict()["distillation"]},
+           **result.as_dict()}
+    del model, report
+    gc.collect()
+    return row
 
 
 def _markdown(record: dict) -> str:

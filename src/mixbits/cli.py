@@ -115,6 +115,26 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=_run_plan, text=None)
 
+    k = commands.add_parser("kv-plan", help="measure each block's keys and values under each KV-cache option and "
+                                            "allocate cache bits to a budget",
+                            description="Measure the KL of every (block, keys or values, option) on calibration "
+                                        "windows, then choose one option per block's keys and values with an exact "
+                                        "integer program to meet the cache budget at --context tokens (KVTuner).")
+    _add_model_args(k)
+    budget = k.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bits", type=float, help="budget in mean bits per cached number (keys and values)")
+    budget.add_argument("--size", help="budget as the whole cache's size at --context tokens, e.g. 40MB")
+    k.add_argument("--context", type=int, default=4096, help="context length the budget counts (default: %(default)s)")
+    k.add_argument("--options", help="comma-separated KV options (see `mixbits eval --kv`) (default: "
+                                     + ",".join(_kv_default_options()) + ")")
+    k.add_argument("--damage-file", help="reuse the measurements in this file if it exists, else write them there")
+    k.add_argument("--calib-windows", type=int, default=4, help="calibration windows (default: %(default)s)")
+    k.add_argument("--calib-window-len", type=int, default=2048,
+                   help="tokens per calibration window: as long as the contexts served (default: %(default)s)")
+    k.add_argument("--into", help="a weights plan (from `mixbits plan`) to hold the KV plan; written to --out")
+    k.add_argument("--out", "-o", required=True, help="where to write the plan (JSON)")
+    k.set_defaults(run=_run_kv_plan)
+
     s = commands.add_parser("sweep", help="quantize at a range of budgets and plot perplexity against size",
                             description="For each budget, quantize with the allocated plan and with a llama.cpp-style "
                                         "heuristic mix; also every uniform option in range. Writes a table, a PNG and an HTML page.")
@@ -132,7 +152,9 @@ def _build_parser() -> argparse.ArgumentParser:
                             description="Perplexity on windows from the middle of each evaluation domain (default pydoc, austen, kjv) "
                                         "and their mean; with --reference, also KL and top-1 agreement.")
     _add_model_args(e, positional=True)
-    e.add_argument("--reference", help="reference model (same sources as --model) for KL and agreement")
+    e.add_argument("--reference", help="reference model (same sources as --model) for KL and agreement (with a "
+                                       "quantized KV cache, default: the same model with its cache in full precision)")
+    _add_kv_args(e)
     _add_eval_args(e)
     e.set_defaults(run=_run_eval)
 
@@ -159,6 +181,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy decoding")
     g.add_argument("--transformers", action="store_true",
                    help="decode with transformers' generate instead of mixbits' decoder (slower; for comparison)")
+    _add_kv_args(g)
     g.set_defaults(run=_run_generate)
 
     c = commands.add_parser("corpus", help="the named text sources: list them, or fetch the Debian ones",
@@ -215,6 +238,53 @@ def _add_budget_args(parser, required: bool) -> None:
     parser.add_argument("--scope", choices=("layers", "model"), default="layers",
                         help="--bpw counts the quantized layers, or the whole model: then the embedding and an untied "
                              "head are allocated too, norms and biases counted at 32 bits (default: %(default)s)")
+
+
+def _add_kv_args(parser) -> None:
+    parser.add_argument("--kv", metavar="OPTION",
+                        help="quantize the KV cache's keys and values: a scalar format, then /channel (scales per "
+                             "channel over token groups), /pre-rope (keys), /rotate (Hadamard per head), /residualN "
+                             "(newest N tokens in 16 bits), e.g. int4:g64:asym or int2:g32:asym/channel/residual64")
+    parser.add_argument("--kv-keys", metavar="OPTION", help="the keys' option (default: --kv)")
+    parser.add_argument("--kv-values", metavar="OPTION", help="the values' option (default: --kv)")
+    parser.add_argument("--kv-plan", metavar="PLAN", help="per-block key and value options from a plan file's kv_cache")
+
+
+def _kv_default_options() -> tuple[str, ...]:
+    from .kvcache.planning import DEFAULT_OPTIONS
+
+    return DEFAULT_OPTIONS
+
+
+def _kv_layers(args, model) -> list | None:
+    """Per-block (keys, values) options from --kv, --kv-keys, --kv-values or --kv-plan; None if none is given."""
+    from .kvcache import parse_kv
+    from .kvcache.planning import cache_shape
+    from .plan import Plan
+
+    if args.kv_plan:
+        if args.kv or args.kv_keys or args.kv_values:
+            raise MixbitsError("give --kv-plan or --kv/--kv-keys/--kv-values, not both")
+        plan = Plan.load(args.kv_plan)
+        if plan.kv_cache is None:
+            raise MixbitsError(f"{args.kv_plan} has no kv_cache; make one with `mixbits kv-plan`")
+        plan.kv_cache.check_model(cache_shape(model))
+        return plan.kv_cache.layers
+    keys = parse_kv(args.kv_keys or args.kv)
+    values = parse_kv(args.kv_values or args.kv)
+    if keys is None and values is None:
+        return None
+    if values is not None and values.pre_rope:
+        raise MixbitsError(f"{values}: values have no rotary embedding; give pre-rope with --kv-keys only")
+    return [(keys, values)] * cache_shape(model).blocks
+
+
+def _check_kv_args(args) -> None:
+    """Parse the KV options before any model loads (a bad string fails at once)."""
+    from .kvcache import parse_kv
+
+    for text in (args.kv, args.kv_keys, args.kv_values):
+        parse_kv(text)
 
 
 def _add_plan_args(parser) -> None:
@@ -617,6 +687,7 @@ def _run_eval(args) -> int:
     from .record import provenance
 
     texts = _eval_texts(args)
+    _check_kv_args(args)
     source = _source(args)
     check_source(source)
     if args.reference:
@@ -624,8 +695,19 @@ def _run_eval(args) -> int:
     loaded = load_model(source)
     reference = load_model(args.reference) if args.reference else None
     domains = load_domains(loaded.tokenizer, texts, args.windows, args.window_len, **_checkpoint_calibration(source))
-    result = evaluate_domains(loaded, domains, reference=reference)
+    kv = _kv_layers(args, loaded.model)
     record = provenance(loaded.name, loaded.sha256)
+    if kv is None:
+        result = evaluate_domains(loaded, domains, reference=reference)
+    else:
+        from .eval.domains import reference_scores
+        from .kvcache.fake import fake_quantized_kv
+
+        against = reference_scores((reference or loaded).model, domains)  # before the cache is quantized
+        with fake_quantized_kv(loaded.model, kv):
+            result = evaluate_domains(loaded, domains, reference=against)
+        record["kv_cache"] = [{"block": i, "keys": str(k or "none"), "values": str(v or "none")}
+                              for i, (k, v) in enumerate(kv)]
     if reference is not None:
         record["reference"] = {"name": reference.name, "sha256": reference.sha256}
     record["evaluation"] = result.as_dict()
@@ -635,6 +717,12 @@ def _run_eval(args) -> int:
     print(f"model: {loaded.name} (sha256 {loaded.sha256[:12]})")
     if reference is not None:
         print(f"reference: {reference.name} (sha256 {reference.sha256[:12]})")
+    elif kv is not None:
+        print("reference: the same model with its KV cache in full precision")
+    if kv is not None:
+        kinds = sorted({(str(k or "none"), str(v or "none")) for k, v in kv})
+        print("KV cache: " + "; ".join(f"keys {k}, values {v}" for k, v in kinds[:3])
+              + (f" (and {len(kinds) - 3} more pairs)" if len(kinds) > 3 else ""))
     _print_domains(result)
     return 0
 
@@ -727,6 +815,42 @@ def _source(args) -> str | None:
     return args.source or args.model
 
 
+def _run_kv_plan(args) -> int:
+    from .allocate import parse_size
+    from .data import check_window_counts
+    from .kvcache import parse_kv
+    from .kvcache.planning import cache_shape, kv_damage, plan_kv
+    from .kvcache.plan import KVBudget
+    from .models import load_model
+    from .models.loader import check_source
+    from .plan import Plan
+
+    check_source(args.model)
+    options = [parse_kv(text) for text in (args.options.split(",") if args.options else _kv_default_options())]
+    if any(option is None for option in options):
+        raise MixbitsError("--options lists quantized options only; the model's precision is always a choice")
+    budget = KVBudget(args.context, args.bits, None if args.size is None else parse_size(args.size))
+    weights = Plan.load(args.into) if args.into else None
+    check_window_counts(args.calib_windows, args.calib_window_len)
+    loaded = load_model(args.model)
+    damage = kv_damage(loaded, options, args.calib_windows, args.calib_window_len, args.damage_file,
+                       progress=lambda done, total: print(f"measured block {done}/{total}", file=sys.stderr))
+    kv = plan_kv(loaded, budget, options, damage)
+    plan = Plan(weights.layers if weights else [], weights.model if weights else
+                {"name": loaded.name, "sha256": loaded.sha256}, weights.budget if weights else {},
+                weights.damage if weights else "kl", kv)
+    plan.save(args.out)
+    shape = cache_shape(loaded.model)
+    bits = kv.cache_bits(shape)
+    numbers = 2 * shape.blocks * shape.numbers(args.context)
+    print(f"KV plan: {bits / 8 / 1e6:.2f} MB at {args.context} tokens ({bits / numbers:.3f} bits per cached number; "
+          f"the model's precision: {shape.model_bits * numbers / 8 / 1e6:.2f} MB), predicted KL {kv.damage:.4f}")
+    for index, (keys, values) in enumerate(kv.layers):
+        print(f"  block {index:3}: keys {keys or 'none'}, values {values or 'none'}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _run_generate(args) -> int:
     import time
 
@@ -736,8 +860,10 @@ def _run_generate(args) -> int:
 
     if args.max_new_tokens < 1:
         raise MixbitsError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    _check_kv_args(args)
     check_source(_source(args))
     loaded = load_model(_source(args))
+    kv = _kv_layers(args, loaded.model)
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise MixbitsError(f"{loaded.name} has no tokenizer; generate needs one (save the model with its tokenizer)")
@@ -751,7 +877,7 @@ def _run_generate(args) -> int:
     eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
     start = time.perf_counter()
     new, runtime = generate(loaded.model, ids, args.max_new_tokens, eos, args.sample, args.transformers,
-                            note=lambda text: print(f"note: {text}", file=sys.stderr))
+                            note=lambda text: print(f"note: {text}", file=sys.stderr), kv=kv)
     seconds = time.perf_counter() - start
     print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
     print(f"{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s, prompt {ids.shape[1]} tokens "

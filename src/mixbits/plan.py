@@ -7,7 +7,8 @@ one group must share an option, e.g. q/k/v that will be fused) and the damage
 the allocator predicted for the layer's group (the same on every layer of a
 group: damage is measured per group, so the plan's total counts each group once), and optionally
 the format its inputs are rounded to as the model runs ("activation", e.g.
-"int8:g32"; absent: float inputs). Bits are never trusted from the file: they are
+"int8:g32"; absent: float inputs). A plan may also hold the KV cache's options per block under "kv_cache"
+(`kvcache.plan`); a plan of the cache alone has no weight layers. Bits are never trusted from the file: they are
 recomputed from the option and shape by the one bit-counting function, so an
 edited plan reports its true size.
 
@@ -25,6 +26,7 @@ from .defaults import SOLVERS
 from .errors import MixbitsError
 from .files import write_json
 from .formats import parse_format
+from .kvcache.plan import KVPlan
 from .schema import DAMAGE, MODULE_NAME, SHAPE, Field, ListOf, Nullable, SchemaError, check, optional, read_json
 
 PLAN_VERSION = 1
@@ -38,7 +40,7 @@ class PlanError(MixbitsError):
 LAYER_SCHEMA = {"name": Field(MODULE_NAME), "group": optional(str), "option": Field(str), "solver": optional(str),
                 "shape": Field(SHAPE), "damage": optional(Nullable(DAMAGE)), "activation": optional(Nullable(str))}
 PLAN_SCHEMA = {"mixbits_plan": Field(int), "model": optional(Nullable(dict)), "budget": optional(Nullable(dict)),
-               "damage": optional(str), "layers": Field(ListOf(LAYER_SCHEMA))}  # "totals" is recomputed, not read
+               "damage": optional(str), "layers": Field(ListOf(LAYER_SCHEMA)), "kv_cache": optional(Nullable(dict))}  # "totals" is recomputed, not read
 
 
 def option_bits(option: str, rows: int, cols: int) -> int:
@@ -94,12 +96,17 @@ class Plan(LayerTotals):
     model: dict = field(default_factory=dict)  # name and sha256 of the model it was made for
     budget: dict = field(default_factory=dict)  # what was asked, e.g. {"bits_per_weight": 3.0, "bits": ...}
     damage: str = "proxy"  # which damage the allocator minimised
+    kv_cache: KVPlan | None = None  # the KV cache's options per block
 
     def __post_init__(self):
         self.validate()
 
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / self.weights if self.layers else 0.0
+
     def validate(self) -> None:
-        if not self.layers:
+        if not self.layers and self.kv_cache is None:
             raise PlanError("the plan has no layers; make one with `mixbits plan`")
         names = set()
         options: dict[str, tuple[str, str, str]] = {}
@@ -147,6 +154,7 @@ class Plan(LayerTotals):
             "totals": {"bits": self.bits, "weights": self.weights, "bits_per_weight": self.bits_per_weight,
                        "damage": self.damage_total},
             "layers": [layer.as_dict() for layer in self.layers],
+            **({} if self.kv_cache is None else {"kv_cache": self.kv_cache.as_dict()}),
         }
 
     def save(self, path: str | Path) -> None:
@@ -167,7 +175,8 @@ class Plan(LayerTotals):
                             entry.get("solver", "rtn"), tuple(entry["shape"]), entry.get("damage"),
                             entry.get("activation"))
                   for entry in data["layers"]]
-        return cls(layers, data.get("model") or {}, data.get("budget") or {}, data.get("damage", "proxy"))
+        kv_cache = None if data.get("kv_cache") is None else KVPlan.from_dict(data["kv_cache"])
+        return cls(layers, data.get("model") or {}, data.get("budget") or {}, data.get("damage", "proxy"), kv_cache)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

@@ -207,6 +207,9 @@ def quantize(
         raise MixbitsError(f"unknown solver {solver!r}; use one of {', '.join(defaults.SOLVERS)}")
     if online_hadamard and not rotate:
         raise MixbitsError("the online Hadamard before down_proj is part of the rotation; add rotate=True (--rotate)")
+    if plan is not None and not plan.layers:
+        raise PlanError("this plan holds only a KV cache (kv_cache), no weight layers; use it with `mixbits eval "
+                        "--kv-plan` or `mixbits generate --kv-plan`, or add it to a weights plan with `kv-plan --into`")
     if plan is not None and (awq or rotate or smooth):
         raise MixbitsError("plans are measured on the model as it is: --awq, --smoothquant and --rotate do not combine "
                            "with a plan yet")
@@ -238,7 +241,8 @@ def quantize(
                 raise PlanError(f"the plan's {embed[0]} is {planned.shape[0]}x{planned.shape[1]} but this model's is "
                                 f"{embed[1].weight.shape[0]}x{embed[1].weight.shape[1]}; make the plan for this model")
             embedding_option = planned.option
-            plan = Plan([layer for layer in plan.layers if layer is not planned], plan.model, plan.budget, plan.damage)
+            plan = Plan([layer for layer in plan.layers if layer is not planned], plan.model, plan.budget, plan.damage,
+                        plan.kv_cache)
         untied = output_head(module)
         include_head = include_head or (untied is not None and any(layer.name == untied[0] for layer in plan.layers))
     _check_embedding(module, embedding_option)

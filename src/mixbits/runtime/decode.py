@@ -17,6 +17,10 @@ per block:
 - Keys and values go into tensors allocated once for the whole generation;
   rotary cos/sin come from the model's own rotary module for every position up
   front, so any rope type it implements is reproduced.
+- A quantized KV cache (`kv=`: per block, options of `mixbits.kvcache`) keeps
+  each block's keys or values packed in a `KVStore`; a prompt attends through
+  the fake-quantized attention (what a decoder writing it token by token reads),
+  decode steps from the stores, with the same logits.
 
 Logits equal the transformers forward up to float summation order, and greedy
 tokens equal `model.generate`'s (tests/test_decode.py). Models it cannot run
@@ -26,7 +30,9 @@ DecodeUnsupported; `generate` (and `mixbits generate`) then falls back to `model
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -34,8 +40,10 @@ from torch.nn import functional as F
 from torch.nn.utils import skip_init
 
 from ..errors import MixbitsError, TransformError
+from ..kvcache.fake import LayerKV, apply_rope, fake_quantized_kv, kv_attention
 from ..models.registry import adapter_for
 from .kernels import native
+from .kv_store import KVStore
 from .linear import KERNEL_ROWS, IntLinear, TableLinear, VectorLinear, input_activation, stack_rows, with_activation
 
 
@@ -172,36 +180,46 @@ class Decoder:
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
                  sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """The prompt `ids` (1-D, or [1, n]) followed by up to `max_new_tokens` new tokens, as a 1-D tensor."""
+                 generator: torch.Generator | None = None, kv: list[tuple] | None = None) -> torch.Tensor:
+        """The prompt `ids` (1-D, or [1, n]) followed by up to `max_new_tokens` new tokens, as a 1-D tensor.
+
+        `kv`: per block, the (keys, values) options of a quantized cache (`kvcache.KVQuant`, None: the model's dtype).
+        """
         ids = ids.reshape(-1)
-        total = ids.numel() + max_new_tokens
-        if self.sliding_window is not None and total > self.sliding_window:
-            raise DecodeUnsupported(f"generation of {total} tokens exceeds the sliding window ({self.sliding_window})")
         stops = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
-        cos, sin = self._rope(total)
-        cache_shape = (len(self.blocks), self.kv_heads, total, self.head_dim)
-        keys, values = torch.empty(cache_shape, dtype=self.dtype), torch.empty(cache_shape, dtype=self.dtype)
+        sequence = self.start(ids.numel() + max_new_tokens, kv)
         out = [ids]
-        logits = self._forward(ids, 0, cos, sin, keys, values)
-        position = ids.numel()
+        logits = sequence.feed(ids)
         for step in range(max_new_tokens):
             token = self._pick(logits, sample, temperature, top_p, generator)
             out.append(token)
             if int(token) in stops or step == max_new_tokens - 1:
                 break
-            logits = self._forward(token, position, cos, sin, keys, values)
-            position += 1
+            logits = sequence.feed(token)
         return torch.cat(out)
 
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Next-token logits after every position of `ids` (1-D): the model's forward, for tests and checks."""
+    def start(self, total: int, kv: list[tuple] | None = None) -> "Sequence":
+        """An empty sequence with caches for `total` tokens: `kv` gives per block the (keys, values) options of a
+        quantized cache (None: the model's dtype)."""
+        if self.sliding_window is not None and total > self.sliding_window:
+            raise DecodeUnsupported(f"generation of {total} tokens exceeds the sliding window ({self.sliding_window})")
+        layers = kv if kv is not None else [(None, None)] * len(self.blocks)
+        if len(layers) != len(self.blocks):
+            raise MixbitsError(f"the KV plan has {len(layers)} blocks; this model has {len(self.blocks)}")
+        shape = (self.kv_heads, total, self.head_dim)
+        caches = [tuple(torch.empty(shape, dtype=self.dtype) if option is None
+                        else KVStore(option, self.kv_heads, self.head_dim, total) for option in pair) for pair in layers]
+        return Sequence(self, caches, *self._rope(total))
+
+    def logits(self, ids: torch.Tensor, kv: list[tuple] | None = None, steps: bool = False) -> torch.Tensor:
+        """Next-token logits after every position of `ids` (1-D): the model's forward, for tests and checks; with
+        `steps`, one decode step per token (the cache as generation fills it)."""
         ids = ids.reshape(-1)
-        cos, sin = self._rope(ids.numel())
-        shape = (len(self.blocks), self.kv_heads, ids.numel(), self.head_dim)
+        sequence = self.start(ids.numel(), kv)
         with torch.inference_mode():
-            return self._forward(ids, 0, cos, sin, torch.empty(shape, dtype=self.dtype),
-                                 torch.empty(shape, dtype=self.dtype), every_position=True)
+            if steps:
+                return torch.stack([sequence.feed(ids[i:i + 1]) for i in range(ids.numel())])
+            return sequence.feed(ids, every_position=True)
 
     @staticmethod
     def _pick(logits, sample, temperature, top_p, generator) -> torch.Tensor:
@@ -222,10 +240,10 @@ class Decoder:
             return F.rms_norm(h, (h.shape[-1],), weight, self.eps)
         return F.rms_norm(h.float(), (h.shape[-1],), None, self.eps).to(h.dtype) * weight
 
-    def _forward(self, ids, start, cos, sin, keys, values, every_position=False) -> torch.Tensor:
+    def _forward(self, ids, start, cos_all, sin_all, caches, every_position=False) -> torch.Tensor:
         n = ids.numel()
         end = start + n
-        cos, sin = [c[start:end] for c in cos], [s[start:end] for s in sin]
+        cos, sin = [c[start:end] for c in cos_all], [s[start:end] for s in sin_all]
         # decode: call the kernels directly; prefill: the modules (integer kernels for quantized inputs, else
         # dequantize-and-multiply)
         step = n <= KERNEL_ROWS
@@ -239,11 +257,14 @@ class Decoder:
         for index, block in enumerate(self.blocks):
             qkv = (block.qkv_step if step else block.qkv)(self._norm(h, block.input_norm))
             table = self.rope_of_block[index]
-            if native_attention:
-                attended = self.native.attend(qkv, cos[table], sin[table], keys[index], values[index], start,
+            keys, values = caches[index]
+            if isinstance(keys, KVStore) or isinstance(values, KVStore):
+                attended = self._attend_stored(block, qkv, cos_all[table], sin_all[table], keys, values, start)
+            elif native_attention:
+                attended = self.native.attend(qkv, cos[table], sin[table], keys, values, start,
                                               self.heads, self.kv_heads, self.scaling)
             else:
-                attended = self._attend(block, qkv, cos[table], sin[table], keys[index], values[index], start, mask)
+                attended = self._attend(block, qkv, cos[table], sin[table], keys, values, start, mask)
             out = (block.o_step if step else block.o)(attended)
             h = h + (out if block.post_attention_norm is None else self._norm(out, block.post_attention_norm))
             if block.mixture is not None:  # routing and experts as the model computes them (experts from codes)
@@ -265,19 +286,67 @@ class Decoder:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits if every_position else logits[0]
 
-    def _attend(self, block, qkv, cos, sin, keys, values, start, mask) -> torch.Tensor:
-        """Rotary embedding, cache append and attention with PyTorch operators (any dtype, q/k norms)."""
-        n, end = qkv.shape[0], start + qkv.shape[0]
-        half = self.head_dim // 2
+    def _split(self, block, qkv):
+        """Queries and keys per head before the rotary embedding ([n, heads + kv_heads, head_dim], q/k norms
+        applied) and values [kv_heads, n, head_dim]."""
+        n = qkv.shape[0]
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         qk = qkv[:, :q_size + kv_size].reshape(n, self.heads + self.kv_heads, self.head_dim)
         if block.q_norm is not None:
             qk = torch.cat([block.q_norm(qk[:, :self.heads]), block.k_norm(qk[:, self.heads:])], dim=1)
-        rotated = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
-        qk = qk * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+        return qk, qkv[:, q_size + kv_size:].reshape(n, self.kv_heads, self.head_dim).transpose(0, 1)
+
+    def _attend(self, block, qkv, cos, sin, keys, values, start, mask) -> torch.Tensor:
+        """Rotary embedding, cache append and attention with PyTorch operators (any dtype, q/k norms)."""
+        end = start + qkv.shape[0]
+        qk, value = self._split(block, qkv)
+        qk = apply_rope(qk.transpose(0, 1), cos, sin).transpose(0, 1)
         keys[:, start:end] = qk[:, self.heads:].transpose(0, 1)
-        values[:, start:end] = qkv[:, q_size + kv_size:].reshape(n, self.kv_heads, self.head_dim).transpose(0, 1)
-        query, key, value = qk[:, :self.heads].transpose(0, 1), keys[:, :end], values[:, :end]
+        values[:, start:end] = value
+        return self._scores_and_mix(qk[:, :self.heads].transpose(0, 1), keys[:, :end], values[:, :end], mask)
+
+    def _attend_stored(self, block, qkv, cos_all, sin_all, keys, values, start) -> torch.Tensor:
+        """Attention with quantized keys or values (`KVStore`s; the other may be a plain tensor). A prompt's queries
+        read what a decoder writing it token by token would (the fake-quantized forward's attention); a decode
+        step reads the stores as they stand."""
+        n, end = qkv.shape[0], start + qkv.shape[0]
+        qk, value = self._split(block, qkv)
+        pre = qk.transpose(0, 1)  # [heads + kv_heads, n, head_dim] before the rotary embedding
+        turned = apply_rope(pre, cos_all[start:end], sin_all[start:end])
+        query, key = turned[:self.heads], turned[self.heads:]
+        options = []
+        for cache, post, before in ((keys, key, pre[self.heads:]), (values, value, value)):
+            if isinstance(cache, KVStore):
+                cache.append(before if cache.option.pre_rope else post)
+                options.append(cache.option)
+            else:
+                cache[:, start:end] = post
+                options.append(None)
+        if n > 1:
+            if start != 0:
+                raise DecodeUnsupported("a quantized KV cache takes a prompt from position 0, then one token a step")
+            layer = LayerKV(*options, rope=lambda tokens: (cos_all[:tokens], sin_all[:tokens]))
+            out, _ = kv_attention(SimpleNamespace(mixbits_kv=layer), query.unsqueeze(0), key.unsqueeze(0),
+                                  value.unsqueeze(0), None, scaling=self.scaling, softcap=self.attention_softcap)
+            return out[0].reshape(n, self.heads * self.head_dim)
+        grouped = query.float().reshape(self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        if not isinstance(keys, KVStore):
+            scores = grouped @ keys[:, :end].float().transpose(1, 2)
+        elif keys.option.pre_rope:
+            scores = grouped @ apply_rope(keys.read(), cos_all[:end].float(), sin_all[:end].float()).transpose(1, 2)
+        else:
+            scores = keys.scores(grouped)
+        scores = scores * self.scaling
+        if self.attention_softcap is not None:
+            scores = torch.tanh(scores / self.attention_softcap) * self.attention_softcap
+        weights = torch.softmax(scores, dim=-1)
+        out = values.mix(weights) if isinstance(values, KVStore) else weights @ values[:, :end].float()
+        return out.reshape(1, self.heads * self.head_dim).to(self.dtype)
+
+    def _scores_and_mix(self, query, key, value, mask) -> torch.Tensor:
+        """Attention of queries [heads, n, head_dim] over keys and values [kv_heads, tokens, head_dim]: [n, heads *
+        head_dim]."""
+        n, q_size = query.shape[1], self.heads * self.head_dim
         if self.attention_softcap is None:
             attended = F.scaled_dot_product_attention(query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0),
                                                       attn_mask=mask, scale=self.scaling, enable_gqa=True)[0]
@@ -292,22 +361,49 @@ class Decoder:
         return attended.transpose(0, 1).reshape(n, q_size)
 
 
+@dataclass
+class Sequence:
+    """One sequence being decoded: its caches, rotary tables and position."""
+
+    decoder: Decoder
+    caches: list[tuple]  # per block (keys, values): a [kv_heads, total, head_dim] tensor or a KVStore
+    cos: list[torch.Tensor]
+    sin: list[torch.Tensor]
+    position: int = 0
+
+    @torch.inference_mode()
+    def feed(self, ids: torch.Tensor, every_position: bool = False) -> torch.Tensor:
+        """Run tokens `ids` (1-D) from the current position: the next-token logits after the last (or after
+        every one), and the position advanced past them."""
+        logits = self.decoder._forward(ids, self.position, self.cos, self.sin, self.caches, every_position)
+        self.position += ids.numel()
+        return logits
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the caches hold for the sequence's capacity (quantized stores: codes, parameters, waiting tokens)."""
+        return sum(c.nbytes if isinstance(c, KVStore) else c.numel() * c.element_size()
+                   for pair in self.caches for c in pair)
+
+
 def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
-             sample: bool = False, transformers: bool = False, note=None) -> tuple[torch.Tensor, str]:
+             sample: bool = False, transformers: bool = False, note=None,
+             kv: list[tuple] | None = None) -> tuple[torch.Tensor, str]:
     """The new tokens after the prompt `ids` ([1, n] or 1-D) and which runtime made them: mixbits' decoder where it
     runs the model, else transformers' `model.generate` (`note(reason)` is told why; `transformers=True` forces it).
-    Sampling is temperature 0.7, top-p 0.9 in both."""
+    Sampling is temperature 0.7, top-p 0.9 in both. `kv`: per block, the (keys, values) options of a quantized cache
+    (transformers' generate then reads its cache through the fake-quantized attention, same values, unpacked)."""
     ids = ids.reshape(1, -1)
     if not transformers:
         try:
-            output = Decoder(model).generate(ids, max_new_tokens, eos_token_id=eos_token_id, sample=sample)
+            output = Decoder(model).generate(ids, max_new_tokens, eos_token_id=eos_token_id, sample=sample, kv=kv)
             return output[ids.shape[1]:], "mixbits decoder"
         except DecodeUnsupported as why:
             if note is not None:
                 note(f"{why}; decoding with transformers' generate")
     sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if sample else {"do_sample": False}
     pad = eos_token_id if isinstance(eos_token_id, int) or eos_token_id is None else eos_token_id[0]
-    with torch.no_grad():
+    with torch.no_grad(), (nullcontext() if kv is None else fake_quantized_kv(model, kv)):
         output = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos_token_id,
                                 **sampling)
     return output[0, ids.shape[1]:], "transformers generate"

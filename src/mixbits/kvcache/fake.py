@@ -1,0 +1,167 @@
+"""The model's own forward with its keys and values read as a quantized cache would hold them.
+
+`fake_quantized_kv(model, layers)` registers an attention function with
+transformers' attention interface and switches the model to it: every
+attention module (found from the adapter's layout: the module holding the
+block's q/k/v Linears) then reads its keys and values through the block's
+`KVQuant` options. Each (query, key) pair reads the quantized value or the
+16-bit waiting one exactly as `KVQuant.stored_mask` says, so one parallel
+forward over a window scores every position as a decoder writing the cache
+token by token would. Positions count from the first cached token (windows
+scored from position 0, or generation from an empty cache).
+
+Keys and values arrive in the cache as float16 (the dtype tokens wait in) and
+are quantized from there. Pre-rope keys are recovered from the rotated keys
+transformers hands over by the inverse rotation (the adapter's rotary
+tables), rounded, and rotated again.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+from ..errors import TransformError
+from ..models.registry import adapter_for
+from .options import KVQuant, waiting_round_trip
+
+ATTENTION = "mixbits_kv"
+
+
+@dataclass
+class LayerKV:
+    keys: KVQuant | None
+    values: KVQuant | None
+    rope: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # tokens -> (cos, sin) [tokens, rotary dims]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x [..., tokens, head_dim] rotated by the rotary tables (the first cos.shape[-1] dims of each head), or back."""
+    width = cos.shape[-1]
+    part = x[..., :width]
+    turned = part * cos + rotate_half(part) * (-sin if inverse else sin)
+    return torch.cat([turned, x[..., width:]], dim=-1) if width < x.shape[-1] else turned
+
+
+def read_views(option: KVQuant, cached: torch.Tensor, layer: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
+    """(quantized, waiting) views of cached keys or values [b, heads, tokens, head_dim] as attention reads them."""
+    if option.pre_rope:
+        cos, sin = layer.rope(cached.shape[-2])
+        waiting = waiting_round_trip(apply_rope(cached.float(), cos.float(), sin.float(), inverse=True))
+        quantized = option.round_trip(waiting)
+        quantized, waiting = (apply_rope(x, cos.float(), sin.float()) for x in (quantized, waiting))
+    else:
+        waiting = waiting_round_trip(cached)
+        quantized = option.round_trip(waiting)
+    return quantized.to(cached.dtype), waiting.to(cached.dtype)
+
+
+def _repeat(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def kv_attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, softcap=None,
+                 **kwargs):
+    """Eager attention reading keys and values through `module.mixbits_kv` (a `LayerKV`; none: as they are), with
+    transformers' attention interface's arguments; the output [b, queries, heads, head_dim] and no weights."""
+    layer: LayerKV | None = getattr(module, "mixbits_kv", None)
+    groups = query.shape[1] // key.shape[1]
+    queries, tokens = query.shape[-2], key.shape[-2]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+
+    def scores(keys: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(query, _repeat(keys, groups).transpose(2, 3)) * scaling
+
+    def split(option: KVQuant | None, cached: torch.Tensor):
+        """(quantized view, waiting view or None if never read, mask) of one cache."""
+        if layer is None or option is None:
+            return cached, None, None
+        quantized, waiting = read_views(option, cached, layer)
+        if option.token_group == 1 and option.residual == 0:  # every visible key is read quantized
+            return quantized, None, None
+        return quantized, waiting, option.stored_mask(queries, tokens).to(query.device)
+
+    k_read, k_waiting, k_mask = split(layer.keys if layer else None, key)
+    weights = scores(k_read) if k_mask is None else torch.where(k_mask, scores(k_read), scores(k_waiting))
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
+    if attention_mask is None:  # an sdpa-style caller may leave causality implied
+        visible = torch.arange(tokens) <= torch.arange(tokens - queries, tokens).unsqueeze(1)
+        weights = weights.masked_fill(~visible.to(weights.device), float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        weights = weights.masked_fill(~attention_mask[..., :tokens], float("-inf"))
+    else:
+        weights = weights + attention_mask[..., :tokens]
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    v_read, v_waiting, v_mask = split(layer.values if layer else None, value)
+    if v_mask is None:
+        out = torch.matmul(weights, _repeat(v_read, groups))
+    else:
+        out = (torch.matmul(weights * v_mask, _repeat(v_read, groups))
+               + torch.matmul(weights * ~v_mask, _repeat(v_waiting, groups)))
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, kv_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, eager_mask)
+
+
+def attention_modules(model: nn.Module, purpose: str) -> tuple[list[nn.Module], dict]:
+    """Each block's attention module (the one holding its q/k/v Linears) and the layout's attention facts."""
+    layout = adapter_for(model).layout(model, purpose)
+    owners = {id(child): module for module in model.modules() for child in module.children()}
+    modules = [owners[id(block.attention_in[0])] for block in layout.blocks]
+    return modules, layout.facts
+
+
+@contextmanager
+def fake_quantized_kv(model: nn.Module, layers: list[tuple[KVQuant | None, KVQuant | None]]):
+    """Within the block, `model`'s forward reads block i's keys and values as `layers[i]` = (keys, values) options
+    (None: in the model's precision) would store them."""
+    modules, facts = attention_modules(model, "KV-cache quantization")
+    if len(layers) != len(modules):
+        raise TransformError(f"the KV plan has {len(layers)} layers; this model has {len(modules)} blocks")
+    if not hasattr(model, "set_attn_implementation"):
+        raise TransformError("KV-cache quantization needs a transformers model (its attention interface)")
+    rope = facts["rope"]
+    tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope_of(index: int):
+        def tables_for(tokens: int):
+            if (index, tokens) not in tables:
+                cos, sin = rope(torch.empty(1), torch.arange(tokens).unsqueeze(0), index)
+                tables[index, tokens] = cos[0], sin[0]
+            return tables[index, tokens]
+        return tables_for
+
+    previous = model.config._attn_implementation
+    for index, (module, (keys, values)) in enumerate(zip(modules, layers)):
+        if values is not None and values.pre_rope:
+            raise TransformError(f"{values}: values have no rotary embedding; pre-rope is for keys")
+        for option in (keys, values):
+            if option is not None:
+                option.check_head_dim(facts["head_dim"])
+        module.mixbits_kv = LayerKV(keys, values, rope_of(index))
+    model.set_attn_implementation(ATTENTION)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+        for module in modules:
+            del module.mixbits_kv
+
+
+def uniform_kv(model: nn.Module, keys: KVQuant | None, values: KVQuant | None) -> list[tuple]:
+    """The same (keys, values) options for every block of `model`."""
+    return [(keys, values)] * len(attention_modules(model, "KV-cache quantization")[0])

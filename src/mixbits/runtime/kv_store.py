@@ -1,0 +1,165 @@
+"""One block's keys or values as the decoder's quantized cache holds them.
+
+Tokens arrive in the form the option stores (pre-rotary keys for pre-rope
+options) and wait as float16; whenever whole token groups are old enough
+(`KVQuant.quantized_tokens`) they are encoded (`KVQuant.encode`, the same
+arithmetic as the fake-quantized forward) and move to the quantized part:
+each (head, token) row of head_dim codes bit-packed, beside the parameters in
+their stored dtypes (fp16 scales, 8-bit zero points, ...).
+
+A decode step asks for `scores` (queries times every cached key) and `mix`
+(attention weights times every cached value). 4- and 8-bit codes per token in
+groups of 32 are stored in the layout of the native integer-weight kernels
+(runtime/csrc/intgemm.cpp), which then compute from the codes: a head's keys
+are a weight matrix of one row per token, its queries the input rows. Other
+options dequantize the whole store and multiply in PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import FormatError
+from ..formats.integer import IntFormat
+from ..formats.scales import ScaleCodec
+from ..kvcache.options import RESIDUAL_DTYPE, KVQuant, head_rotation
+from ..packing import pack, packed_size, unpack
+from .kernels import native
+
+RUN = 32  # codes per run of the native kernels' nibble layout
+
+
+class KVStore:
+    def __init__(self, option: KVQuant, kv_heads: int, head_dim: int, capacity: int):
+        option.check_head_dim(head_dim)
+        fmt = option.format
+        if head_dim * fmt.code_bits % 8:
+            raise FormatError(f"{option}: a head of {head_dim} codes of {fmt.code_bits} bits is not whole bytes")
+        self.option, self.kv_heads, self.head_dim = option, kv_heads, head_dim
+        self.width = fmt.code_bits
+        group = fmt.granularity.size if fmt.granularity.kind == "group" else head_dim
+        self.kernel = native() if (isinstance(fmt, IntFormat) and self.width in (4, 8) and option.axis == "token"
+                                   and group % RUN == 0 and head_dim % RUN == 0 and not option.pre_rope) else None
+        self.row_bytes = packed_size(head_dim, self.width)
+        self.codes = torch.zeros(kv_heads, capacity, self.row_bytes, dtype=torch.uint8)
+        group = option.token_group
+        rows = capacity if option.axis == "token" else math.ceil(capacity / group)
+        cols = fmt.granularity.groups_per_row(head_dim) if option.axis == "token" else head_dim
+        self.codecs = fmt.stored_params()
+        self.params = {name: torch.zeros(kv_heads, rows, cols, dtype=self._dtype(codec))
+                       for name, codec in self.codecs.items()}
+        self.quantized = 0  # tokens in the quantized part (the oldest)
+        self.waiting = torch.empty(kv_heads, 0, head_dim, dtype=RESIDUAL_DTYPE)
+
+    @staticmethod
+    def _dtype(codec: ScaleCodec | int) -> torch.dtype:
+        if isinstance(codec, int):
+            return torch.uint8
+        stored = codec.store(torch.ones(1, 1, 1))
+        if set(stored) != {"value"}:
+            raise FormatError(f"a {codec.name} scale is stored with a second level; KV caches take plain scales")
+        return stored["value"].dtype
+
+    def __len__(self) -> int:
+        return self.quantized + self.waiting.shape[1]
+
+    def _param_rows(self, tokens: int) -> int:
+        return tokens if self.option.axis == "token" else tokens // self.option.token_group
+
+    def append(self, stored: torch.Tensor) -> None:
+        """Add tokens [kv_heads, n, head_dim] (the option's stored form) and quantize whatever became old enough."""
+        self.waiting = torch.cat([self.waiting, stored.to(RESIDUAL_DTYPE)], dim=1)
+        ready = self.option.quantized_tokens(len(self))
+        take = ready - self.quantized
+        if take <= 0:
+            return
+        codes, params = self.option.encode(self.waiting[:, :take].float())
+        self.codes[:, self.quantized:ready] = self._packed(codes)
+        first, last = self._param_rows(self.quantized), self._param_rows(ready)
+        for name, codec in self.codecs.items():
+            value = params[name]
+            self.params[name][:, first:last] = value.to(torch.uint8) if isinstance(codec, int) else codec.store(value)["value"]
+        self.quantized = ready
+        self.waiting = self.waiting[:, take:].clone()  # let the quantized tokens' float16 go
+
+    def _packed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [kv_heads, n, head_dim] as stored: the kernels' nibble runs (byte j of each run of 32 holds code j
+        low and code j + 16 high), or the bit stream of `packing`."""
+        heads, n, _ = codes.shape
+        if self.kernel is not None and self.width == 4:
+            runs = codes.reshape(heads, n, -1, 2, RUN // 2)
+            return (runs[..., 0, :] | (runs[..., 1, :] << 4)).reshape(heads, n, self.row_bytes)
+        return pack(codes, self.width).reshape(heads, n, self.row_bytes)
+
+    def _codes(self) -> torch.Tensor:
+        """The quantized tokens' codes, [kv_heads, quantized, head_dim] uint8."""
+        stored = self.codes[:, :self.quantized]
+        if self.kernel is not None and self.width == 4:
+            runs = stored.reshape(self.kv_heads, self.quantized, -1, 1, RUN // 2)
+            return torch.cat([runs & 0x0F, runs >> 4], dim=3).reshape(self.kv_heads, self.quantized, self.head_dim)
+        count = self.kv_heads * self.quantized * self.head_dim
+        return unpack(stored, self.width, count).reshape(self.kv_heads, self.quantized, self.head_dim)
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        """The quantized tokens' parameters as float32, as `KVQuant.decode` takes them."""
+        rows = self._param_rows(self.quantized)
+        params = {}
+        for name, codec in self.codecs.items():
+            value = self.params[name][:, :rows]
+            params[name] = value.float() if isinstance(codec, int) else codec.restore({"value": value},
+                                                                                      value.shape).reshape(value.shape)
+        return params
+
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernels' float32 scale and offset per (head, token, group): value = stored code * scale + offset."""
+        params = self._params()
+        scale = params["scale"]
+        if "zero" in params:
+            offset = -params["zero"] * scale
+        elif "min" in params:
+            offset = params["min"]
+        else:  # symmetric: stored codes are offset by 2^(bits-1)
+            offset = -float(2 ** (self.width - 1)) * scale
+        return scale.contiguous(), offset.contiguous()
+
+    def read(self) -> torch.Tensor:
+        """Every cached token's stored-form values as attention reads them: float32 [kv_heads, tokens, head_dim]."""
+        waiting = self.waiting.float()
+        if self.quantized == 0:
+            return waiting
+        return torch.cat([self.option.decode(self._codes(), self._params()), waiting], dim=1)
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """query [kv_heads, g, head_dim] (float32, each head's group of queries) times every cached key:
+        [kv_heads, g, tokens]. Pre-rope stores hold keys before the rotary embedding: `read` them instead."""
+        if self.kernel is None or self.quantized == 0:
+            return query @ self.read().transpose(1, 2)
+        rotated = query @ head_rotation(self.head_dim) if self.option.rotate else query
+        scale, offset = self._affine()
+        linear = self.kernel.nibble_linear if self.width == 4 else self.kernel.byte_linear
+        group = self.head_dim // scale.shape[-1]
+        quantized = torch.stack([linear(rotated[h].contiguous(), self.codes[h, :self.quantized], scale[h], offset[h],
+                                        group) for h in range(self.kv_heads)])
+        return torch.cat([quantized, query @ self.waiting.float().transpose(1, 2)], dim=2)
+
+    def mix(self, weights: torch.Tensor) -> torch.Tensor:
+        """weights [kv_heads, g, tokens] times every cached value: [kv_heads, g, head_dim]."""
+        if self.kernel is None or self.quantized == 0:
+            return weights @ self.read()
+        scale, offset = self._affine()
+        dequantize = self.kernel.nibble_dequantize if self.width == 4 else self.kernel.byte_dequantize
+        group = self.head_dim // scale.shape[-1]
+        values = torch.stack([dequantize(self.codes[h, :self.quantized], scale[h], offset[h], group)
+                              for h in range(self.kv_heads)])
+        out = weights[..., :self.quantized] @ values
+        if self.option.rotate:
+            out = out @ head_rotation(self.head_dim).T
+        return out + weights[..., self.quantized:] @ self.waiting.float()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for this store (codes and parameters for its capacity, and the waiting tokens)."""
+        return (self.codes.numel() + sum(p.numel() * p.element_size() for p in self.params.values())
+                + self.waiting.numel() * self.waiting.element_size())
