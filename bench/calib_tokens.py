@@ -28,8 +28,8 @@ from low_bit import quantized_row, sensitivity_tables
 
 NAME = "calib_tokens"
 SWEEPS = [  # (target, method, window counts)
-    ("int3:g64:asym", "gptq", (4, 8, 16, 32)),
-    ("int3:g64:asym", "gptaq a=0.25", (4, 8, 16, 32, 64)),
+    ("int3:g64:asym", "gptq", (4, 8, 32)),
+    ("int3:g64:asym", "gptaq a=0.25", (4, 8, 32)),
     ("int3:g64:asym", "gptaq a=0.25+tune", (8, 32)),
     ("plan 3.0 +tc", "gptaq a=0.25", (8, 32)),
 ]

@@ -92,7 +92,8 @@ def plan_with_solver(plan: Plan, solver: str) -> Plan:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", action="append", default=[], help="run only targets containing this text, in this order (repeatable)")
+    parser.add_argument("--only", action="append", default=[],
+                        help="run only this target, or targets containing this text, in this order (repeatable)")
     parser.add_argument("--method", action="append", default=[], help="run only this method (repeatable)")
     parser.add_argument("--report", action="store_true", help="only rewrite the Markdown from the committed JSON")
     args = parser.parse_args()
@@ -106,7 +107,9 @@ def main() -> None:
     done = {(r["target"], r["method"]) for r in record["results"]}
     references = fp32_references(loaded, domains, record)
 
-    chosen = [t for text in args.only for t in TARGETS if text in t] if args.only else TARGETS
+    # a text naming a target exactly picks it alone; other texts, every target containing them
+    chosen = [t for text in args.only for t in TARGETS if (t == text if text in TARGETS else text in t)] \
+        if args.only else TARGETS
     for target in dict.fromkeys(chosen):  # in the order --only names them
         for label in METHODS:
             if (target, label) in done or (args.method and label not in args.method):

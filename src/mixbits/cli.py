@@ -256,10 +256,10 @@ def _kv_default_options() -> tuple[str, ...]:
     return DEFAULT_OPTIONS
 
 
-def _kv_layers(args, model) -> list | None:
-    """Per-block (keys, values) options from --kv, --kv-keys, --kv-values or --kv-plan; None if none is given."""
+def _kv_request(args):
+    """The KV cache asked for by --kv, --kv-keys, --kv-values or --kv-plan, checked before any model loads: a
+    `KVPlan`, a (keys, values) pair of options for every block, or None."""
     from .kvcache import parse_kv
-    from .kvcache.planning import cache_shape
     from .plan import Plan
 
     if args.kv_plan:
@@ -268,23 +268,28 @@ def _kv_layers(args, model) -> list | None:
         plan = Plan.load(args.kv_plan)
         if plan.kv_cache is None:
             raise MixbitsError(f"{args.kv_plan} has no kv_cache; make one with `mixbits kv-plan`")
-        plan.kv_cache.check_model(cache_shape(model))
-        return plan.kv_cache.layers
-    keys = parse_kv(args.kv_keys or args.kv)
-    values = parse_kv(args.kv_values or args.kv)
-    if keys is None and values is None:
-        return None
+        return plan.kv_cache
+    keys, values = parse_kv(args.kv_keys or args.kv), parse_kv(args.kv_values or args.kv)
     if values is not None and values.pre_rope:
         raise MixbitsError(f"{values}: values have no rotary embedding; give pre-rope with --kv-keys only")
-    return [(keys, values)] * cache_shape(model).blocks
+    return None if keys is None and values is None else (keys, values)
 
 
-def _check_kv_args(args) -> None:
-    """Parse the KV options before any model loads (a bad string fails at once)."""
-    from .kvcache import parse_kv
+def _kv_layers(request, model) -> list | None:
+    """Per-block (keys, values) options of `_kv_request`'s answer for `model` (checked against its blocks)."""
+    from .kvcache.plan import KVPlan
+    from .kvcache.planning import cache_shape
 
-    for text in (args.kv, args.kv_keys, args.kv_values):
-        parse_kv(text)
+    if request is None:
+        return None
+    shape = cache_shape(model)
+    if isinstance(request, KVPlan):
+        request.check_model(shape)
+        return request.layers
+    for option in request:
+        if option is not None:
+            option.check_head_dim(shape.head_dim)
+    return [request] * shape.blocks
 
 
 def _add_plan_args(parser) -> None:
@@ -484,6 +489,9 @@ def _run_quantize(args) -> int:
     if args.save_plan and not planning:
         raise MixbitsError("--save-plan writes the plan made for a budget; add --bpw or --size")
     plan = Plan.load(args.plan) if args.plan else None
+    if plan is not None and not plan.layers:
+        raise MixbitsError(f"{args.plan} holds only a KV cache (kv_cache), no weight layers; use it with `mixbits "
+                           "eval --kv-plan` or `mixbits generate --kv-plan`")
     fmt = parse_format(args.format)
     head_format = parse_format(args.head_format) if args.head_format else None
     embedding_format = parse_format(args.embedding_format) if args.embedding_format else None
@@ -687,7 +695,7 @@ def _run_eval(args) -> int:
     from .record import provenance
 
     texts = _eval_texts(args)
-    _check_kv_args(args)
+    kv_request = _kv_request(args)
     source = _source(args)
     check_source(source)
     if args.reference:
@@ -695,7 +703,7 @@ def _run_eval(args) -> int:
     loaded = load_model(source)
     reference = load_model(args.reference) if args.reference else None
     domains = load_domains(loaded.tokenizer, texts, args.windows, args.window_len, **_checkpoint_calibration(source))
-    kv = _kv_layers(args, loaded.model)
+    kv = _kv_layers(kv_request, loaded.model)
     record = provenance(loaded.name, loaded.sha256)
     if kv is None:
         result = evaluate_domains(loaded, domains, reference=reference)
@@ -820,7 +828,7 @@ def _run_kv_plan(args) -> int:
     from .data import check_window_counts
     from .kvcache import parse_kv
     from .kvcache.planning import cache_shape, kv_damage, plan_kv
-    from .kvcache.plan import KVBudget
+    from .kvcache.plan import KVBudget, check_budget
     from .models import load_model
     from .models.loader import check_source
     from .plan import Plan
@@ -833,6 +841,7 @@ def _run_kv_plan(args) -> int:
     weights = Plan.load(args.into) if args.into else None
     check_window_counts(args.calib_windows, args.calib_window_len)
     loaded = load_model(args.model)
+    check_budget(cache_shape(loaded.model), options, budget)  # before the measurement, not after
     damage = kv_damage(loaded, options, args.calib_windows, args.calib_window_len, args.damage_file,
                        progress=lambda done, total: print(f"measured block {done}/{total}", file=sys.stderr))
     kv = plan_kv(loaded, budget, options, damage)
@@ -860,10 +869,10 @@ def _run_generate(args) -> int:
 
     if args.max_new_tokens < 1:
         raise MixbitsError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    _check_kv_args(args)
+    kv_request = _kv_request(args)
     check_source(_source(args))
     loaded = load_model(_source(args))
-    kv = _kv_layers(args, loaded.model)
+    kv = _kv_layers(kv_request, loaded.model)
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise MixbitsError(f"{loaded.name} has no tokenizer; generate needs one (save the model with its tokenizer)")

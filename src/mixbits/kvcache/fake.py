@@ -7,8 +7,10 @@ block's q/k/v Linears) then reads its keys and values through the block's
 `KVQuant` options. Each (query, key) pair reads the quantized value or the
 16-bit waiting one exactly as `KVQuant.stored_mask` says, so one parallel
 forward over a window scores every position as a decoder writing the cache
-token by token would. Positions count from the first cached token (windows
-scored from position 0, or generation from an empty cache).
+token by token would. Positions come from transformers' `position_ids`
+(0 onward without them): a sliding window's cache that dropped its oldest
+tokens still rounds pre-rope keys at their true positions; per-channel groups
+need the whole cache and are refused there.
 
 Keys and values arrive in the cache as float16 (the dtype tokens wait in) and
 are quantized from there. Pre-rope keys are recovered from the rotated keys
@@ -38,7 +40,23 @@ ATTENTION = "mixbits_kv"
 class LayerKV:
     keys: KVQuant | None
     values: KVQuant | None
-    rope: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # tokens -> (cos, sin) [tokens, rotary dims]
+    rope: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # stop -> (cos, sin) [stop, rotary dims], positions 0..
+
+
+class RopeTables:
+    """One block's rotary tables for positions 0..stop-1, computed once for the longest stop asked so far (doubling,
+    so a growing generation recomputes them a logarithmic number of times)."""
+
+    def __init__(self, rope, index: int):
+        self.rope, self.index = rope, index
+        self.cos = self.sin = torch.empty(0, 0)
+
+    def __call__(self, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if stop > self.cos.shape[0]:
+            length = max(stop, 2 * self.cos.shape[0])
+            cos, sin = self.rope(torch.empty(1), torch.arange(length).unsqueeze(0), self.index)
+            self.cos, self.sin = cos[0], sin[0]
+        return self.cos[:stop], self.sin[:stop]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -47,17 +65,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """x [..., tokens, head_dim] rotated by the rotary tables (the first cos.shape[-1] dims of each head), or back."""
+    """x [..., tokens, head_dim] rotated by the rotary tables (the first cos.shape[-1] dims of each head), or back.
+
+    Tables may carry a magnitude a (YaRN's and LongRoPE's attention scaling: cos = a cos t, sin = a sin t); the
+    inverse divides it out twice, so that rotating back what was rotated gives the input."""
     width = cos.shape[-1]
     part = x[..., :width]
     turned = part * cos + rotate_half(part) * (-sin if inverse else sin)
+    if inverse:
+        turned = turned / (cos * cos + sin * sin)
     return torch.cat([turned, x[..., width:]], dim=-1) if width < x.shape[-1] else turned
 
 
-def read_views(option: KVQuant, cached: torch.Tensor, layer: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
-    """(quantized, waiting) views of cached keys or values [b, heads, tokens, head_dim] as attention reads them."""
+def read_views(option: KVQuant, cached: torch.Tensor, layer: LayerKV, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(quantized, waiting) views of cached keys or values [b, heads, tokens, head_dim] as attention reads them; the
+    first cached token is at position `first`."""
     if option.pre_rope:
-        cos, sin = layer.rope(cached.shape[-2])
+        cos, sin = (table[first:] for table in layer.rope(first + cached.shape[-2]))
         waiting = waiting_round_trip(apply_rope(cached.float(), cos.float(), sin.float(), inverse=True))
         quantized = option.round_trip(waiting)
         quantized, waiting = (apply_rope(x, cos.float(), sin.float()) for x in (quantized, waiting))
@@ -79,6 +103,8 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     groups = query.shape[1] // key.shape[1]
     queries, tokens = query.shape[-2], key.shape[-2]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    positions = kwargs.get("position_ids")
+    first = 0 if positions is None else int(positions.reshape(-1)[-1]) + 1 - tokens  # the first cached key's position
 
     def scores(keys: torch.Tensor) -> torch.Tensor:
         return torch.matmul(query, _repeat(keys, groups).transpose(2, 3)) * scaling
@@ -87,7 +113,10 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
         """(quantized view, waiting view or None if never read, mask) of one cache."""
         if layer is None or option is None:
             return cached, None, None
-        quantized, waiting = read_views(option, cached, layer)
+        if first and option.axis == "channel":
+            raise TransformError(f"{option}: per-channel groups need the whole cache, and this layer's sliding window "
+                                 "dropped its oldest tokens; use a per-token option")
+        quantized, waiting = read_views(option, cached, layer, first)
         if option.token_group == 1 and option.residual == 0:  # every visible key is read quantized
             return quantized, None, None
         return quantized, waiting, option.stored_mask(queries, tokens).to(query.device)
@@ -131,35 +160,27 @@ def fake_quantized_kv(model: nn.Module, layers: list[tuple[KVQuant | None, KVQua
     (None: in the model's precision) would store them."""
     modules, facts = attention_modules(model, "KV-cache quantization")
     if len(layers) != len(modules):
-        raise TransformError(f"the KV plan has {len(layers)} layers; this model has {len(modules)} blocks")
+        raise TransformError(f"the KV plan has {len(layers)} blocks; this model has {len(modules)}: make the KV plan "
+                             "for this model with `mixbits kv-plan`")
     if not hasattr(model, "set_attn_implementation"):
         raise TransformError("KV-cache quantization needs a transformers model (its attention interface)")
-    rope = facts["rope"]
-    tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def rope_of(index: int):
-        def tables_for(tokens: int):
-            if (index, tokens) not in tables:
-                cos, sin = rope(torch.empty(1), torch.arange(tokens).unsqueeze(0), index)
-                tables[index, tokens] = cos[0], sin[0]
-            return tables[index, tokens]
-        return tables_for
-
-    previous = model.config._attn_implementation
-    for index, (module, (keys, values)) in enumerate(zip(modules, layers)):
+    for keys, values in layers:
         if values is not None and values.pre_rope:
-            raise TransformError(f"{values}: values have no rotary embedding; pre-rope is for keys")
+            raise TransformError(f"{values}: values have no rotary embedding; give pre-rope to keys only")
         for option in (keys, values):
             if option is not None:
                 option.check_head_dim(facts["head_dim"])
-        module.mixbits_kv = LayerKV(keys, values, rope_of(index))
-    model.set_attn_implementation(ATTENTION)
+    previous = model.config._attn_implementation
     try:
+        for index, (module, (keys, values)) in enumerate(zip(modules, layers)):
+            module.mixbits_kv = LayerKV(keys, values, RopeTables(facts["rope"], index))
+        model.set_attn_implementation(ATTENTION)
         yield model
     finally:
         model.set_attn_implementation(previous)
         for module in modules:
-            del module.mixbits_kv
+            if hasattr(module, "mixbits_kv"):
+                del module.mixbits_kv
 
 
 def uniform_kv(model: nn.Module, keys: KVQuant | None, values: KVQuant | None) -> list[tuple]:

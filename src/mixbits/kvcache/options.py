@@ -50,6 +50,9 @@ class KVQuant:
         if fmt.vector_size != 1 or not fmt.rounds_each_weight or fmt.shared_across_rows or fmt.has_second_level:
             raise FormatError(f"{fmt} cannot quantize a cache as it grows (codebooks, trellis walks and second-level "
                               "scales are fitted over a whole matrix); use a scalar format such as int4:g64:asym")
+        if any(fmt.param_shape(name, 1, 256)[2] != 1 for name in fmt.stored_params()):
+            raise FormatError(f"{fmt} stores a table per group; KV caches take formats with a scale (and zero point "
+                              "or minimum) per group, such as int4:g32:asym or fp8_e4m3:ch")
         if fmt.granularity.kind == "tensor":
             raise FormatError(f"{fmt}: a cache grows token by token, so it takes no per-tensor scale; use ch or gN")
         if self.axis not in AXES:
@@ -91,23 +94,28 @@ class KVQuant:
         """Tokens quantized together: a channel group's size, or 1 per token."""
         return self.format.granularity.size if self.axis == "channel" else 1
 
+    def group_bits(self, kv_heads: int, head_dim: int) -> int:
+        """Stored bits of one token group's keys (or values) in one layer (`token_group` tokens): codes at their
+        width, scales in their codec's, integer zero points a byte each (as the packed store keeps them)."""
+        fmt = self.format
+        per_value = sum(8 if isinstance(codec, int) else codec.bits(1, 1) for codec in fmt.stored_params().values())
+        params = fmt.granularity.groups_per_row(head_dim) if self.axis == "token" else head_dim
+        return kv_heads * (self.token_group * head_dim * fmt.code_bits + params * per_value)
+
     def bits_per_token(self, kv_heads: int, head_dim: int) -> float:
-        """Stored bits of one token's keys (or values) in one layer, codes and parameters, once quantized."""
-        if self.axis == "token":
-            return self.format.bits(kv_heads, head_dim)
-        group = self.token_group
-        return self.format.bits(kv_heads * head_dim, group) / group
+        """Stored bits per token of one layer's keys (or values), codes and parameters, once quantized."""
+        return self.group_bits(kv_heads, head_dim) / self.token_group
 
     def quantized_tokens(self, context: int) -> int:
         """How many of `context` tokens sit in the quantized store (the rest in 16 bits)."""
         ready = max(0, context - self.residual)
         return ready // self.token_group * self.token_group
 
-    def cache_bits(self, context: int, kv_heads: int, head_dim: int) -> float:
+    def cache_bits(self, context: int, kv_heads: int, head_dim: int) -> int:
         """Bits of one layer's keys (or values) at `context` tokens: quantized tokens and those waiting in 16 bits."""
         quantized = self.quantized_tokens(context)
         waiting = (context - quantized) * kv_heads * head_dim * RESIDUAL_BITS
-        return quantized * self.bits_per_token(kv_heads, head_dim) + waiting
+        return quantized // self.token_group * self.group_bits(kv_heads, head_dim) + waiting
 
     def stored_mask(self, queries: int, keys: int) -> torch.Tensor:
         """[queries, keys] bool: whether the query at position keys - queries + i reads key j quantized."""
@@ -194,12 +202,5 @@ def parse_kv(text: "str | KVQuant | None") -> KVQuant | None:
     """A KV option from its string; None or 'none' for a cache kept in the model's precision."""
     if text is None or isinstance(text, KVQuant):
         return text
-    return None if text.strip() in ("", "none", "fp32", "float") else KVQuant.parse(text)
-
-
-def mean_bits(option: KVQuant | None, kv_heads: int, head_dim: int, model_bits: int) -> float:
-    """Bits per cached number of `option` once quantized (`model_bits` for an unquantized cache)."""
-    if option is None:
-        return float(model_bits)
-    return option.bits_per_token(kv_heads, head_dim) / (kv_heads * head_dim)
+    return None if text.strip() in ("", "none") else KVQuant.parse(text)
 

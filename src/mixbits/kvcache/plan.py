@@ -50,7 +50,7 @@ class CacheShape:
         """Exact bits of one block's keys (or values) under `option` at `context` tokens."""
         if option is None:
             return self.numbers(context) * self.model_bits
-        return round(option.cache_bits(context, self.kv_heads, self.head_dim))
+        return option.cache_bits(context, self.kv_heads, self.head_dim)
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,11 @@ class KVBudget:
             raise BudgetError("give the KV budget either as bits per cached number or as a size in bytes")
         if self.context < 1:
             raise BudgetError(f"the KV budget's context must be at least 1 token, got {self.context}")
+        if self.bits_per_number is not None and not (math.isfinite(self.bits_per_number) and self.bits_per_number > 0):
+            raise BudgetError(f"the KV budget must be a positive number of bits per cached number, got "
+                              f"{self.bits_per_number}")
+        if self.bytes is not None and self.bytes <= 0:
+            raise BudgetError(f"the KV budget must be a positive size, got {self.bytes} bytes")
 
     def total_bits(self, shape: CacheShape) -> int:
         if self.bytes is not None:
@@ -111,11 +116,26 @@ class KVPlan:
 
     def check_model(self, shape: CacheShape) -> None:
         if len(self.layers) != shape.blocks:
-            raise KVPlanError(f"the KV plan has {len(self.layers)} blocks; this model has {shape.blocks}")
+            raise KVPlanError(f"the KV plan has {len(self.layers)} blocks; this model has {shape.blocks}: make the KV "
+                              "plan for this model with `mixbits kv-plan`")
+        for pair in self.layers:
+            for option in pair:
+                if option is not None:
+                    option.check_head_dim(shape.head_dim)
 
 
-def uniform_kv_plan(shape: CacheShape, keys: KVQuant | None, values: KVQuant | None, context: int) -> KVPlan:
-    return KVPlan([(keys, values)] * shape.blocks, context)
+def check_budget(shape: CacheShape, options: list[KVQuant], budget: KVBudget) -> None:
+    """Refuse, before any measurement, options that do not fit the model's heads and a budget below every
+    allocation's size."""
+    for option in options:
+        option.check_head_dim(shape.head_dim)
+    smallest = min([shape.bits(None, budget.context)] + [shape.bits(option, budget.context) for option in options])
+    least = 2 * shape.blocks * smallest
+    if budget.total_bits(shape) < least:
+        numbers = 2 * shape.blocks * shape.numbers(budget.context)
+        raise BudgetError(f"the KV budget of {budget.total_bits(shape) / 8:,.0f} bytes is below the smallest cache these "
+                          f"options make at {budget.context} tokens ({least / 8:,.0f} bytes, {least / numbers:.3f} bits "
+                          "per number); raise it or add smaller options")
 
 
 def allocate_kv(damage: dict[tuple[int, str], dict[str, float]], shape: CacheShape, budget: KVBudget) -> KVPlan:

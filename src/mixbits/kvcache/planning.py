@@ -28,8 +28,9 @@ def cache_shape(model: nn.Module) -> CacheShape:
 
 def kv_damage(loaded: LoadedModel, options: list[KVQuant], windows: int = DAMAGE_WINDOWS,
               window_len: int = DAMAGE_WINDOW_LEN, path: str | Path | None = None, progress=None) -> KVDamage:
-    """Each option's damage on each block's keys and values: read from `path` if it was measured there for this
-    model, these windows and every option; else measured (and written to `path`, if given)."""
+    """Each option's damage on each block's keys and values: read from `path` if it exists (it must have been
+    measured for this model, on these windows, with every option: else KVDamageError), else measured and written to
+    `path` (if given)."""
     tokens, calibration = calibration_data(loaded, None, windows, window_len)
     if path is not None and Path(path).exists():
         found = KVDamage.load(path)

@@ -205,7 +205,8 @@ class Decoder:
             raise DecodeUnsupported(f"generation of {total} tokens exceeds the sliding window ({self.sliding_window})")
         layers = kv if kv is not None else [(None, None)] * len(self.blocks)
         if len(layers) != len(self.blocks):
-            raise MixbitsError(f"the KV plan has {len(layers)} blocks; this model has {len(self.blocks)}")
+            raise MixbitsError(f"the KV plan has {len(layers)} blocks; this model has {len(self.blocks)}: make the KV "
+                               "plan for this model with `mixbits kv-plan`")
         shape = (self.kv_heads, total, self.head_dim)
         caches = [tuple(torch.empty(shape, dtype=self.dtype) if option is None
                         else KVStore(option, self.kv_heads, self.head_dim, total) for option in pair) for pair in layers]
@@ -322,9 +323,7 @@ class Decoder:
             else:
                 cache[:, start:end] = post
                 options.append(None)
-        if n > 1:
-            if start != 0:
-                raise DecodeUnsupported("a quantized KV cache takes a prompt from position 0, then one token a step")
+        if n > 1:  # a prompt from position 0 (`Sequence.feed` checks)
             layer = LayerKV(*options, rope=lambda tokens: (cos_all[:tokens], sin_all[:tokens]))
             out, _ = kv_attention(SimpleNamespace(mixbits_kv=layer), query.unsqueeze(0), key.unsqueeze(0),
                                   value.unsqueeze(0), None, scaling=self.scaling, softcap=self.attention_softcap)
@@ -375,6 +374,13 @@ class Sequence:
     def feed(self, ids: torch.Tensor, every_position: bool = False) -> torch.Tensor:
         """Run tokens `ids` (1-D) from the current position: the next-token logits after the last (or after
         every one), and the position advanced past them."""
+        capacity = self.cos[0].shape[0]
+        if self.position + ids.numel() > capacity:
+            raise MixbitsError(f"the sequence holds {capacity} tokens; start one with room for "
+                               f"{self.position + ids.numel()}")
+        stored = any(isinstance(c, KVStore) for pair in self.caches for c in pair)
+        if stored and ids.numel() > 1 and self.position > 0:
+            raise DecodeUnsupported("a quantized KV cache takes a prompt from position 0, then one token a step")
         logits = self.decoder._forward(ids, self.position, self.cos, self.sin, self.caches, every_position)
         self.position += ids.numel()
         return logits

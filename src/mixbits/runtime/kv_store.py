@@ -8,11 +8,13 @@ each (head, token) row of head_dim codes bit-packed, beside the parameters in
 their stored dtypes (fp16 scales, 8-bit zero points, ...).
 
 A decode step asks for `scores` (queries times every cached key) and `mix`
-(attention weights times every cached value). 4- and 8-bit codes per token in
-groups of 32 are stored in the layout of the native integer-weight kernels
-(runtime/csrc/intgemm.cpp), which then compute from the codes: a head's keys
-are a weight matrix of one row per token, its queries the input rows. Other
-options dequantize the whole store and multiply in PyTorch.
+(attention weights times every cached value). Integer codes of 4 or 8 bits
+per token, in groups of a multiple of 32 (or whole heads) on heads of a
+multiple of 32, not pre-rope, are stored in the layout of the native
+integer-weight kernels (runtime/csrc/intgemm.cpp) when they are built: the
+kernels then compute from the codes, a head's keys being a weight matrix of
+one row per token and its queries the input rows. Other options dequantize
+the whole store on every step and multiply in PyTorch.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class KVStore:
         option.check_head_dim(head_dim)
         fmt = option.format
         if head_dim * fmt.code_bits % 8:
-            raise FormatError(f"{option}: a head of {head_dim} codes of {fmt.code_bits} bits is not whole bytes")
+            raise FormatError(f"{option}: a head of {head_dim} codes of {fmt.code_bits} bits is not whole bytes; use "
+                              "2, 4 or 8 bits")
         self.option, self.kv_heads, self.head_dim = option, kv_heads, head_dim
         self.width = fmt.code_bits
         group = fmt.granularity.size if fmt.granularity.kind == "group" else head_dim
@@ -133,7 +136,9 @@ class KVStore:
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """query [kv_heads, g, head_dim] (float32, each head's group of queries) times every cached key:
-        [kv_heads, g, tokens]. Pre-rope stores hold keys before the rotary embedding: `read` them instead."""
+        [kv_heads, g, tokens]. Pre-rope stores hold keys before the rotary embedding: `read` and rotate them."""
+        if self.option.pre_rope:
+            raise ValueError("a pre-rope store's keys need the rotary embedding first: read() them and rotate")
         if self.kernel is None or self.quantized == 0:
             return query @ self.read().transpose(1, 2)
         rotated = query @ head_rotation(self.head_dim) if self.option.rotate else query
