@@ -114,3 +114,13 @@ def test_rotation_spreads_an_outlier(n):
     before = noisy.abs().max() / noisy.square().mean().sqrt()
     after = rotated.abs().max() / rotated.square().mean().sqrt()
     assert before > 0.9 * math.sqrt(n) and after < 5.0
+
+
+@pytest.mark.parametrize("n", [12, 36, 576, 1536, 20, 7])
+def test_transposed_transform_is_the_matrix_transpose(n):
+    from mixbits.transforms.hadamard import hadamard_transform, rotation_matrix
+
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    matrix, _ = rotation_matrix(n)
+    torch.testing.assert_close(hadamard_transform(x, transpose=True), x @ matrix.double().T, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hadamard_transform(hadamard_transform(x), transpose=True), x, rtol=1e-6, atol=1e-6)

@@ -427,3 +427,16 @@ def test_pre_rope_keys_under_scaled_rotary_tables():
     with torch.no_grad(), fake_quantized_kv(model, uniform_kv(model, keys, None)):
         got = model(input_ids=ids, use_cache=False).logits[0]
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)
+
+
+def test_queries_in_chunks_give_the_same_forward(monkeypatch):
+    import mixbits.kvcache.fake as fake
+
+    model = tiny_model("gemma2")  # softcapping and a sliding window's mask too
+    kv = uniform_kv(model, parse_kv("int2:g8:asym/channel/residual3"), parse_kv("int3:g8:asym/residual2"))
+    ids = torch.randint(0, 64, (1, 80), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad(), fake_quantized_kv(model, kv):
+        whole = model(input_ids=ids, use_cache=False).logits
+        monkeypatch.setattr(fake, "QUERY_CHUNK", 7)
+        chunked = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)

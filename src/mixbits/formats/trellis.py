@@ -87,11 +87,10 @@ def rotate(rows: torch.Tensor) -> torch.Tensor:
 
 
 def unrotate(rows: torch.Tensor) -> torch.Tensor:
-    """Rows [..., C] times R^T, undoing `rotate`."""
-    from ..transforms.hadamard import rotation_matrix
+    """Rows [..., C] times R^T, undoing `rotate` (by the fast transform, transposed: no C x C matrix)."""
+    from ..transforms.hadamard import hadamard_transform
 
-    matrix, _ = rotation_matrix(rows.shape[-1])
-    return (rows @ matrix.T.to(rows.dtype)) * _signs(rows.shape[-1])
+    return hadamard_transform(rows, dim=-1, transpose=True) * _signs(rows.shape[-1])
 
 
 def viterbi(target: torch.Tensor, weight: torch.Tensor | None, table: torch.Tensor, step_bits: int,
@@ -255,9 +254,11 @@ class TrellisFormat(Format):
         return torch.cat([*first, states >> (self.state_bits - k)], dim=-1)
 
     def fit(self, grouped: Grouped, clip: Clip = 1.0, importance=None) -> dict[str, torch.Tensor]:
-        """A scale per row: its RMS after rotation times the multiplier of SCALE_GRID that codes a sample of rows
-        with the least squared error."""
-        rotated = rotate(grouped.values[:, 0, :].float())
+        return self.fit_rotated(rotate(grouped.values[:, 0, :].float()), clip)
+
+    def fit_rotated(self, rotated: torch.Tensor, clip: Clip = 1.0) -> dict[str, torch.Tensor]:
+        """A scale per row of already rotated rows [R, C]: its RMS times the multiplier of SCALE_GRID that codes a
+        sample of rows with the least squared error."""
         rms = rotated.square().mean(dim=1, keepdim=True).sqrt().clamp(min=1e-30)
         sample = torch.linspace(0, rotated.shape[0] - 1, min(FIT_ROWS, rotated.shape[0])).round().long().unique()
         errors = []

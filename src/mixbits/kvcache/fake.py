@@ -34,6 +34,7 @@ from ..models.registry import adapter_for
 from .options import KVQuant, waiting_round_trip
 
 ATTENTION = "mixbits_kv"
+QUERY_CHUNK = 1024  # queries whose scores are held at once (4096 tokens: 9 heads x 1024 x 4096 floats, 150 MB)
 
 
 @dataclass
@@ -106,39 +107,41 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     positions = kwargs.get("position_ids")
     first = 0 if positions is None else int(positions.reshape(-1)[-1]) + 1 - tokens  # the first cached key's position
 
-    def scores(keys: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(query, _repeat(keys, groups).transpose(2, 3)) * scaling
-
     def split(option: KVQuant | None, cached: torch.Tensor):
         """(quantized view, waiting view or None if never read, mask) of one cache."""
         if layer is None or option is None:
-            return cached, None, None
+            return _repeat(cached, groups), None, None
         if first and option.axis == "channel":
             raise TransformError(f"{option}: per-channel groups need the whole cache, and this layer's sliding window "
                                  "dropped its oldest tokens; use a per-token option")
         quantized, waiting = read_views(option, cached, layer, first)
         if option.token_group == 1 and option.residual == 0:  # every visible key is read quantized
-            return quantized, None, None
-        return quantized, waiting, option.stored_mask(queries, tokens).to(query.device)
+            return _repeat(quantized, groups), None, None
+        return _repeat(quantized, groups), _repeat(waiting, groups), option.stored_mask(queries, tokens).to(query.device)
 
     k_read, k_waiting, k_mask = split(layer.keys if layer else None, key)
-    weights = scores(k_read) if k_mask is None else torch.where(k_mask, scores(k_read), scores(k_waiting))
-    if softcap is not None:
-        weights = torch.tanh(weights / softcap) * softcap
-    if attention_mask is None:  # an sdpa-style caller may leave causality implied
-        visible = torch.arange(tokens) <= torch.arange(tokens - queries, tokens).unsqueeze(1)
-        weights = weights.masked_fill(~visible.to(weights.device), float("-inf"))
-    elif attention_mask.dtype == torch.bool:
-        weights = weights.masked_fill(~attention_mask[..., :tokens], float("-inf"))
-    else:
-        weights = weights + attention_mask[..., :tokens]
-    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     v_read, v_waiting, v_mask = split(layer.values if layer else None, value)
-    if v_mask is None:
-        out = torch.matmul(weights, _repeat(v_read, groups))
-    else:
-        out = (torch.matmul(weights * v_mask, _repeat(v_read, groups))
-               + torch.matmul(weights * ~v_mask, _repeat(v_waiting, groups)))
+    causal = torch.arange(tokens) <= torch.arange(tokens - queries, tokens).unsqueeze(1)
+    out = torch.empty(*query.shape[:2], queries, value.shape[-1], dtype=query.dtype, device=query.device)
+    for rows in torch.arange(queries).split(QUERY_CHUNK):  # [heads, chunk, tokens] scores at a time, not all
+        q = query[:, :, rows]
+        weights = torch.matmul(q, k_read.transpose(2, 3)) * scaling
+        if k_mask is not None:
+            weights = torch.where(k_mask[rows], weights, torch.matmul(q, k_waiting.transpose(2, 3)) * scaling)
+        if softcap is not None:
+            weights = torch.tanh(weights / softcap) * softcap
+        if attention_mask is None:  # an sdpa-style caller may leave causality implied
+            weights = weights.masked_fill(~causal[rows].to(weights.device), float("-inf"))
+        elif attention_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attention_mask[..., rows, :tokens], float("-inf"))
+        else:
+            weights = weights + attention_mask[..., rows, :tokens]
+        weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+        if v_mask is None:
+            out[:, :, rows] = torch.matmul(weights, v_read)
+        else:
+            out[:, :, rows] = (torch.matmul(weights * v_mask[rows], v_read)
+                               + torch.matmul(weights * ~v_mask[rows], v_waiting))
     return out.transpose(1, 2).contiguous(), None
 
 

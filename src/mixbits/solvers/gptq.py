@@ -372,7 +372,7 @@ def _gptq_trellis(source: torch.Tensor, hessian: torch.Tensor, fmt: TrellisForma
     d = fmt.dim
     steps = fmt.steps(cols)
     rotated = rotate(source.double()).float()
-    params = fmt.fit(to_groups(source, fmt.granularity))
+    params = fmt.fit_rotated(rotated)
     scale = params["scale"][:, 0, :]  # [R, 1]
     # R^T H R as two fast transforms (H symmetric): rotate(H) = H R, then rotate((H R)^T) = R^T H R.
     inverse = upper_inverse_cholesky(rotate(rotate(hessian).T), settings.damp).float()

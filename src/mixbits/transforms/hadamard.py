@@ -65,8 +65,9 @@ def rotation_matrix(n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     return matrix.clone(), kind
 
 
-def hadamard_transform(x: torch.Tensor, dim: int = -1, seed: int = 0) -> torch.Tensor:
-    """Rotate `x` along `dim` by `rotation_matrix(x.shape[dim], seed)`: x @ R on that dim.
+def hadamard_transform(x: torch.Tensor, dim: int = -1, seed: int = 0, transpose: bool = False) -> torch.Tensor:
+    """Rotate `x` along `dim` by `rotation_matrix(x.shape[dim], seed)`: x @ R on that dim (x @ R.T, undoing it,
+    with `transpose`).
 
     Hadamard orders use the Kronecker structure (one small matmul and log2(2^k)
     butterflies) rather than a dense n x n matmul. Computes in float32 (float64
@@ -81,9 +82,9 @@ def hadamard_transform(x: torch.Tensor, dim: int = -1, seed: int = 0) -> torch.T
     parts = _decompose(n)
     if parts is None:
         matrix, _ = _rotation(n, seed)
-        out = moved @ matrix.to(work)
+        out = moved @ (matrix.T if transpose else matrix).to(work)
     else:
-        out = _kronecker_apply(moved, *parts) * (1.0 / math.sqrt(n))
+        out = _kronecker_apply(moved, *parts, transpose) * (1.0 / math.sqrt(n))
     return out.movedim(-1, dim).to(x.dtype)
 
 
@@ -182,8 +183,9 @@ def _rotation(n: int, seed: int) -> tuple[torch.Tensor, str]:
     return (q * signs).float(), RANDOM_ORTHOGONAL
 
 
-def _kronecker_apply(x: torch.Tensor, power: int, core: int) -> torch.Tensor:
-    """x @ kron(Sylvester(power), core matrix) without forming the n x n matrix.
+def _kronecker_apply(x: torch.Tensor, power: int, core: int, transpose: bool = False) -> torch.Tensor:
+    """x @ kron(Sylvester(power), core matrix) without forming the n x n matrix (the core transposed: x times the
+    transposed product, S being symmetric).
 
     Index i = a * core + b, so x viewed as [..., power, core] = X gives S.T @ X @ M,
     and S (symmetric) factors into one 2x2 butterfly per bit of a.
@@ -191,7 +193,8 @@ def _kronecker_apply(x: torch.Tensor, power: int, core: int) -> torch.Tensor:
     lead = x.shape[:-1]
     y = x.reshape(*lead, power, core)
     if core > 1:
-        y = y @ _core(core).to(x.dtype)
+        matrix = _core(core).to(x.dtype)
+        y = y @ (matrix.T if transpose else matrix)
     half = 1
     while half < power:
         pairs = y.reshape(*lead, power // (2 * half), 2, half, core)
