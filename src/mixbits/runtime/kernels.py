@@ -3,8 +3,9 @@
 It holds the integer-weight matrix kernels for float inputs (intgemm.cpp) and
 for int8-quantized inputs (qdot.cpp, with AVX2, AVX-VNNI and AVX-512 VNNI
 copies picked at run time), and the small steps of a decoder block
-(decode_ops.cpp), and the vector-codebook and trellis kernels (vector.cpp, trellis.cpp; the
-latter also holds the Viterbi search that encodes trellis codes). PyTorch's own CPU int4/int8 weight
+(decode_ops.cpp), the vector-codebook and trellis kernels (vector.cpp, trellis.cpp; the
+latter also holds the Viterbi search that encodes trellis codes), and attention over a packed KV
+cache (kv_cache.cpp). PyTorch's own CPU int4/int8 weight
 kernels are vectorised for AVX-512 only; on an AVX2 machine such as this
 project's they ran 30-40x slower than a float32 matrix product (1536x576,
 one input row: 4.1 ms against 0.11 ms), so mixbits brings its own.

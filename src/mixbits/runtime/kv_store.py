@@ -8,13 +8,11 @@ each (head, token) row of head_dim codes bit-packed, beside the parameters in
 their stored dtypes (fp16 scales, 8-bit zero points, ...).
 
 A decode step asks for `scores` (queries times every cached key) and `mix`
-(attention weights times every cached value). Integer codes of 4 or 8 bits
-per token, in groups of a multiple of 32 (or whole heads) on heads of a
-multiple of 32, not pre-rope, are stored in the layout of the native
-integer-weight kernels (runtime/csrc/intgemm.cpp) when they are built: the
-kernels then compute from the codes, a head's keys being a weight matrix of
-one row per token and its queries the input rows. Other options dequantize
-the whole store on every step and multiply in PyTorch.
+(attention weights times every cached value). For integer formats the native
+kernels (runtime/csrc/kv_cache.cpp) compute both from the packed codes, per
+token or per channel, widening codes to floats in registers; other formats
+(minifloats), pre-rope keys, and machines without the kernels dequantize the
+whole store on every step and multiply in PyTorch.
 """
 
 from __future__ import annotations
@@ -30,8 +28,6 @@ from ..kvcache.options import RESIDUAL_DTYPE, KVQuant, head_rotation
 from ..packing import pack, packed_size, unpack
 from .kernels import native
 
-RUN = 32  # codes per run of the native kernels' nibble layout
-
 
 class KVStore:
     def __init__(self, option: KVQuant, kv_heads: int, head_dim: int, capacity: int):
@@ -43,8 +39,9 @@ class KVStore:
         self.option, self.kv_heads, self.head_dim = option, kv_heads, head_dim
         self.width = fmt.code_bits
         group = fmt.granularity.size if fmt.granularity.kind == "group" else head_dim
-        self.kernel = native() if (isinstance(fmt, IntFormat) and self.width in (4, 8) and option.axis == "token"
-                                   and group % RUN == 0 and head_dim % RUN == 0 and not option.pre_rope) else None
+        self.group = group if option.axis == "token" else 1  # numbers per parameter along head_dim
+        eligible = isinstance(fmt, IntFormat) and not option.pre_rope and (option.axis == "channel" or group % 8 == 0)
+        self.kernel = native() if eligible and head_dim % 8 == 0 else None
         self.row_bytes = packed_size(head_dim, self.width)
         self.codes = torch.zeros(kv_heads, capacity, self.row_bytes, dtype=torch.uint8)
         group = option.token_group
@@ -79,7 +76,7 @@ class KVStore:
         if take <= 0:
             return
         codes, params = self.option.encode(self.waiting[:, :take].float())
-        self.codes[:, self.quantized:ready] = self._packed(codes)
+        self.codes[:, self.quantized:ready] = pack(codes, self.width).reshape(self.kv_heads, take, self.row_bytes)
         first, last = self._param_rows(self.quantized), self._param_rows(ready)
         for name, codec in self.codecs.items():
             value = params[name]
@@ -87,23 +84,11 @@ class KVStore:
         self.quantized = ready
         self.waiting = self.waiting[:, take:].clone()  # let the quantized tokens' float16 go
 
-    def _packed(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes [kv_heads, n, head_dim] as stored: the kernels' nibble runs (byte j of each run of 32 holds code j
-        low and code j + 16 high), or the bit stream of `packing`."""
-        heads, n, _ = codes.shape
-        if self.kernel is not None and self.width == 4:
-            runs = codes.reshape(heads, n, -1, 2, RUN // 2)
-            return (runs[..., 0, :] | (runs[..., 1, :] << 4)).reshape(heads, n, self.row_bytes)
-        return pack(codes, self.width).reshape(heads, n, self.row_bytes)
-
     def _codes(self) -> torch.Tensor:
         """The quantized tokens' codes, [kv_heads, quantized, head_dim] uint8."""
-        stored = self.codes[:, :self.quantized]
-        if self.kernel is not None and self.width == 4:
-            runs = stored.reshape(self.kv_heads, self.quantized, -1, 1, RUN // 2)
-            return torch.cat([runs & 0x0F, runs >> 4], dim=3).reshape(self.kv_heads, self.quantized, self.head_dim)
         count = self.kv_heads * self.quantized * self.head_dim
-        return unpack(stored, self.width, count).reshape(self.kv_heads, self.quantized, self.head_dim)
+        return unpack(self.codes[:, :self.quantized], self.width, count).reshape(self.kv_heads, self.quantized,
+                                                                                 self.head_dim)
 
     def _params(self) -> dict[str, torch.Tensor]:
         """The quantized tokens' parameters as float32, as `KVQuant.decode` takes them."""
@@ -143,10 +128,8 @@ class KVStore:
             return query @ self.read().transpose(1, 2)
         rotated = query @ head_rotation(self.head_dim) if self.option.rotate else query
         scale, offset = self._affine()
-        linear = self.kernel.nibble_linear if self.width == 4 else self.kernel.byte_linear
-        group = self.head_dim // scale.shape[-1]
-        quantized = torch.stack([linear(rotated[h].contiguous(), self.codes[h, :self.quantized], scale[h], offset[h],
-                                        group) for h in range(self.kv_heads)])
+        quantized = self.kernel.kv_scores(rotated.contiguous(), self.codes, scale, offset, self.quantized, self.width,
+                                          self.option.token_group, self.group)
         return torch.cat([quantized, query @ self.waiting.float().transpose(1, 2)], dim=2)
 
     def mix(self, weights: torch.Tensor) -> torch.Tensor:
@@ -154,11 +137,8 @@ class KVStore:
         if self.kernel is None or self.quantized == 0:
             return weights @ self.read()
         scale, offset = self._affine()
-        dequantize = self.kernel.nibble_dequantize if self.width == 4 else self.kernel.byte_dequantize
-        group = self.head_dim // scale.shape[-1]
-        values = torch.stack([dequantize(self.codes[h, :self.quantized], scale[h], offset[h], group)
-                              for h in range(self.kv_heads)])
-        out = weights[..., :self.quantized] @ values
+        out = self.kernel.kv_mix(weights[..., :self.quantized].contiguous(), self.codes, scale, offset, self.quantized,
+                                 self.width, self.option.token_group, self.group, self.head_dim)
         if self.option.rotate:
             out = out @ head_rotation(self.head_dim).T
         return out + weights[..., self.quantized:] @ self.waiting.float()

@@ -19,4 +19,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows");
   m.def("attend", &attend, "RoPE, KV-cache append and causal grouped-query attention for new tokens");
   m.def("silu_mul", &silu_mul, "silu(gate) * up for [gate | up] rows");
+  m.def("kv_scores", &kv_scores, "queries times every key of a quantized KV store, from its packed codes");
+  m.def("kv_mix", &kv_mix, "attention weights times every value of a quantized KV store, from its packed codes");
 }

@@ -36,3 +36,9 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
 at::Tensor attend(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor keys, at::Tensor values, int64_t start,
                   int64_t heads, int64_t kv_heads, double scale);
 at::Tensor silu_mul(at::Tensor gate_up);
+
+// kv_cache.cpp: attention scores and value mixing over a quantized KV cache, from its packed codes.
+at::Tensor kv_scores(at::Tensor query, at::Tensor codes, at::Tensor scale, at::Tensor offset, int64_t tokens,
+                     int64_t width, int64_t token_group, int64_t group);
+at::Tensor kv_mix(at::Tensor weights, at::Tensor codes, at::Tensor scale, at::Tensor offset, int64_t tokens,
+                  int64_t width, int64_t token_group, int64_t group, int64_t dim);
