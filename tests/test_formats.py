@@ -267,7 +267,12 @@ def test_quantize_is_an_idempotent_monotone_projection(name, data):
     # codebooks, whose greedy stages may code a sum of codewords another way).
     if getattr(fmt, "stages", 1) == 1:
         again = fmt.decode(fmt.encode(grouped.values, q.params), q.params)
-        assert torch.equal(ungroup(again, q.shape), q.dequantize())
+        if fmt.vector_size > 1:
+            # A codebook learned from fewer vectors than it has codewords holds near-duplicates (1e-4 of the scale
+            # apart): dividing a decoded vector by its scale may then land nearer the twin, which decodes alike.
+            torch.testing.assert_close(ungroup(again, q.shape), q.dequantize(), rtol=1e-3, atol=1e-3 * scale)
+        else:
+            assert torch.equal(ungroup(again, q.shape), q.dequantize())
     if fmt.vector_size > 1:
         return
     # Monotone: under fixed parameters, larger inputs never decode to smaller values.
