@@ -34,7 +34,7 @@ from mixbits.eval import evaluate_domains, load_domains
 from mixbits.eval.domains import reference_scores
 from mixbits.kvcache import parse_kv
 from mixbits.kvcache.fake import fake_quantized_kv
-from mixbits.kvcache.plan import KVBudget
+from mixbits.kvcache.plan import KVBudget, KVPlan
 from mixbits.kvcache.planning import cache_shape, kv_damage, plan_kv
 from mixbits.models import load_model
 from mixbits.record import provenance
@@ -100,7 +100,7 @@ def main() -> None:
         record["damage_seconds"] = damage.seconds
         for uniform in PLAN_SIZES:
             layers = dict(rows)[uniform]
-            size = sum(shape.bits(option, max(CONTEXTS)) for pair in layers for option in pair)
+            size = KVPlan(layers, max(CONTEXTS)).cache_bits(shape)
             plan = plan_kv(loaded, KVBudget(max(CONTEXTS), bytes=size // 8), menu, damage)
             rows.append((f"plan, size of {uniform}", plan.layers))
     for context, count in CONTEXTS.items():
@@ -119,7 +119,7 @@ def main() -> None:
             started = time.perf_counter()
             with fake_quantized_kv(loaded.model, layers):
                 result = evaluate_domains(loaded, domains, references, progress=False)
-            bits = sum(shape.bits(option, context) for pair in layers for option in pair)
+            bits = KVPlan(layers, context).cache_bits(shape)
             row = {"label": label, "context": context, "seconds": time.perf_counter() - started,
                    "layers": [[str(k or "none"), str(v or "none")] for k, v in layers],
                    "bits_per_number": bits / (2 * shape.blocks * shape.numbers(context)),

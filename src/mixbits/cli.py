@@ -841,7 +841,8 @@ def _run_kv_plan(args) -> int:
     weights = Plan.load(args.into) if args.into else None
     check_window_counts(args.calib_windows, args.calib_window_len)
     loaded = load_model(args.model)
-    check_budget(cache_shape(loaded.model), options, budget)  # before the measurement, not after
+    shape = cache_shape(loaded.model)
+    check_budget(shape, options, budget)  # before the measurement, not after
     damage = kv_damage(loaded, options, args.calib_windows, args.calib_window_len, args.damage_file,
                        progress=lambda done, total: print(f"measured block {done}/{total}", file=sys.stderr))
     kv = plan_kv(loaded, budget, options, damage)
@@ -849,7 +850,6 @@ def _run_kv_plan(args) -> int:
                 {"name": loaded.name, "sha256": loaded.sha256}, weights.budget if weights else {},
                 weights.damage if weights else "kl", kv)
     plan.save(args.out)
-    shape = cache_shape(loaded.model)
     bits = kv.cache_bits(shape)
     numbers = 2 * shape.blocks * shape.numbers(args.context)
     print(f"KV plan: {bits / 8 / 1e6:.2f} MB at {args.context} tokens ({bits / numbers:.3f} bits per cached number; "

@@ -57,7 +57,21 @@ struct Store {
   const float* scale;
   const float* offset;
   int64_t heads, capacity, row_bytes, tokens, width, token_group, group, dim, param_rows, param_cols;
+
+  const uint8_t* row(int64_t h, int64_t n) const { return codes + (h * capacity + n) * row_bytes; }
+  // The scales and offsets of parameter row r of head h: a token's groups, or a token block's channels.
+  const float* scales(int64_t h, int64_t r) const { return scale + (h * param_rows + r) * param_cols; }
+  const float* offsets(int64_t h, int64_t r) const { return offset + (h * param_rows + r) * param_cols; }
 };
+
+// The float32 rows a kernel reads beside a store ([heads, queries, last]): checked, and their query count.
+int64_t check_rows(const at::Tensor& t, const char* what, int64_t heads, int64_t last) {
+  TORCH_CHECK(t.dim() == 3 && t.scalar_type() == at::kFloat && t.is_contiguous() && t.size(2) == last, what,
+              " must be contiguous float32 [heads, queries, ", last, "]");
+  TORCH_CHECK(t.size(0) == heads, what, " and codes have different head counts");
+  TORCH_CHECK(t.size(1) >= 1 && t.size(1) <= kMaxQueries, "1 to 16 queries per key/value head");
+  return t.size(1);
+}
 
 Store check(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& offset, int64_t tokens, int64_t width,
             int64_t token_group, int64_t group, int64_t dim) {
@@ -82,12 +96,10 @@ Store check(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& 
 
 at::Tensor kv_scores(at::Tensor query, at::Tensor codes, at::Tensor scale, at::Tensor offset, int64_t tokens,
                      int64_t width, int64_t token_group, int64_t group) {
-  TORCH_CHECK(query.dim() == 3 && query.scalar_type() == at::kFloat && query.is_contiguous(),
-              "query must be contiguous float32 [heads, queries, head_dim]");
-  const int64_t dim = query.size(2), queries = query.size(1);
-  TORCH_CHECK(queries >= 1 && queries <= kMaxQueries, "1 to 16 queries per key/value head");
+  TORCH_CHECK(query.dim() == 3, "query must be [heads, queries, head_dim]");
+  const int64_t dim = query.size(2);
   const Store s = check(codes, scale, offset, tokens, width, token_group, group, dim);
-  TORCH_CHECK(query.size(0) == s.heads, "query and codes have different head counts");
+  const int64_t queries = check_rows(query, "query", s.heads, dim);
   at::Tensor out = at::empty({s.heads, queries, tokens}, query.options());
   const float* qp = query.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -98,7 +110,6 @@ at::Tensor kv_scores(at::Tensor query, at::Tensor codes, at::Tensor scale, at::T
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / chunks, n0 = (item % chunks) * chunk, n1 = std::min(tokens, n0 + chunk);
       const float* q = qp + h * queries * dim;
-      const uint8_t* rows = s.codes + h * s.capacity * s.row_bytes;
       float constant[kMaxQueries] = {0.f};
       if (token_group == 1) {  // each query's sum over each group, for the offsets
         const int64_t groups = dim / group;
@@ -110,8 +121,8 @@ at::Tensor kv_scores(at::Tensor query, at::Tensor codes, at::Tensor scale, at::T
           }
       } else {  // the block's channel scales folded into the queries, its offsets into one constant per query
         const int64_t b = n0 / token_group;
-        const float* sc = s.scale + (h * s.param_rows + b) * dim;
-        const float* of = s.offset + (h * s.param_rows + b) * dim;
+        const float* sc = s.scales(h, b);
+        const float* of = s.offsets(h, b);
         for (int64_t j = 0; j < queries; ++j) {
           for (int64_t d = 0; d < dim; ++d) {
             scaled[j * dim + d] = q[j * dim + d] * sc[d];
@@ -120,12 +131,12 @@ at::Tensor kv_scores(at::Tensor query, at::Tensor codes, at::Tensor scale, at::T
         }
       }
       for (int64_t n = n0; n < n1; ++n) {
-        const uint8_t* row = rows + n * s.row_bytes;
+        const uint8_t* row = s.row(h, n);
         float* target = op + h * queries * tokens + n;
         if (token_group == 1) {
           const int64_t groups = dim / group;
-          const float* sc = s.scale + (h * s.param_rows + n) * groups;
-          const float* of = s.offset + (h * s.param_rows + n) * groups;
+          const float* sc = s.scales(h, n);
+          const float* of = s.offsets(h, n);
           float total[kMaxQueries] = {0.f};
           for (int64_t g = 0; g < groups; ++g) {
             __m256 acc[kMaxQueries];
@@ -155,13 +166,8 @@ at::Tensor kv_scores(at::Tensor query, at::Tensor codes, at::Tensor scale, at::T
 
 at::Tensor kv_mix(at::Tensor weights, at::Tensor codes, at::Tensor scale, at::Tensor offset, int64_t tokens,
                   int64_t width, int64_t token_group, int64_t group, int64_t dim) {
-  TORCH_CHECK(weights.dim() == 3 && weights.scalar_type() == at::kFloat && weights.is_contiguous() &&
-                  weights.size(2) == tokens,
-              "weights must be contiguous float32 [heads, queries, tokens]");
-  const int64_t queries = weights.size(1);
-  TORCH_CHECK(queries >= 1 && queries <= kMaxQueries, "1 to 16 queries per key/value head");
   const Store s = check(codes, scale, offset, tokens, width, token_group, group, dim);
-  TORCH_CHECK(weights.size(0) == s.heads, "weights and codes have different head counts");
+  const int64_t queries = check_rows(weights, "weights", s.heads, tokens);
   at::Tensor out = at::zeros({s.heads, queries, dim}, weights.options());
   const float* wp = weights.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -170,14 +176,13 @@ at::Tensor kv_mix(at::Tensor weights, at::Tensor codes, at::Tensor scale, at::Te
     for (int64_t h = begin; h < end; ++h) {
       const float* w = wp + h * queries * tokens;
       float* o = op + h * queries * dim;
-      const uint8_t* rows = s.codes + h * s.capacity * s.row_bytes;
       if (token_group == 1) {
         const int64_t groups = dim / group;
         std::vector<float> offsets(queries * groups, 0.f);  // sum over tokens of weight * offset, per group
         for (int64_t n = 0; n < tokens; ++n) {
-          const uint8_t* row = rows + n * s.row_bytes;
-          const float* sc = s.scale + (h * s.param_rows + n) * groups;
-          const float* of = s.offset + (h * s.param_rows + n) * groups;
+          const uint8_t* row = s.row(h, n);
+          const float* sc = s.scales(h, n);
+          const float* of = s.offsets(h, n);
           for (int64_t g = 0; g < groups; ++g) {
             __m256 weighted[kMaxQueries];
             for (int64_t j = 0; j < queries; ++j) {
@@ -200,7 +205,7 @@ at::Tensor kv_mix(at::Tensor weights, at::Tensor codes, at::Tensor scale, at::Te
           std::fill(block.begin(), block.end(), 0.f);
           float total[kMaxQueries] = {0.f};
           for (int64_t n = n0; n < n0 + token_group; ++n) {
-            const uint8_t* row = rows + n * s.row_bytes;
+            const uint8_t* row = s.row(h, n);
             for (int64_t j = 0; j < queries; ++j) total[j] += w[j * tokens + n];
             for (int64_t d = 0; d < dim; d += 8) {
               const __m256 c = codes8(row, d, width);
@@ -211,8 +216,8 @@ at::Tensor kv_mix(at::Tensor weights, at::Tensor codes, at::Tensor scale, at::Te
             }
           }
           const int64_t b = n0 / token_group;
-          const float* sc = s.scale + (h * s.param_rows + b) * dim;
-          const float* of = s.offset + (h * s.param_rows + b) * dim;
+          const float* sc = s.scales(h, b);
+          const float* of = s.offsets(h, b);
           for (int64_t j = 0; j < queries; ++j)
             for (int64_t d = 0; d < dim; ++d) o[j * dim + d] += sc[d] * block[j * dim + d] + of[d] * total[j];
         }
