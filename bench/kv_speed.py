@@ -8,7 +8,9 @@ own, so every cache decodes the same sequence. Reported: decode tokens/s (the
 mean over the steps), the bytes the cache holds for CONTEXT tokens (codes,
 parameters, tokens waiting in float16), and the process's peak resident memory
 over the decode steps (weights, cache and everything else), with the rise over
-the resident size before the cache was made. Caches run one after another in
+the resident size before the cache was made; freed heap memory is handed back
+to the system before each (the prompt pass's scratch would otherwise stay
+resident and hide the cache). Caches run one after another in
 ROUNDS rounds (round-robin), each cache's best round kept; ratios are to the
 float32 cache of the same run.
 
@@ -46,7 +48,7 @@ def measure(index: int) -> dict:
     from mixbits.corpus import source
     from mixbits.data import tokenize
     from mixbits.kvcache import parse_kv
-    from mixbits.memory import peak_bytes, reset_peak, resident_bytes
+    from mixbits.memory import peak_bytes, release_free_memory, reset_peak, resident_bytes
     from mixbits.models import load_model
     from mixbits.runtime.decode import Decoder
 
@@ -57,9 +59,11 @@ def measure(index: int) -> dict:
     ids = tokens[middle:middle + CONTEXT]
     decoder = Decoder(loaded.model)
     kv = [(parse_kv(keys), parse_kv(values))] * len(decoder.blocks)
+    release_free_memory()
     before = resident_bytes()
     sequence = decoder.start(CONTEXT, kv)
     sequence.feed(ids[:CONTEXT - NEW])
+    release_free_memory()  # the prompt pass's scratch: resident from here on is weights, cache and live state
     reset_peak()
     started = time.perf_counter()
     for position in range(CONTEXT - NEW, CONTEXT):
@@ -107,7 +111,8 @@ def _markdown(record: dict) -> str:
         f"model in float32, mixbits' decoder: a prompt of {record['context'] - record['new_tokens']} tokens of austen, "
         f"then {record['new_tokens']} decode steps timed. Cache MB: what the cache holds for {record['context']} "
         "tokens. Peak MB: the process's resident peak over the decode steps; '+': over the resident size before "
-        "the cache was made. Ratios to the float32 cache of this run.",
+        "the cache was made (freed heap memory handed back to the system before each measure, so the prompt "
+        "pass's scratch is not counted). Ratios to the float32 cache of this run.",
         "",
         format_table(["cache", "keys", "values", "decode tok/s", "vs float32", "cache MB", "cache ratio",
                       "peak MB", "rise MB"], rows),

@@ -141,15 +141,16 @@ def decoded_logits(model, ids, keys, values):
     return torch.stack(logits)
 
 
-@pytest.mark.parametrize("keys,values", [
-    ("int4:ch:asym", "int4:ch:asym"),
-    ("int2:g8:asym/channel/residual3", "int2:g8:asym/residual5"),
-    ("int3:g8:sym/pre-rope", None),
-    ("int2:g4:asym:min=fp16/channel/pre-rope/rotate/residual2", "int3:ch:asym/rotate"),
-    (None, "int2:g4:asym/channel"),
+@pytest.mark.parametrize("family,keys,values", [
+    ("llama", "int4:ch:asym", "int4:ch:asym"),
+    ("llama", "int2:g8:asym/channel/residual3", "int2:g8:asym/residual5"),
+    ("llama", "int3:g8:sym/pre-rope", None),
+    ("llama", "int2:g4:asym:min=fp16/channel/pre-rope/rotate/residual2", "int3:ch:asym/rotate"),
+    ("llama", None, "int2:g4:asym/channel"),
+    ("gemma2", "int2:g8:asym/channel/residual3", "int2:g8:asym/residual5"),  # softcapped scores: the eager path
 ])
-def test_parallel_forward_equals_token_by_token_decoding(keys, values):
-    model = tiny_model("llama")
+def test_parallel_forward_equals_token_by_token_decoding(family, keys, values):
+    model = tiny_model(family)
     keys, values = parse_kv(keys), parse_kv(values)
     ids = torch.randint(0, 64, (1, 21), generator=torch.Generator().manual_seed(1))
     expected = decoded_logits(model, ids, keys, values)
@@ -337,26 +338,53 @@ def test_pre_rope_storage_with_rope_on_read_equals_post_rope_storage():
 
 @pytest.mark.parametrize("text", ["int4:g32:asym", "int4:ch:sym/rotate", "int8:ch:asym:min=fp16/residual3",
                                   "int3:g16:asym", "int2:g8:asym/channel", "int2:g16:asym:min=fp16/channel/rotate",
-                                  "int5:g32:sym", "int1:g8:sym/residual2", "fp8_e4m3:ch"])
+                                  "int5:g32:sym", "int1:g8:sym/residual2", "int4:g32:asym:scale=bf16:min=bf16",
+                                  "int4:g32:sym:scale=fp32", "int4:g32:sym:scale=e8m0", "fp8_e4m3:ch"])
 def test_store_scores_and_mix_equal_the_dequantized_products(text):
     from mixbits.runtime.kernels import native
     from mixbits.runtime.kv_store import KVStore
 
     option = parse_kv(text)
-    store = KVStore(option, 2, 64, capacity=80)
-    fast = text.startswith("int")  # integer codes: the kernels; minifloats: dequantized in PyTorch
+    store = KVStore(option, 2, 64, capacity=700)
+    # integer codes with plain float parameters: the kernels; minifloats and coded scales: dequantized in PyTorch
+    fast = text.startswith("int") and "e8m0" not in text
     if fast and native() is None:
         pytest.skip("the native kernels are not built here: scores and mix would be read() against itself")
     assert (store.kernel is not None) == fast
     torch.manual_seed(8)
-    store.append(torch.randn(2, 70, 64))
+    store.append(torch.randn(2, 600, 64))  # several of the kernels' 256-token work items
     store.append(torch.randn(2, 1, 64))
     assert store.quantized > 0
     values = store.read()  # in the original basis (a rotating option's values rotated back)
     query = torch.randn(2, 3, 64)
     torch.testing.assert_close(store.scores(query), query @ values.transpose(1, 2), rtol=1e-4, atol=1e-4)
-    weights = torch.softmax(torch.randn(2, 3, 71), dim=-1)
+    weights = torch.softmax(torch.randn(2, 3, 601), dim=-1)
     torch.testing.assert_close(store.mix(weights), weights @ values, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("text", ["int4:g32:asym", "int3:g8:asym", "int2:g16:asym/rotate", "int8:ch:sym",
+                                  "int4:g16:sym:scale=fp32", "int5:ch:asym", "int1:g8:sym"])
+def test_native_encoding_stores_what_kvquant_encodes(text):
+    from mixbits.runtime.kernels import native
+    from mixbits.runtime.kv_store import KVStore
+
+    if native() is None:
+        pytest.skip("the native kernels are not built here")
+    option = parse_kv(text)
+    torch.manual_seed(10)
+    tokens = torch.randn(3, 50, 64) * torch.logspace(-6, 3, 50).reshape(1, 50, 1)  # tiny to large scales
+    tokens[:, 3] = 0  # all-zero groups: the smallest scale
+    tokens[:, 4] = torch.arange(64).float() / 2 - 8  # halves: codes and zero points rounded from exact ties
+    tokens[:, 5] = -tokens[:, 5].abs()  # no positive value: the zero point at the top
+    native_store, torch_store = KVStore(option, 3, 64, 60), KVStore(option, 3, 64, 60)
+    assert native_store.encoder is not None
+    torch_store.encoder = None  # KVQuant.encode and packing.pack
+    for start, stop in ((0, 20), (20, 21), (21, 50)):
+        native_store.append(tokens[:, start:stop])
+        torch_store.append(tokens[:, start:stop])
+    assert torch.equal(native_store.codes, torch_store.codes)
+    for name, value in torch_store.params.items():
+        assert torch.equal(native_store.params[name], value), name
 
 
 @pytest.mark.parametrize("keys,values", [("int4:g32:asym", "int4:ch:sym/rotate"), ("int8:ch:sym", "int4:g32:asym/residual4")])

@@ -9,6 +9,8 @@ larger.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 from pathlib import Path
 
@@ -34,6 +36,15 @@ def peak_bytes() -> int:
 def resident_bytes() -> int:
     """Resident memory now (0 where /proc is unavailable)."""
     return _status_bytes("VmRSS") or 0
+
+
+def release_free_memory() -> None:
+    """Hand memory the process freed back to the system (glibc's malloc_trim), so that resident size measures
+    what is live rather than what a finished step once needed; nothing where glibc is absent."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def _status_bytes(key: str) -> int | None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
@@ -34,7 +35,7 @@ from ..models.registry import adapter_for
 from .options import KVQuant, waiting_round_trip
 
 ATTENTION = "mixbits_kv"
-QUERY_CHUNK = 1024  # queries whose scores are held at once (4096 tokens: 9 heads x 1024 x 4096 floats, 150 MB)
+QUERY_CHUNK = 1024  # queries whose scores (softcapped attention) or masks are held at once
 
 
 @dataclass
@@ -110,18 +111,23 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     def split(option: KVQuant | None, cached: torch.Tensor):
         """(quantized view, waiting view or None if never read, mask) of one cache."""
         if layer is None or option is None:
-            return _repeat(cached, groups), None, None
+            return cached, None, None
         if first and option.axis == "channel":
             raise TransformError(f"{option}: per-channel groups need the whole cache, and this layer's sliding window "
                                  "dropped its oldest tokens; use a per-token option")
         quantized, waiting = read_views(option, cached, layer, first)
         if option.token_group == 1 and option.residual == 0:  # every visible key is read quantized
-            return _repeat(quantized, groups), None, None
-        return _repeat(quantized, groups), _repeat(waiting, groups), option.stored_mask(queries, tokens).to(query.device)
+            return quantized, None, None
+        return quantized, waiting, option.stored_mask(queries, tokens).to(query.device)
 
     k_read, k_waiting, k_mask = split(layer.keys if layer else None, key)
     v_read, v_waiting, v_mask = split(layer.values if layer else None, value)
     causal = torch.arange(tokens) <= torch.arange(tokens - queries, tokens).unsqueeze(1)
+    if softcap is None:
+        base = causal.to(query.device) if attention_mask is None else attention_mask[..., :tokens]
+        return _fused(query, (k_read, k_waiting, k_mask), (v_read, v_waiting, v_mask), base, scaling), None
+    k_read, v_read, k_waiting, v_waiting = (None if x is None else _repeat(x, groups)
+                                            for x in (k_read, v_read, k_waiting, v_waiting))
     out = torch.empty(*query.shape[:2], queries, value.shape[-1], dtype=query.dtype, device=query.device)
     for rows in torch.arange(queries).split(QUERY_CHUNK):  # [heads, chunk, tokens] scores at a time, not all
         q = query[:, :, rows]
@@ -143,6 +149,33 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
             out[:, :, rows] = (torch.matmul(weights * v_mask[rows], v_read)
                                + torch.matmul(weights * ~v_mask[rows], v_waiting))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _fused(query, keys, values, base, scaling) -> torch.Tensor:
+    """kv_attention's output through PyTorch's fused attention: where a cache's (query, key) pairs read two views
+    (quantized and waiting), each view becomes a copy of the keys, and the mask lets each query see, per key, only
+    the copy holding the pair of views it reads. `base`: the allowed pairs (bool) or additive mask."""
+    def views(read, waiting, mask):
+        return [(read, None)] if mask is None else [(read, mask), (waiting, ~mask)]
+
+    copies = [(k, v, km if vm is None else vm if km is None else km & vm)
+              for k, km in views(*keys) for v, vm in views(*values)]
+    if len(copies) == 1:
+        out = F.scaled_dot_product_attention(query, keys[0], values[0], attn_mask=base, scale=scaling,
+                                             enable_gqa=True)
+        return out.transpose(1, 2).contiguous()
+    key, value = (torch.cat([copy[i] for copy in copies], dim=-2) for i in (0, 1))
+    out = torch.empty(*query.shape[:-1], value.shape[-1], dtype=query.dtype, device=query.device)
+    for rows in torch.arange(query.shape[-2]).split(QUERY_CHUNK):  # masks of [chunk, copies x tokens] at a time
+        seen = torch.cat([mask[rows].to(query.device) for _, _, mask in copies], dim=-1)
+        allowed = base[..., rows, :].repeat(*[1] * (base.dim() - 1), len(copies))
+        if allowed.dtype == torch.bool:
+            mask = allowed & seen
+        else:
+            mask = allowed.masked_fill(~seen, float("-inf"))
+        out[..., rows, :] = F.scaled_dot_product_attention(query[..., rows, :], key, value, attn_mask=mask,
+                                                           scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(ATTENTION, kv_attention)

@@ -8,10 +8,12 @@ each (head, token) row of head_dim codes bit-packed, beside the parameters in
 their stored dtypes (fp16 scales, 8-bit zero points, ...).
 
 A decode step asks for `scores` (queries times every cached key) and `mix`
-(attention weights times every cached value). For integer formats the native
-kernels (runtime/csrc/kv_cache.cpp) compute both from the packed codes, per
-token or per channel, widening codes to floats in registers; other formats
-(minifloats), pre-rope keys, and machines without the kernels dequantize the
+(attention weights times every cached value). For integer formats with plain
+float scales (and minimums) the native kernels (runtime/csrc/kv_cache.cpp)
+compute both from the packed codes and the stored parameters, per token or
+per channel, widening codes to floats in registers, and encode per-token
+stores' new tokens straight into the packed rows; other formats (minifloats,
+coded scales), pre-rope keys, and machines without the kernels dequantize the
 whole store on every step and multiply in PyTorch.
 """
 
@@ -23,10 +25,13 @@ import torch
 
 from ..errors import FormatError
 from ..formats.integer import IntFormat
-from ..formats.scales import ScaleCodec
+from ..formats.scales import CastScale, ScaleCodec
 from ..kvcache.options import RESIDUAL_DTYPE, KVQuant, head_rotation
 from ..packing import pack, packed_size, unpack
 from .kernels import native
+
+
+_NONE = torch.empty(0)  # the kernels' "no such parameter"
 
 
 class KVStore:
@@ -40,8 +45,14 @@ class KVStore:
         self.width = fmt.code_bits
         group = fmt.granularity.size if fmt.granularity.kind == "group" else head_dim
         self.group = group if option.axis == "token" else 1  # numbers per parameter along head_dim
-        eligible = isinstance(fmt, IntFormat) and not option.pre_rope and (option.axis == "channel" or group % 8 == 0)
+        plain = isinstance(fmt, IntFormat) and all(isinstance(codec, CastScale) for codec in (fmt.scale, fmt.offset_codec)
+                                                   if codec is not None)
+        eligible = plain and not option.pre_rope and (option.axis == "channel" or group % 8 == 0)
         self.kernel = native() if eligible and head_dim % 8 == 0 else None
+        self.encoder = None  # per-token stores with float16/32 scales and zero points (or none) encode natively
+        if (self.kernel is not None and option.axis == "token" and fmt.min is None
+                and fmt.granularity.kind != "tensor" and fmt.scale.dtype in (torch.float16, torch.float32)):
+            self.encoder = self.kernel
         self.row_bytes = packed_size(head_dim, self.width)
         self.codes = torch.zeros(kv_heads, capacity, self.row_bytes, dtype=torch.uint8)
         group = option.token_group
@@ -70,17 +81,25 @@ class KVStore:
 
     def append(self, stored: torch.Tensor) -> None:
         """Add tokens [kv_heads, n, head_dim] (the option's stored form) and quantize whatever became old enough."""
-        self.waiting = torch.cat([self.waiting, stored.to(RESIDUAL_DTYPE)], dim=1)
+        stored = stored.to(RESIDUAL_DTYPE)
+        self.waiting = torch.cat([self.waiting, stored], dim=1) if self.waiting.shape[1] else stored
         ready = self.option.quantized_tokens(len(self))
         take = ready - self.quantized
         if take <= 0:
             return
-        codes, params = self.option.encode(self.waiting[:, :take].float())
-        self.codes[:, self.quantized:ready] = pack(codes, self.width).reshape(self.kv_heads, take, self.row_bytes)
-        first, last = self._param_rows(self.quantized), self._param_rows(ready)
-        for name, codec in self.codecs.items():
-            value = params[name]
-            self.params[name][:, first:last] = value.to(torch.uint8) if isinstance(codec, int) else codec.store(value)["value"]
+        if self.encoder is not None:  # the same arithmetic as KVQuant.encode, straight into the packed rows
+            tokens = self.waiting[:, :take]
+            tokens = tokens.float() @ head_rotation(self.head_dim) if self.option.rotate else tokens.contiguous()
+            self.encoder.kv_encode(tokens, self.codes, self.params["scale"], self.params.get("zero", _NONE),
+                                   self.quantized, self.width, self.group, self.option.format.symmetric)
+        else:
+            codes, params = self.option.encode(self.waiting[:, :take].float())
+            self.codes[:, self.quantized:ready] = pack(codes, self.width).reshape(self.kv_heads, take, self.row_bytes)
+            first, last = self._param_rows(self.quantized), self._param_rows(ready)
+            for name, codec in self.codecs.items():
+                value = params[name]
+                self.params[name][:, first:last] = (value.to(torch.uint8) if isinstance(codec, int)
+                                                    else codec.store(value)["value"])
         self.quantized = ready
         self.waiting = self.waiting[:, take:].clone()  # let the quantized tokens' float16 go
 
@@ -100,17 +119,9 @@ class KVStore:
                                                                                       value.shape).reshape(value.shape)
         return params
 
-    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kernels' float32 scale and offset per (head, token, group): value = stored code * scale + offset."""
-        params = self._params()
-        scale = params["scale"]
-        if "zero" in params:
-            offset = -params["zero"] * scale
-        elif "min" in params:
-            offset = params["min"]
-        else:  # symmetric: stored codes are offset by 2^(bits-1)
-            offset = -float(2 ** (self.width - 1)) * scale
-        return scale.contiguous(), offset.contiguous()
+    def _offsets(self) -> torch.Tensor:
+        """What the kernels add to code * scale, as stored: zero points, minimums, or nothing (symmetric)."""
+        return self.params.get("zero", self.params.get("min", _NONE))
 
     def read(self) -> torch.Tensor:
         """Every cached token's stored-form values as attention reads them: float32 [kv_heads, tokens, head_dim]."""
@@ -127,20 +138,23 @@ class KVStore:
         if self.kernel is None or self.quantized == 0:
             return query @ self.read().transpose(1, 2)
         rotated = query @ head_rotation(self.head_dim) if self.option.rotate else query
-        scale, offset = self._affine()
-        quantized = self.kernel.kv_scores(rotated.contiguous(), self.codes, scale, offset, self.quantized, self.width,
-                                          self.option.token_group, self.group)
+        quantized = self.kernel.kv_scores(rotated.contiguous(), self.codes, self.params["scale"], self._offsets(),
+                                          self.quantized, self.width, self.option.token_group, self.group)
+        if not self.waiting.shape[1]:
+            return quantized
         return torch.cat([quantized, query @ self.waiting.float().transpose(1, 2)], dim=2)
 
     def mix(self, weights: torch.Tensor) -> torch.Tensor:
         """weights [kv_heads, g, tokens] times every cached value: [kv_heads, g, head_dim]."""
         if self.kernel is None or self.quantized == 0:
             return weights @ self.read()
-        scale, offset = self._affine()
-        out = self.kernel.kv_mix(weights[..., :self.quantized].contiguous(), self.codes, scale, offset, self.quantized,
-                                 self.width, self.option.token_group, self.group, self.head_dim)
+        out = self.kernel.kv_mix(weights[..., :self.quantized].contiguous(), self.codes, self.params["scale"],
+                                 self._offsets(), self.quantized, self.width, self.option.token_group, self.group,
+                                 self.head_dim)
         if self.option.rotate:
             out = out @ head_rotation(self.head_dim).T
+        if not self.waiting.shape[1]:
+            return out
         return out + weights[..., self.quantized:] @ self.waiting.float()
 
     @property

@@ -21,4 +21,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up for [gate | up] rows");
   m.def("kv_scores", &kv_scores, "queries times every key of a quantized KV store, from its packed codes");
   m.def("kv_mix", &kv_mix, "attention weights times every value of a quantized KV store, from its packed codes");
+  m.def("kv_encode", &kv_encode, "new tokens' codes and parameters in a per-token integer KV store, packed in place");
 }

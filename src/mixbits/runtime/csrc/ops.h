@@ -37,8 +37,11 @@ at::Tensor attend(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor key
                   int64_t heads, int64_t kv_heads, double scale);
 at::Tensor silu_mul(at::Tensor gate_up);
 
-// kv_cache.cpp: attention scores and value mixing over a quantized KV cache, from its packed codes.
+// kv_cache.cpp: attention scores and value mixing over a quantized KV cache, from its packed codes; new tokens
+// encoded into it.
 at::Tensor kv_scores(at::Tensor query, at::Tensor codes, at::Tensor scale, at::Tensor offset, int64_t tokens,
                      int64_t width, int64_t token_group, int64_t group);
 at::Tensor kv_mix(at::Tensor weights, at::Tensor codes, at::Tensor scale, at::Tensor offset, int64_t tokens,
                   int64_t width, int64_t token_group, int64_t group, int64_t dim);
+void kv_encode(at::Tensor x, at::Tensor codes, at::Tensor scale, at::Tensor zero, int64_t first, int64_t width,
+               int64_t group, bool symmetric);
