@@ -15,8 +15,8 @@ against per-channel keys (KVQuant, KIVI), post- against pre-RoPE keys,
 Hadamard rotation of each head (RotateKV), a 16-bit residual window of the
 newest tokens (KIVI). 'plan' rows allocate per-block key and value options
 to the size of a uniform row at 4096 tokens from the damage `mixbits kv-plan`
-measures (bench/results/kv_cache/damage.json: the menu KV_MENU on one window
-of 2048 tokens of the calibration mix).
+measures (bench/results/kv_cache/damage.json: the menu KV_MENU on four windows
+of 512 tokens of the calibration mix).
 Bits per number count codes and parameters of the quantized tokens and the
 16 bits of those waiting, at each context.
 
@@ -77,9 +77,9 @@ KV_MENU = ["int8:ch:sym", "int4:g32:asym", "int4:g32:asym/channel", "int3:g32:as
            "int2:g32:asym", "int2:g32:asym/channel/residual128"]
 PLAN_SIZES = ["both int4 per token", "both int3 per token"]  # plans allocated to these uniform rows' sizes
 DAMAGE = RESULTS / "kv_cache" / "damage.json"
-# One window of 2048 calibration tokens: every (block, keys or values, option) reruns the blocks after it, about
-# 30 minutes for the menu on this machine (kv-plan's default of 4 windows takes four times as long)
-DAMAGE_WINDOWS = 1
+# Four windows of 512 calibration tokens (one per source of the mix): every (block, keys or values, option) reruns
+# the blocks after it, about half an hour for the menu on this machine (kv-plan's default, 4 x 2048, takes 4x as long)
+DAMAGE_WINDOWS, DAMAGE_WINDOW_LEN = 4, 512
 
 
 def main() -> None:
@@ -103,7 +103,7 @@ def main() -> None:
     if any("plan" in text for text in args.only) or not args.only:
         DAMAGE.parent.mkdir(parents=True, exist_ok=True)
         menu = [parse_kv(text) for text in KV_MENU]
-        damage = kv_damage(loaded, menu, windows=DAMAGE_WINDOWS, path=DAMAGE,
+        damage = kv_damage(loaded, menu, DAMAGE_WINDOWS, DAMAGE_WINDOW_LEN, path=DAMAGE,
                            progress=lambda done, total: print(f"damage: block {done}/{total}", flush=True))
         record["damage_seconds"] = damage.seconds
         for uniform in PLAN_SIZES:
@@ -166,8 +166,8 @@ def _markdown(record: dict) -> str:
         f"32 bits, {record['float_bytes_per_token']:,} bytes per token). 'plan, size of ROW': per-block options "
         "allocated by the knapsack to ROW's cache size at 4096 tokens, from the damage measured in "
         f"bench/results/kv_cache/damage.json (options {', '.join(KV_MENU)}, or the float cache; KL on "
-        f"{DAMAGE_WINDOWS} window(s) of 2048 calibration tokens). At 4096 tokens only the rows each claim compares "
-        "(LONG_ROWS) and the plans are scored.",
+        f"{DAMAGE_WINDOWS} windows of {DAMAGE_WINDOW_LEN} calibration tokens). At 4096 tokens only the rows each "
+        "claim compares (LONG_ROWS) and the plans are scored.",
         "",
         format_table(headers, table),
     ])

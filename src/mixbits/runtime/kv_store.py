@@ -45,8 +45,8 @@ class KVStore:
         self.width = fmt.code_bits
         group = fmt.granularity.size if fmt.granularity.kind == "group" else head_dim
         self.group = group if option.axis == "token" else 1  # numbers per parameter along head_dim
-        plain = isinstance(fmt, IntFormat) and all(isinstance(codec, CastScale) for codec in (fmt.scale, fmt.offset_codec)
-                                                   if codec is not None)
+        plain = isinstance(fmt, IntFormat) and all(isinstance(codec, CastScale)
+                                                   for codec in (fmt.scale, fmt.offset_codec) if codec is not None)
         eligible = plain and not option.pre_rope and (option.axis == "channel" or group % 8 == 0)
         self.kernel = native() if eligible and head_dim % 8 == 0 else None
         self.encoder = None  # per-token stores with float16/32 scales and zero points (or none) encode natively
@@ -81,8 +81,8 @@ class KVStore:
 
     def append(self, stored: torch.Tensor) -> None:
         """Add tokens [kv_heads, n, head_dim] (the option's stored form) and quantize whatever became old enough."""
-        stored = stored.to(RESIDUAL_DTYPE)
-        self.waiting = torch.cat([self.waiting, stored], dim=1) if self.waiting.shape[1] else stored
+        self.waiting = (torch.cat([self.waiting, stored.to(RESIDUAL_DTYPE)], dim=1) if self.waiting.shape[1]
+                        else stored.to(RESIDUAL_DTYPE, copy=True))  # never a view of the caller's tensor
         ready = self.option.quantized_tokens(len(self))
         take = ready - self.quantized
         if take <= 0:

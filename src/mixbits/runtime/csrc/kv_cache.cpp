@@ -7,7 +7,8 @@
 //   scale s:  float32, float16 or bfloat16;
 //   offset:   an 8-bit zero point z (value = (code - z) * s), a float minimum m (value = code * s + m),
 //             or none: symmetric codes offset by 2^(width-1) (value = (code - 2^(width-1)) * s).
-//   per token   (token_group == 1): groups of `group` numbers along head_dim; params [heads, >= tokens, head_dim / group];
+//   per token   (token_group == 1): groups of `group` numbers along head_dim;
+//                                   params [heads, >= tokens, head_dim / group];
 //   per channel (token_group > 1):  one parameter per channel for token_group consecutive tokens;
 //                                   params [heads, >= tokens / token_group, head_dim].
 //
@@ -188,7 +189,8 @@ at::Tensor kv_scores(at::Tensor query, at::Tensor codes, at::Tensor scale, at::T
             for (int64_t j = 0; j < queries; ++j) acc[j] = _mm256_setzero_ps();
             for (int64_t d = g * group; d < (g + 1) * group; d += 8) {
               const __m256 c = codes8(row, d, width);
-              for (int64_t j = 0; j < queries; ++j) acc[j] = _mm256_fmadd_ps(c, _mm256_loadu_ps(q + j * dim + d), acc[j]);
+              for (int64_t j = 0; j < queries; ++j)
+                acc[j] = _mm256_fmadd_ps(c, _mm256_loadu_ps(q + j * dim + d), acc[j]);
             }
             const __m256 sv = _mm256_set1_ps(scale_g);
             for (int64_t j = 0; j < queries; ++j) {
@@ -282,7 +284,8 @@ at::Tensor kv_mix(at::Tensor weights, at::Tensor codes, at::Tensor scale, at::Te
             for (int64_t j = 0; j < queries; ++j) acc[j] = _mm256_setzero_ps();
             for (int64_t n = b0; n < b0 + token_group; ++n) {
               const __m256 c = codes8(s.row(h, n), k * 8, width);
-              for (int64_t j = 0; j < queries; ++j) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(w[j * tokens + n]), c, acc[j]);
+              for (int64_t j = 0; j < queries; ++j)
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(w[j * tokens + n]), c, acc[j]);
             }
             const __m256 scales = _mm256_loadu_ps(sc.data() + k * 8), offs = _mm256_loadu_ps(of.data() + k * 8);
             for (int64_t j = 0; j < queries; ++j) {
@@ -324,7 +327,8 @@ void kv_encode(at::Tensor x, at::Tensor codes, at::Tensor scale, at::Tensor zero
   TORCH_CHECK(first >= 0 && first + count <= codes.size(1), "more tokens than the store holds");
   TORCH_CHECK(group >= 1 && dim % group == 0, "groups must tile head_dim");
   TORCH_CHECK(scale.is_contiguous() && scale.dim() == 3 && scale.size(0) == heads && scale.size(1) == codes.size(1) &&
-                  scale.size(2) == dim / group && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf),
+                  scale.size(2) == dim / group &&
+                  (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf),
               "scale must be contiguous float32 or float16 [heads, capacity, head_dim / group]");
   TORCH_CHECK(symmetric ? zero.numel() == 0 : zero.sizes() == scale.sizes() && zero.is_contiguous() &&
                                                   zero.scalar_type() == at::kByte,
@@ -349,7 +353,7 @@ void kv_encode(at::Tensor x, at::Tensor codes, at::Tensor scale, at::Tensor zero
       for (int64_t g = 0; g < groups; ++g) {
         const float* v = values.data() + g * group;
         float s;
-        if (symmetric) {  // IntFormat.fit: the value of largest magnitude (the first), with its sign, over the lowest code
+        if (symmetric) {  // IntFormat.fit: the (first) value of largest magnitude, signed, over the lowest code
           float extreme = v[0];
           for (int64_t i = 1; i < group; ++i)
             if (std::fabs(v[i]) > std::fabs(extreme)) extreme = v[i];
