@@ -78,7 +78,8 @@ KV_MENU = ["int8:ch:sym", "int4:g32:asym", "int4:g32:asym/channel", "int3:g32:as
 PLAN_SIZES = ["both int4 per token", "both int3 per token"]  # plans allocated to these uniform rows' sizes
 DAMAGE = RESULTS / "kv_cache" / "damage.json"
 # Four windows of 512 calibration tokens (one per source of the mix): every (block, keys or values, option) reruns
-# the blocks after it, about half an hour for the menu on this machine (kv-plan's default, 4 x 2048, takes 4x as long)
+# the blocks after it, about half an hour for the menu on this machine (kv-plan's default, 4 x 2048, has four times
+# the tokens: at least four times as long)
 DAMAGE_WINDOWS, DAMAGE_WINDOW_LEN = 4, 512
 
 

@@ -374,7 +374,10 @@ def test_native_encoding_stores_what_kvquant_encodes(text):
     torch.manual_seed(10)
     tokens = torch.randn(3, 50, 64) * torch.logspace(-6, 3, 50).reshape(1, 50, 1)  # tiny to large scales
     tokens[:, 3] = 0  # all-zero groups: the smallest scale
-    tokens[:, 4] = torch.arange(64).float() / 2 - 8  # halves: codes and zero points rounded from exact ties
+    # every group spans [-7.5, 7.5] in halves: int4's scale is exactly 1, so codes and zero points round from ties
+    halves = torch.arange(64) % 8 - 3.5
+    halves[torch.arange(64) % 8 == 0], halves[torch.arange(64) % 8 == 7] = -7.5, 7.5
+    tokens[:, 4] = halves
     tokens[:, 5] = -tokens[:, 5].abs()  # no positive value: the zero point at the top
     native_store, torch_store = KVStore(option, 3, 64, 60), KVStore(option, 3, 64, 60)
     assert native_store.encoder is not None
