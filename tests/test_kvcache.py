@@ -380,8 +380,8 @@ def test_native_encoding_stores_what_kvquant_encodes(text):
     tokens[:, 4] = halves
     tokens[:, 5] = -tokens[:, 5].abs()  # no positive value: the zero point at the top
     native_store, torch_store = KVStore(option, 3, 64, 60), KVStore(option, 3, 64, 60)
-    assert native_store.encoder is not None
-    torch_store.encoder = None  # KVQuant.encode and packing.pack
+    assert native_store.native_encoding
+    torch_store.native_encoding = False  # KVQuant.encode and packing.pack
     for start, stop in ((0, 20), (20, 21), (21, 50)):
         native_store.append(tokens[:, start:stop])
         torch_store.append(tokens[:, start:stop])

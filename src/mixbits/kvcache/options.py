@@ -131,15 +131,18 @@ class KVQuant:
             raise FormatError(f"{self}: groups of {size} do not tile heads of {head_dim}; use a divisor of "
                               f"{head_dim} or ch")
 
+    def to_basis(self, stored: torch.Tensor) -> torch.Tensor:
+        """`stored` [..., head_dim] as float32 in the basis codes are rounded in (turned by the head rotation)."""
+        x = stored.float()
+        return x @ head_rotation(x.shape[-1]) if self.rotate else x
+
     def encode(self, stored: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Codes [heads, tokens, head_dim] (unsigned: signed codes offset by 2^(bits-1)) and float32 parameters of
         `stored` [heads, tokens, head_dim] (whole token groups), as the cache keeps them: per token
         [heads, tokens, groups along head_dim]; per channel [heads, tokens / group, head_dim]."""
         fmt = self.format
         heads, tokens, head_dim = stored.shape
-        x = stored.float()
-        if self.rotate:
-            x = x @ head_rotation(head_dim)
+        x = self.to_basis(stored)
         if self.axis == "token":
             rows = x.reshape(heads * tokens, head_dim)
         else:

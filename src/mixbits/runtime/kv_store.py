@@ -49,10 +49,10 @@ class KVStore:
                                                    for codec in (fmt.scale, fmt.offset_codec) if codec is not None)
         eligible = plain and not option.pre_rope and (option.axis == "channel" or group % 8 == 0)
         self.kernel = native() if eligible and head_dim % 8 == 0 else None
-        self.encoder = None  # per-token stores with float16/32 scales and zero points (or none) encode natively
-        if (self.kernel is not None and option.axis == "token" and fmt.min is None
-                and fmt.granularity.kind != "tensor" and fmt.scale.dtype in (torch.float16, torch.float32)):
-            self.encoder = self.kernel
+        # per-token stores with float16/32 scales and zero points (or none) encode new tokens natively
+        self.native_encoding = (self.kernel is not None and option.axis == "token" and fmt.min is None
+                                and fmt.granularity.kind != "tensor"
+                                and fmt.scale.dtype in (torch.float16, torch.float32))
         self.row_bytes = packed_size(head_dim, self.width)
         self.codes = torch.zeros(kv_heads, capacity, self.row_bytes, dtype=torch.uint8)
         group = option.token_group
@@ -87,11 +87,10 @@ class KVStore:
         take = ready - self.quantized
         if take <= 0:
             return
-        if self.encoder is not None:  # the same arithmetic as KVQuant.encode, straight into the packed rows
-            tokens = self.waiting[:, :take]
-            tokens = tokens.float() @ head_rotation(self.head_dim) if self.option.rotate else tokens.contiguous()
-            self.encoder.kv_encode(tokens, self.codes, self.params["scale"], self.params.get("zero", _NONE),
-                                   self.quantized, self.width, self.group, self.option.format.symmetric)
+        if self.native_encoding:  # the same arithmetic as KVQuant.encode, straight into the packed rows
+            tokens = self.option.to_basis(self.waiting[:, :take]).contiguous()
+            self.kernel.kv_encode(tokens, self.codes, self.params["scale"], self.params.get("zero", _NONE),
+                                  self.quantized, self.width, self.group, self.option.format.symmetric)
         else:
             codes, params = self.option.encode(self.waiting[:, :take].float())
             self.codes[:, self.quantized:ready] = pack(codes, self.width).reshape(self.kv_heads, take, self.row_bytes)
@@ -137,8 +136,7 @@ class KVStore:
             raise ValueError("a pre-rope store's keys need the rotary embedding first: read() them and rotate")
         if self.kernel is None or self.quantized == 0:
             return query @ self.read().transpose(1, 2)
-        rotated = query @ head_rotation(self.head_dim) if self.option.rotate else query
-        quantized = self.kernel.kv_scores(rotated.contiguous(), self.codes, self.params["scale"], self._offsets(),
+        quantized = self.kernel.kv_scores(self.option.to_basis(query).contiguous(), self.codes, self.params["scale"], self._offsets(),
                                           self.quantized, self.width, self.option.token_group, self.group)
         if not self.waiting.shape[1]:
             return quantized

@@ -106,6 +106,10 @@ struct Store {
     else if (offset_kind == Kind::kZeroPoint) o = -load(offset, offset_kind, i) * s;
     else o = load(offset, offset_kind, i);
   }
+  // Per channel: the channel scales and offsets of token block b of head h.
+  void block_params(int64_t h, int64_t b, float* sc, float* of) const {
+    for (int64_t d = 0; d < dim; ++d) params(h, b, d, sc[d], of[d]);
+  }
 };
 
 // The float32 rows a kernel reads beside a store ([heads, queries, last]): checked, and their query count.
@@ -203,7 +207,7 @@ at::Tensor kv_scores(at::Tensor query, at::Tensor codes, at::Tensor scale, at::T
       } else {
         for (int64_t b0 = n0; b0 < n1; b0 += token_group) {
           // the block's channel scales folded into the queries, its offsets into one constant per query
-          for (int64_t d = 0; d < dim; ++d) s.params(h, b0 / token_group, d, sc[d], of[d]);
+          s.block_params(h, b0 / token_group, sc.data(), of.data());
           float constant[kMaxQueries] = {0.f};
           for (int64_t j = 0; j < queries; ++j)
             for (int64_t d = 0; d < dim; ++d) {
@@ -275,7 +279,7 @@ at::Tensor kv_mix(at::Tensor weights, at::Tensor codes, at::Tensor scale, at::Te
       } else {
         std::fill(o, o + queries * dim, 0.f);
         for (int64_t b0 = n0; b0 < n1; b0 += token_group) {
-          for (int64_t d = 0; d < dim; ++d) s.params(h, b0 / token_group, d, sc[d], of[d]);
+          s.block_params(h, b0 / token_group, sc.data(), of.data());
           float total[kMaxQueries] = {0.f};
           for (int64_t j = 0; j < queries; ++j)
             for (int64_t n = b0; n < b0 + token_group; ++n) total[j] += w[j * tokens + n];
